@@ -1,0 +1,35 @@
+# Entry points for people and CI. `make demo` runs the main job end to end; `make test` runs the
+# tests; each does all the set-up it needs (system packages, guest kernel, initramfs).
+CARGO ?= cargo
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/release/guest-agent
+
+.PHONY: all setup build agent guest test lint demo bench clean-guest
+
+all: build
+
+setup:
+	bash scripts/setup.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+# The agent is linked statically (the guest has no shared libraries to offer). An explicit
+# --target keeps its RUSTFLAGS from invalidating the host build.
+agent:
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+		$(CARGO) build --release -p guest-agent --target $(AGENT_TARGET)
+
+guest: setup agent
+	bash scripts/fetch-kernel.sh >/dev/null
+	bash scripts/build-guest.sh $(AGENT_BIN)
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+test: guest build
+	$(CARGO) test --workspace -- --test-threads=2
+
+clean-guest:
+	rm -rf target/guest

@@ -1,0 +1,6 @@
+//! End-to-end scenarios, one module each: real binaries, real FUSE mounts, real guests.
+
+mod agent;
+mod mount;
+mod store;
+mod vm;
