@@ -1,0 +1,4 @@
+//! Device models the guest sees. Each is driven by plain reads and writes of its registers, so it
+//! can be tested without KVM.
+
+pub mod virtio;
