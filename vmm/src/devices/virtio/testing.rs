@@ -1,0 +1,1 @@
+//! Driver-side helpers for tests and fuzzing.
