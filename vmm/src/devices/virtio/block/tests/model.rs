@@ -1,0 +1,1 @@
+//! Property tests: random request streams against a shadow model of the disk.
