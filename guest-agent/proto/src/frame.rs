@@ -245,6 +245,15 @@ impl Decoder {
         self.buf.len()
     }
 
+    /// Gives up on a partial frame that stopped arriving: reports it as truncated and skips its
+    /// magic, so the bytes after it (perhaps whole frames) are searched for the next header.
+    pub fn stall(&mut self) -> Option<FrameError> {
+        let e = self.finish()?;
+        self.buf.drain(..MAGIC.len().min(self.buf.len()));
+        self.resyncing = true;
+        Some(e)
+    }
+
     /// At end of stream: a `Truncated` error if a frame was cut off.
     pub fn finish(&self) -> Option<FrameError> {
         match parse(&self.buf) {
@@ -296,6 +305,20 @@ mod tests {
                 assert!(matches!(d.finish(), Some(FrameError::Truncated { .. })));
             }
         }
+    }
+
+    #[test]
+    fn stalled_partial_frame_gives_up_and_finds_the_frame_inside() {
+        let mut big = frame(1, 3, &[7; 5000]);
+        big.truncate(100);
+        big.extend(frame(1, 4, b"ping"));
+        let mut d = Decoder::new();
+        d.push(&big);
+        assert!(d.next_frame().is_none(), "waits for the announced payload");
+        assert!(matches!(d.stall(), Some(FrameError::Truncated { .. })));
+        let out = drain(&mut d);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out[0].as_ref().unwrap().id, 4);
     }
 
     #[test]

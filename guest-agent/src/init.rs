@@ -1,0 +1,131 @@
+//! The /init path: mount the pseudo filesystems, load the configured modules, mount the root disk
+//! and switch root into it, then start the workload. Invariant: nothing here is fatal; a step that
+//! fails is logged and the agent still comes up (in the initramfs if need be) to serve the channel.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::{log, sys};
+
+const CONFIG_PATH: &str = "/etc/guest-agent.conf";
+const NEWROOT: &str = "/newroot";
+
+/// Runs the boot steps and returns the configuration the agent then serves with.
+pub fn boot() -> Config {
+    let start = Instant::now();
+    for (dir, fstype, src) in [
+        ("/dev", "devtmpfs", "devtmpfs"),
+        ("/proc", "proc", "proc"),
+        ("/sys", "sysfs", "sysfs"),
+    ] {
+        let _ = std::fs::create_dir_all(dir);
+        if let Err(e) = sys::mount(src, dir, fstype, libc::MS_NOSUID) {
+            log(&format!("{e}"));
+        }
+    }
+    if let Err(e) = sys::redirect_stdio(Path::new("/dev/console")) {
+        log(&format!("no console: {e}"));
+    }
+    let cfg = load_config();
+    load_modules(&cfg);
+    if let Some(root) = &cfg.root {
+        match mount_root(&cfg, root) {
+            Ok(()) => log(&format!("root {root} mounted ({})", mode(cfg.rw))),
+            Err(e) => log(&format!("staying in the initramfs: {e}")),
+        }
+    }
+    if let Some(w) = &cfg.workload {
+        match std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(w)
+            .spawn()
+        {
+            Ok(child) => log(&format!("workload started (pid {})", child.id())),
+            Err(e) => log(&format!("workload failed to start: {e}")),
+        }
+    }
+    log(&format!("boot steps took {:?}", start.elapsed()));
+    cfg
+}
+
+fn mode(rw: bool) -> &'static str {
+    if rw {
+        "rw"
+    } else {
+        "ro"
+    }
+}
+
+fn load_config() -> Config {
+    let mut cfg = Config::default();
+    match std::fs::read_to_string(CONFIG_PATH) {
+        Ok(text) => {
+            if let Err(e) = cfg.apply_file(&text) {
+                log(&format!("{CONFIG_PATH}: {e}"));
+            }
+        }
+        Err(e) => log(&format!("{CONFIG_PATH}: {e}; using defaults")),
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    for e in cfg.apply_cmdline(&cmdline) {
+        log(&format!("kernel command line: {e}"));
+    }
+    cfg
+}
+
+fn module_path(cfg: &Config, m: &str) -> PathBuf {
+    if m.starts_with('/') {
+        PathBuf::from(m)
+    } else {
+        cfg.module_dir.join(format!("{m}.ko"))
+    }
+}
+
+fn load_modules(cfg: &Config) {
+    for m in &cfg.modules {
+        let path = module_path(cfg, m);
+        let result = File::open(&path).and_then(|f| sys::finit_module(&f));
+        if let Err(e) = result {
+            log(&format!("module {}: {e}", path.display()));
+        }
+    }
+}
+
+fn mount_root(cfg: &Config, root: &str) -> std::io::Result<()> {
+    let waited = Instant::now();
+    while !Path::new(root).exists() {
+        if waited.elapsed() >= cfg.rootwait {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{root} did not appear within {:?}", cfg.rootwait),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::fs::create_dir_all(NEWROOT)?;
+    let flags = if cfg.rw { 0 } else { libc::MS_RDONLY };
+    sys::mount(root, NEWROOT, &cfg.rootfstype, flags)?;
+    if !cfg.switch_root {
+        return Ok(());
+    }
+    // Move the pseudo filesystems first: after the switch the initramfs is out of reach.
+    for dir in ["/dev", "/proc", "/sys"] {
+        let target = format!("{NEWROOT}{dir}");
+        if !Path::new(&target).is_dir() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("root disk has no {dir} to move onto"),
+            ));
+        }
+    }
+    for dir in ["/dev", "/proc", "/sys"] {
+        sys::mount(dir, &format!("{NEWROOT}{dir}"), "", libc::MS_MOVE)?;
+    }
+    std::env::set_current_dir(NEWROOT)?;
+    sys::mount(".", "/", "", libc::MS_MOVE)?;
+    sys::chroot(".")?;
+    std::env::set_current_dir("/")?;
+    Ok(())
+}
