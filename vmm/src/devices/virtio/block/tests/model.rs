@@ -120,7 +120,7 @@ fn predict(r: &Req) -> Want {
     }
     match r.req_type {
         VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
-            let whole = r.len % 512 == 0;
+            let whole = r.len.is_multiple_of(512);
             let in_range = r
                 .sector
                 .checked_add(u64::from(r.len) / 512)
