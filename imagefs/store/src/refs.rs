@@ -1,0 +1,162 @@
+//! Records of the refs log (images, versions, tags, pins) and how each one updates the index.
+//! Invariant: applying the log's records in order to an empty index gives the index's refs.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::StoreError;
+use crate::ids::{ImageName, VersionId};
+
+/// Kind byte of refs records in the log (payload is JSON).
+pub(crate) const REF_KIND: u8 = 1;
+
+/// One change to the store's names, as written to refs.log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "t", rename_all = "snake_case")]
+pub(crate) enum RefRecord {
+    Image {
+        name: String,
+        block_size: u32,
+    },
+    Version {
+        id: String,
+        #[serde(flatten)]
+        meta: VersionMeta,
+    },
+    Tag {
+        image: String,
+        tag: String,
+        id: String,
+    },
+    Untag {
+        image: String,
+        tag: String,
+    },
+    Drop {
+        id: String,
+    },
+    Pin {
+        owner: String,
+        key: String,
+        id: String,
+    },
+    Unpin {
+        owner: String,
+        key: String,
+    },
+}
+
+/// What the index stores about a version.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct VersionMeta {
+    pub image: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub root: String,
+    pub created: u64,
+}
+
+/// What the index stores about an image.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct ImageMeta {
+    pub block_size: u32,
+}
+
+/// The id of a version: a hash over everything that defines its bytes.
+pub(crate) fn version_id(
+    image: &ImageName,
+    size: u64,
+    block_size: u32,
+    root: &[u8; 32],
+) -> VersionId {
+    let mut h = blake3::Hasher::new_derive_key("imagefs 2026 version v1");
+    h.update(&(image.as_str().len() as u64).to_le_bytes());
+    h.update(image.as_str().as_bytes());
+    h.update(&size.to_le_bytes());
+    h.update(&block_size.to_le_bytes());
+    h.update(root);
+    VersionId(*h.finalize().as_bytes())
+}
+
+pub(crate) fn image_key(name: &str) -> Vec<u8> {
+    let mut k = b"i".to_vec();
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub(crate) fn tag_key(image: &str, tag: &str) -> Vec<u8> {
+    let mut k = b"t".to_vec();
+    k.extend_from_slice(image.as_bytes());
+    k.push(0);
+    k.extend_from_slice(tag.as_bytes());
+    k
+}
+
+pub(crate) fn version_key(id: &VersionId) -> Vec<u8> {
+    let mut k = b"v".to_vec();
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+pub(crate) fn pin_key(owner: &str, key: &str) -> Vec<u8> {
+    let mut k = b"p".to_vec();
+    k.extend_from_slice(owner.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+fn bad(why: String) -> StoreError {
+    StoreError::IndexInconsistent(format!("refs log: {why}"))
+}
+
+fn parse_id(s: &str) -> Result<VersionId, StoreError> {
+    s.parse::<VersionId>().map_err(|e| bad(e.to_string()))
+}
+
+impl RefRecord {
+    pub(crate) fn decode(payload: &[u8]) -> Result<RefRecord, StoreError> {
+        serde_json::from_slice(payload).map_err(|e| bad(e.to_string()))
+    }
+
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        // Serializing plain strings and numbers cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Adds this record's effect on the index to `batch`.
+    pub(crate) fn apply(&self, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        match self {
+            RefRecord::Image { name, block_size } => {
+                let meta = ImageMeta {
+                    block_size: *block_size,
+                };
+                batch.insert(
+                    image_key(name),
+                    serde_json::to_vec(&meta).unwrap_or_default(),
+                );
+            }
+            RefRecord::Version { id, meta } => {
+                let id = parse_id(id)?;
+                let image = ImageName::new(&meta.image).map_err(|e| bad(e.to_string()))?;
+                let root: [u8; 32] = parse_id(&meta.root)?.0;
+                if crate::refs::version_id(&image, meta.size, meta.block_size, &root) != id {
+                    return Err(bad(format!("version {id} does not match its contents")));
+                }
+                batch.insert(
+                    version_key(&id),
+                    serde_json::to_vec(meta).unwrap_or_default(),
+                );
+            }
+            RefRecord::Tag { image, tag, id } => {
+                batch.insert(tag_key(image, tag), parse_id(id)?.0.to_vec());
+            }
+            RefRecord::Untag { image, tag } => batch.remove(tag_key(image, tag)),
+            RefRecord::Drop { id } => batch.remove(version_key(&parse_id(id)?)),
+            RefRecord::Pin { owner, key, id } => {
+                batch.insert(pin_key(owner, key), parse_id(id)?.0.to_vec());
+            }
+            RefRecord::Unpin { owner, key } => batch.remove(pin_key(owner, key)),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,614 @@
+//! The store handle: opening (format check, writer lock, index catch-up from the logs), the
+//! object layer (put/get of blocks and block-map nodes) and durable commits of refs records.
+//! Invariant: an index entry never points at bytes that are not durable, and every durable
+//! record of the logs is reflected in the index once `open` returns.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::StoreError;
+use crate::ids::{BlockHash, ImageName, Tag, VersionId};
+use crate::log::RecordLog;
+use crate::pack::{self, Loc, ObjKind, PackReaders, PackWriter};
+use crate::refs::{self, ImageMeta, RefRecord, VersionMeta, REF_KIND};
+use crate::tree::Node;
+use crate::version::Version;
+
+/// The on-disk format this code reads and writes.
+pub const FORMAT: &str = "imagefs-store 1";
+/// Default block size of a new image.
+pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
+/// Pack files roll over past this size.
+const PACK_ROLL: u64 = 1 << 30;
+/// Pending (unindexed) objects are made durable and indexed past this many bytes.
+const SYNC_EVERY: u64 = 256 << 20;
+
+/// Checks a block size: a power of two from 4 KiB to 1 MiB.
+pub fn check_block_size(bs: u64) -> Result<u32, StoreError> {
+    if bs.is_power_of_two() && (4096..=1 << 20).contains(&bs) {
+        Ok(bs as u32)
+    } else {
+        Err(StoreError::BadBlockSize(bs))
+    }
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn obj_key(kind: ObjKind, hash: &[u8; 32]) -> [u8; 33] {
+    let mut k = [0u8; 33];
+    k[0] = kind.key_prefix();
+    k[1..].copy_from_slice(hash);
+    k
+}
+
+fn pack_state_key(id: u32) -> Vec<u8> {
+    format!("s:pack:{id:08}").into_bytes()
+}
+const REFS_STATE_KEY: &[u8] = b"s:refs";
+
+fn u64_of(v: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(v.try_into().ok()?))
+}
+
+#[derive(Debug)]
+pub(crate) struct Writer {
+    pub pack: Option<PackWriter>,
+    pub next_pack: u32,
+    pub refs: RecordLog,
+    pub unsynced: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub dir: PathBuf,
+    pub db: sled::Db,
+    pub readers: PackReaders,
+    /// Objects written but not yet durable and indexed; read only on an index miss.
+    pub pending: RwLock<HashMap<[u8; 33], Loc>>,
+    pub writer: Mutex<Writer>,
+    pub node_cache: RwLock<HashMap<[u8; 32], Arc<Node>>>,
+    _lock: File,
+}
+
+/// A content-addressed block store. `Send + Sync`: share it as `Arc<Store>`; reads take no
+/// global lock, writes serialize on one writer mutex. Holds the store's writer lock while open.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// An image: its block size and its tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub name: ImageName,
+    pub block_size: u32,
+    pub tags: Vec<(Tag, VersionId)>,
+}
+
+/// A version as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VersionInfo {
+    pub id: VersionId,
+    pub image: ImageName,
+    pub size: u64,
+    pub block_size: u32,
+    /// Unix seconds of the first commit of this version.
+    pub created: u64,
+}
+
+impl Store {
+    /// Creates a new, empty store in `dir` (created if missing; must be empty) and opens it.
+    pub fn init(dir: &Path) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir))?;
+        let mut entries = std::fs::read_dir(dir).map_err(StoreError::io("read dir", dir))?;
+        if entries.next().is_some() {
+            return Err(StoreError::AlreadyExists(dir.to_path_buf()));
+        }
+        std::fs::create_dir(dir.join("packs")).map_err(StoreError::io("create", dir))?;
+        let tmp = dir.join("FORMAT.tmp");
+        std::fs::write(&tmp, format!("{FORMAT}\n")).map_err(StoreError::io("write", &tmp))?;
+        File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .map_err(StoreError::io("fsync", &tmp))?;
+        std::fs::rename(&tmp, dir.join("FORMAT")).map_err(StoreError::io("rename", &tmp))?;
+        pack::fsync_dir(dir)?;
+        Store::open(dir)
+    }
+
+    /// Opens the store in `dir`, taking its writer lock (`Busy` if another process holds it)
+    /// and bringing the index up to date with the logs.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_impl(dir, false)
+    }
+
+    /// Opens the store after rebuilding the whole index from the pack files and refs log
+    /// (what `fsck --repair` does; the old index is deleted first).
+    pub fn open_rebuilding_index(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_impl(dir, true)
+    }
+
+    fn open_impl(dir: &Path, rebuild: bool) -> Result<Store, StoreError> {
+        let format_path = dir.join("FORMAT");
+        let found = match std::fs::read_to_string(&format_path) {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::NotAStore(dir.to_path_buf()))
+            }
+            Err(e) => return Err(StoreError::io("read", &format_path)(e)),
+        };
+        if found.trim_end() != FORMAT {
+            return Err(StoreError::UnknownFormat {
+                path: dir.to_path_buf(),
+                found: found.trim_end().to_string(),
+                expected: FORMAT,
+            });
+        }
+        let lock_path = dir.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(StoreError::io("open", &lock_path))?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            return Err(StoreError::Busy(dir.to_path_buf()));
+        }
+        let index_dir = dir.join("index");
+        if rebuild && index_dir.exists() {
+            std::fs::remove_dir_all(&index_dir).map_err(StoreError::io("remove", &index_dir))?;
+        }
+        let db = sled::Config::new()
+            .path(&index_dir)
+            .cache_capacity(32 << 20)
+            .open()?;
+        let packs_dir = dir.join("packs");
+        let pack_ids = pack::list_packs(&packs_dir)?;
+        let mut batch = sled::Batch::default();
+        let mut changed = false;
+        for &id in &pack_ids {
+            let path = pack::pack_path(&packs_dir, id);
+            let flen = std::fs::metadata(&path)
+                .map_err(StoreError::io("stat", &path))?
+                .len();
+            let indexed = db
+                .get(pack_state_key(id))?
+                .and_then(|v| u64_of(&v))
+                .unwrap_or(0);
+            if indexed > flen {
+                return Err(StoreError::IndexInconsistent(format!(
+                    "pack {id} is shorter than indexed"
+                )));
+            }
+            if flen > indexed {
+                let end = pack::scan(&path, id, indexed, |kind, hash, loc| {
+                    batch.insert(&obj_key(kind, &hash)[..], &loc.encode()[..]);
+                    Ok(())
+                })?;
+                batch.insert(pack_state_key(id), &end.to_le_bytes()[..]);
+                changed = true;
+            }
+        }
+        let (refs_log, records) = RecordLog::open(&dir.join("refs.log"))?;
+        let applied = db
+            .get(REFS_STATE_KEY)?
+            .and_then(|v| u64_of(&v))
+            .unwrap_or(0);
+        if applied > refs_log.len() {
+            return Err(StoreError::IndexInconsistent(
+                "index is ahead of refs.log".to_string(),
+            ));
+        }
+        for rec in records.iter().filter(|r| r.offset >= applied) {
+            if rec.kind == REF_KIND {
+                RefRecord::decode(&rec.payload)?.apply(&mut batch)?;
+                changed = true;
+            }
+        }
+        batch.insert(REFS_STATE_KEY, &refs_log.len().to_le_bytes()[..]);
+        db.apply_batch(batch)?;
+        if changed {
+            db.flush()?;
+        }
+        let next_pack = pack_ids.last().map_or(1, |id| id + 1);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                db,
+                readers: PackReaders::new(packs_dir),
+                pending: RwLock::new(HashMap::new()),
+                writer: Mutex::new(Writer {
+                    pack: None,
+                    next_pack,
+                    refs: refs_log,
+                    unsynced: 0,
+                }),
+                node_cache: RwLock::new(HashMap::new()),
+                _lock: lock,
+            }),
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Every image with its block size and tags, by name.
+    pub fn images(&self) -> Result<Vec<ImageInfo>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.db.scan_prefix(b"i") {
+            let (k, v) = kv?;
+            let name = ImageName::new(&String::from_utf8_lossy(&k[1..]))?;
+            let meta: ImageMeta = serde_json::from_slice(&v)
+                .map_err(|e| StoreError::IndexInconsistent(e.to_string()))?;
+            let mut tags = Vec::new();
+            let prefix = refs::tag_key(name.as_str(), "");
+            for kv in self.inner.db.scan_prefix(&prefix) {
+                let (k, v) = kv?;
+                let tag = Tag::new(&String::from_utf8_lossy(&k[prefix.len()..]))?;
+                tags.push((tag, id_of(&v)?));
+            }
+            out.push(ImageInfo {
+                name,
+                block_size: meta.block_size,
+                tags,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Every version (tagged or not) the store holds.
+    pub fn versions(&self) -> Result<Vec<VersionInfo>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.db.scan_prefix(b"v") {
+            let (k, v) = kv?;
+            let id = id_of(&k[1..])?;
+            out.push(info_of(id, &v)?);
+        }
+        out.sort_by(|a, b| (a.created, a.id).cmp(&(b.created, b.id)));
+        Ok(out)
+    }
+
+    /// Resolves `NAME:TAG`, a full hex id, or a unique hex prefix of 8 or more digits.
+    pub fn resolve(&self, spec: &str) -> Result<VersionId, StoreError> {
+        if spec.contains(':') {
+            let (image, tag) = crate::ids::parse_name_tag(spec)?;
+            let v = self
+                .inner
+                .db
+                .get(refs::tag_key(image.as_str(), tag.as_str()))?;
+            return match v {
+                Some(v) => id_of(&v),
+                None if self.image_meta(&image)?.is_none() => {
+                    Err(StoreError::UnknownImage(image.to_string()))
+                }
+                None => Err(StoreError::UnknownTag(spec.to_string())),
+            };
+        }
+        let lower = spec.to_ascii_lowercase();
+        if lower.len() < 8 || lower.len() > 64 || !lower.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(StoreError::BadSpec(spec.to_string()));
+        }
+        let mut found = None;
+        for kv in self.inner.db.scan_prefix(b"v") {
+            let (k, _) = kv?;
+            let id = id_of(&k[1..])?;
+            if id.to_hex().starts_with(&lower) {
+                if found.is_some() {
+                    return Err(StoreError::AmbiguousPrefix(spec.to_string()));
+                }
+                found = Some(id);
+            }
+        }
+        found.ok_or_else(|| StoreError::UnknownVersion(spec.to_string()))
+    }
+
+    /// A handle to a version: immutable, cheap to clone, usable from many threads.
+    pub fn version(&self, id: &VersionId) -> Result<Version, StoreError> {
+        let v = self
+            .inner
+            .db
+            .get(refs::version_key(id))?
+            .ok_or_else(|| StoreError::UnknownVersion(id.to_string()))?;
+        let meta: VersionMeta =
+            serde_json::from_slice(&v).map_err(|e| StoreError::IndexInconsistent(e.to_string()))?;
+        Version::new(self.inner.clone(), *id, meta)
+    }
+
+    /// Info about one version.
+    pub fn version_info(&self, id: &VersionId) -> Result<VersionInfo, StoreError> {
+        let v = self
+            .inner
+            .db
+            .get(refs::version_key(id))?
+            .ok_or_else(|| StoreError::UnknownVersion(id.to_string()))?;
+        info_of(*id, &v)
+    }
+
+    /// The block size of an image, if it exists.
+    pub fn image_block_size(&self, image: &ImageName) -> Result<Option<u32>, StoreError> {
+        Ok(self.image_meta(image)?.map(|m| m.block_size))
+    }
+
+    fn image_meta(&self, image: &ImageName) -> Result<Option<ImageMeta>, StoreError> {
+        match self.inner.db.get(refs::image_key(image.as_str()))? {
+            None => Ok(None),
+            Some(v) => {
+                Ok(Some(serde_json::from_slice(&v).map_err(|e| {
+                    StoreError::IndexInconsistent(e.to_string())
+                })?))
+            }
+        }
+    }
+
+    /// Reads the block named `hash` into `buf` (its full length) and checks it against the
+    /// hash: `Corrupt` if it does not match, `MissingObject` if the store lacks it.
+    pub fn read_block(&self, hash: &BlockHash, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.inner.read_object(ObjKind::Block, &hash.0, buf)
+    }
+
+    /// Stores a block (deduplicated); `None` for an all-zero block, which is a hole. Durable
+    /// once a version using it is committed, or after [`Store::sync`].
+    pub fn put_block(&self, data: &[u8]) -> Result<Option<BlockHash>, StoreError> {
+        if is_zero(data) {
+            return Ok(None);
+        }
+        let hash = *blake3::hash(data).as_bytes();
+        self.inner.put_object(ObjKind::Block, &hash, data)?;
+        Ok(Some(BlockHash(hash)))
+    }
+
+    /// True when the store holds the block.
+    pub fn has_block(&self, hash: &BlockHash) -> Result<bool, StoreError> {
+        Ok(self.inner.locate(ObjKind::Block, &hash.0)?.is_some())
+    }
+
+    /// Points `image:tag` at `id` (moving the tag if it exists); durable on return.
+    pub fn set_tag(&self, image: &ImageName, tag: &Tag, id: &VersionId) -> Result<(), StoreError> {
+        let info = self.version_info(id)?;
+        if info.image != *image {
+            return Err(StoreError::Refused(format!(
+                "version {} belongs to image {}, not {}",
+                id.short(),
+                info.image,
+                image
+            )));
+        }
+        self.inner.commit(&[RefRecord::Tag {
+            image: image.to_string(),
+            tag: tag.to_string(),
+            id: id.to_string(),
+        }])
+    }
+
+    /// Removes a tag; the version stays until `gc` finds nothing refers to it.
+    pub fn remove_tag(&self, image: &ImageName, tag: &Tag) -> Result<VersionId, StoreError> {
+        let spec = format!("{image}:{tag}");
+        let id = self.resolve(&spec)?;
+        self.inner.commit(&[RefRecord::Untag {
+            image: image.to_string(),
+            tag: tag.to_string(),
+        }])?;
+        Ok(id)
+    }
+
+    /// Makes every object written so far durable and indexed.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let mut w = self.inner.lock_writer();
+        self.inner.sync_objects(&mut w)?;
+        self.inner.db.flush()?;
+        Ok(())
+    }
+}
+
+fn id_of(v: &[u8]) -> Result<VersionId, StoreError> {
+    let a: [u8; 32] = v
+        .try_into()
+        .map_err(|_| StoreError::IndexInconsistent("bad version id".to_string()))?;
+    Ok(VersionId(a))
+}
+
+fn info_of(id: VersionId, v: &[u8]) -> Result<VersionInfo, StoreError> {
+    let meta: VersionMeta =
+        serde_json::from_slice(v).map_err(|e| StoreError::IndexInconsistent(e.to_string()))?;
+    Ok(VersionInfo {
+        id,
+        image: ImageName::new(&meta.image)?,
+        size: meta.size,
+        block_size: meta.block_size,
+        created: meta.created,
+    })
+}
+
+/// True when every byte is zero (folds 4 KiB at a time so it vectorizes).
+pub fn is_zero(data: &[u8]) -> bool {
+    data.chunks(4096)
+        .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
+}
+
+impl Inner {
+    pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        // A panic while holding the writer leaves only pending objects, which are re-scanned.
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn locate(&self, kind: ObjKind, hash: &[u8; 32]) -> Result<Option<Loc>, StoreError> {
+        let key = obj_key(kind, hash);
+        if let Some(v) = self.db.get(key)? {
+            return Loc::decode(&v)
+                .map(Some)
+                .ok_or_else(|| StoreError::IndexInconsistent("bad object location".to_string()));
+        }
+        let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
+        Ok(pending.get(&key).copied())
+    }
+
+    pub(crate) fn read_object(
+        &self,
+        kind: ObjKind,
+        hash: &[u8; 32],
+        buf: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let missing = || StoreError::MissingObject {
+            what: kind.name(),
+            hash: crate::ids::to_hex(hash),
+        };
+        let loc = self.locate(kind, hash)?.ok_or_else(missing)?;
+        match self.readers.read(kind, hash, loc, buf) {
+            // gc may have moved it between the lookup and the read: look again once
+            Err(StoreError::Io { .. }) => {
+                let loc = self.locate(kind, hash)?.ok_or_else(missing)?;
+                self.readers.read(kind, hash, loc, buf)
+            }
+            r => r,
+        }
+    }
+
+    pub(crate) fn object_len(
+        &self,
+        kind: ObjKind,
+        hash: &[u8; 32],
+    ) -> Result<Option<u32>, StoreError> {
+        Ok(self.locate(kind, hash)?.map(|l| l.len))
+    }
+
+    /// Stores an object under its (already computed) hash unless present.
+    pub(crate) fn put_object(
+        &self,
+        kind: ObjKind,
+        hash: &[u8; 32],
+        data: &[u8],
+    ) -> Result<(), StoreError> {
+        if self.locate(kind, hash)?.is_some() {
+            return Ok(());
+        }
+        let mut w = self.lock_writer();
+        self.append_locked(&mut w, kind, hash, data)?;
+        if w.unsynced >= SYNC_EVERY {
+            self.sync_objects(&mut w)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn append_locked(
+        &self,
+        w: &mut Writer,
+        kind: ObjKind,
+        hash: &[u8; 32],
+        data: &[u8],
+    ) -> Result<Loc, StoreError> {
+        if w.pack.as_ref().is_some_and(|p| p.len >= PACK_ROLL) {
+            self.sync_objects(w)?;
+            w.pack = None;
+        }
+        let pack = match w.pack.as_mut() {
+            Some(p) => p,
+            None => {
+                let id = w.next_pack;
+                w.next_pack += 1;
+                w.pack
+                    .insert(PackWriter::create(&self.dir.join("packs"), id)?)
+            }
+        };
+        let loc = match pack.append(kind, hash, data) {
+            Ok(loc) => loc,
+            Err(e) => {
+                // never append past a failed write: later records would be unreachable
+                w.pack = None;
+                return Err(e);
+            }
+        };
+        w.unsynced += u64::from(loc.len);
+        self.pending
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(obj_key(kind, hash), loc);
+        Ok(loc)
+    }
+
+    /// fsyncs the current pack, then indexes the objects pending in it.
+    pub(crate) fn sync_objects(&self, w: &mut Writer) -> Result<(), StoreError> {
+        let Some(pack) = w.pack.as_ref() else {
+            return Ok(());
+        };
+        pack.sync()?;
+        let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
+        let mut batch = sled::Batch::default();
+        for (k, loc) in pending.iter() {
+            batch.insert(&k[..], &loc.encode()[..]);
+        }
+        batch.insert(pack_state_key(pack.id), &pack.len.to_le_bytes()[..]);
+        self.db.apply_batch(batch)?;
+        pending.clear();
+        w.unsynced = 0;
+        Ok(())
+    }
+
+    /// Durably records refs changes: objects first, then the log, then the index.
+    pub(crate) fn commit(&self, records: &[RefRecord]) -> Result<(), StoreError> {
+        let mut w = self.lock_writer();
+        self.commit_locked(&mut w, records)
+    }
+
+    pub(crate) fn commit_locked(
+        &self,
+        w: &mut Writer,
+        records: &[RefRecord],
+    ) -> Result<(), StoreError> {
+        self.sync_objects(w)?;
+        let mut batch = sled::Batch::default();
+        for r in records {
+            r.apply(&mut batch)?;
+            w.refs.append(REF_KIND, &r.encode())?;
+        }
+        w.refs.sync()?;
+        batch.insert(REFS_STATE_KEY, &w.refs.len().to_le_bytes()[..]);
+        self.db.apply_batch(batch)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Commits a version (and its image, if new) whose block map root is `root`.
+    pub(crate) fn commit_version(
+        &self,
+        image: &ImageName,
+        size: u64,
+        block_size: u32,
+        root: &[u8; 32],
+    ) -> Result<VersionId, StoreError> {
+        let id = refs::version_id(image, size, block_size, root);
+        let mut records = Vec::new();
+        if self.db.get(refs::image_key(image.as_str()))?.is_none() {
+            records.push(RefRecord::Image {
+                name: image.to_string(),
+                block_size,
+            });
+        }
+        if self.db.get(refs::version_key(&id))?.is_none() {
+            records.push(RefRecord::Version {
+                id: id.to_string(),
+                meta: VersionMeta {
+                    image: image.to_string(),
+                    size,
+                    block_size,
+                    root: crate::ids::to_hex(root),
+                    created: now_secs(),
+                },
+            });
+        }
+        let mut w = self.lock_writer();
+        self.commit_locked(&mut w, &records)?;
+        Ok(id)
+    }
+}

@@ -1,0 +1,202 @@
+//! Store-level unit tests against real files in a temp dir: round trips, dedup, holes, tails,
+//! Merkle diff, corruption, index rebuild and the writer lock.
+
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::*;
+
+fn image_bytes(len: usize, seed: u8) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for (i, b) in v.iter_mut().enumerate() {
+        // leave every third 4 KiB page zero so there are holes
+        if (i / 4096) % 3 != 1 {
+            *b = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8;
+        }
+    }
+    v
+}
+
+fn import_bytes(store: &Store, name: &str, bytes: &[u8], bs: Option<u32>) -> ImportReport {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("img");
+    std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+    let mut src = open_image(&p).unwrap();
+    store
+        .import(
+            &ImageName::new(name).unwrap(),
+            bs,
+            src.as_mut(),
+            &mut |_| {},
+        )
+        .unwrap()
+}
+
+fn read_all(store: &Store, id: &VersionId) -> Vec<u8> {
+    let v = store.version(id).unwrap();
+    let mut out = vec![0u8; v.size() as usize + 100];
+    let n = v.read_at(store, 0, &mut out).unwrap();
+    out.truncate(n);
+    out
+}
+
+fn packs_len(dir: &Path) -> u64 {
+    std::fs::read_dir(dir.join("packs"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn import_round_trips_with_holes_and_a_partial_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::init(&dir.path().join("s")).unwrap();
+    let bytes = image_bytes(3 * 4096 * 100 + 1234, 1);
+    let r = import_bytes(&store, "web", &bytes, Some(4096));
+    assert_eq!(r.size, bytes.len() as u64);
+    assert!(r.stats.holes >= 99);
+    assert_eq!(read_all(&store, &r.id), bytes);
+    // unaligned reads in the middle
+    let v = store.version(&r.id).unwrap();
+    let mut buf = vec![0u8; 10000];
+    assert_eq!(v.read_at(&store, 5000, &mut buf).unwrap(), 10000);
+    assert_eq!(buf, bytes[5000..15000]);
+    assert_eq!(v.block_hash(1).unwrap(), None);
+    assert!(v.block_hash(0).unwrap().is_some());
+}
+
+#[test]
+fn reimport_dedups_and_gives_the_same_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("s");
+    let store = Store::init(&s).unwrap();
+    let bytes = image_bytes(1 << 20, 2);
+    let a = import_bytes(&store, "web", &bytes, None);
+    let before = packs_len(&s);
+    let b = import_bytes(&store, "web", &bytes, None);
+    assert_eq!(a.id, b.id);
+    assert_eq!(b.stats.new_blocks, 0);
+    assert_eq!(packs_len(&s), before);
+}
+
+#[test]
+fn create_version_and_merkle_diff_touch_only_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::init(&dir.path().join("s")).unwrap();
+    // 70000 blocks of 4 KiB: a 3-level tree, mostly holes
+    let size = 70_000u64 * 4096;
+    let web = ImageName::new("web").unwrap();
+    let block = vec![7u8; 4096];
+    let h = store.put_block(&block).unwrap();
+    assert_eq!(store.put_block(&[0u8; 4096]).unwrap(), None);
+    let ids: Vec<u64> = vec![3, 300, 69_999];
+    let changes: Vec<_> = ids.iter().map(|&i| (i, h)).collect();
+    // the image must exist first: make it with an empty import of the same block size
+    let base = import_bytes(&store, "web", &vec![0u8; size as usize], Some(4096)).id;
+    let v2 = store
+        .create_version(&web, Some(&base), size, &changes)
+        .unwrap();
+    assert_eq!(store.diff(&base, &v2).unwrap(), ids);
+    assert_eq!(store.diff(&v2, &v2).unwrap(), Vec::<u64>::new());
+    let preview = store
+        .preview_version(&web, Some(&base), size, &changes)
+        .unwrap();
+    assert_eq!(preview, v2);
+    let v = store.version(&v2).unwrap();
+    let mut buf = vec![0u8; 4096];
+    v.read_at(&store, 300 * 4096, &mut buf).unwrap();
+    assert_eq!(buf, block);
+    // going back: the same map gives the same id
+    let back: Vec<_> = ids.iter().map(|&i| (i, None)).collect();
+    assert_eq!(
+        store.create_version(&web, Some(&v2), size, &back).unwrap(),
+        base
+    );
+    assert!(store
+        .create_version(&web, Some(&v2), size, &[(70_000, h)])
+        .is_err());
+}
+
+#[test]
+fn corrupt_block_is_an_integrity_error_not_wrong_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("s");
+    let store = Store::init(&s).unwrap();
+    let bytes = vec![5u8; 65536 * 2];
+    let id = import_bytes(&store, "web", &bytes, None).id;
+    drop(store);
+    let pack = std::fs::read_dir(s.join("packs"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+    f.write_all_at(&[6], 100).unwrap();
+    let store = Store::open(&s).unwrap();
+    let v = store.version(&id).unwrap();
+    let mut buf = vec![0u8; 65536];
+    let err = v.read_at(&store, 0, &mut buf).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+}
+
+#[test]
+fn index_rebuild_restores_every_version_and_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("s");
+    let store = Store::init(&s).unwrap();
+    let a = image_bytes(500_000, 3);
+    let b = image_bytes(600_000, 4);
+    let ia = import_bytes(&store, "web", &a, None).id;
+    let ib = import_bytes(&store, "db", &b, Some(8192)).id;
+    let web = ImageName::new("web").unwrap();
+    store.set_tag(&web, &Tag::new("v1").unwrap(), &ia).unwrap();
+    drop(store);
+    std::fs::remove_dir_all(s.join("index")).unwrap();
+    let store = Store::open_rebuilding_index(&s).unwrap();
+    assert_eq!(read_all(&store, &ia), a);
+    assert_eq!(read_all(&store, &ib), b);
+    assert_eq!(store.resolve("web:v1").unwrap(), ia);
+    assert_eq!(store.resolve(&ib.to_hex()[..10]).unwrap(), ib);
+    assert_eq!(store.versions().unwrap().len(), 2);
+}
+
+#[test]
+fn second_writer_is_busy_and_bad_dirs_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("s");
+    let _store = Store::init(&s).unwrap();
+    assert_eq!(Store::open(&s).unwrap_err().kind(), ErrorKind::Busy);
+    assert!(matches!(
+        Store::open(dir.path()),
+        Err(StoreError::NotAStore(_))
+    ));
+    std::fs::write(dir.path().join("FORMAT"), "imagefs-store 99\n").unwrap();
+    assert!(matches!(
+        Store::open(dir.path()),
+        Err(StoreError::UnknownFormat { .. })
+    ));
+}
+
+#[test]
+fn resolve_refuses_malformed_and_unknown_specs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::init(&dir.path().join("s")).unwrap();
+    assert_eq!(
+        store.resolve("web").unwrap_err().kind(),
+        ErrorKind::BadInput
+    );
+    assert_eq!(
+        store.resolve("we b:v1").unwrap_err().kind(),
+        ErrorKind::BadInput
+    );
+    assert_eq!(
+        store.resolve("web:v1").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        store.resolve("abcdef0123").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
