@@ -126,10 +126,13 @@ impl Qemu {
 
     /// Pings until the agent answers; returns the answer and the time since QEMU started.
     pub fn wait_agent(&mut self, timeout: Duration) -> anyhow::Result<(Pong, Duration)> {
-        let client = self.agent(Duration::from_millis(1000));
+        // Until the agent says on the console that it serves, requests are lost rather than
+        // queued: retry briefly; after that, give a slow (emulated, loaded) guest time to answer.
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(p) = client.ping() {
+            let serving = self.console().contains("guest-agent: ready");
+            let attempt = Duration::from_millis(if serving { 5000 } else { 250 });
+            if let Ok(p) = self.agent(attempt).ping() {
                 return Ok((p, self.started.elapsed()));
             }
             if !self.is_running() {

@@ -39,7 +39,7 @@ pub enum ClientError {
     #[error("invalid reply from the agent")]
     InvalidReply(#[source] MessageError),
     /// the agent answered with an error
-    #[error("agent refused {op}: {code:?}: {message}")]
+    #[error("agent could not {op}: {code:?}: {message}")]
     Agent {
         op: &'static str,
         code: ErrorCode,

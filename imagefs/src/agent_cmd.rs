@@ -1,0 +1,371 @@
+//! `imagefs agent ping|hash|exec|notice|shutdown --socket PATH`: talk to a VM's guest agent.
+//! Invariant: every call has a deadline, and the process exit code says what happened (0 ok,
+//! 1 other, 2 bad input, 3 not found, 4 refused; exec returns the guest command's own status).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agent_proto::{
+    AgentClient, AgentLink, ClientError, Command, ErrorCode, ExecReply, ExecRequest, Range,
+    SubstitutionNotice,
+};
+use clap::{Args, Subcommand};
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: AgentCommand,
+}
+
+/// Options every agent call takes.
+#[derive(Debug, Args)]
+pub struct Conn {
+    /// The VM's agent socket (vmm --agent-socket, or QEMU's socket chardev on COM2).
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// Deadline for the call, in milliseconds (exec adds the command's own timeout).
+    #[arg(long, default_value_t = 10_000)]
+    pub timeout_ms: u64,
+    /// Print the agent's reply as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Agent and kernel version, uptime, mounts.
+    Ping(Conn),
+    /// blake3 of a file as the guest reads it.
+    Hash {
+        #[command(flatten)]
+        conn: Conn,
+        /// Path as the guest sees its root filesystem.
+        path: String,
+    },
+    /// Run a command in the guest: `-- ARGV...`, or `--shell 'LINE'`.
+    Exec {
+        #[command(flatten)]
+        conn: Conn,
+        /// Kill the command after this many milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        command_timeout_ms: u64,
+        /// A shell command line (/bin/sh -c) instead of an argv.
+        #[arg(long, conflicts_with = "argv")]
+        shell: Option<String>,
+        #[arg(last = true)]
+        argv: Vec<String>,
+    },
+    /// Tell the guest that blocks of a device changed (normally sent by substitute/rollout).
+    Notice {
+        #[command(flatten)]
+        conn: Conn,
+        /// The guest's block device.
+        #[arg(long, default_value = "/dev/vda")]
+        device: String,
+        /// Changed byte range OFFSET:LEN (repeatable).
+        #[arg(long = "range", value_parser = parse_range)]
+        ranges: Vec<Range>,
+        /// A changed file, as a guest path (repeatable).
+        #[arg(long = "file")]
+        files: Vec<String>,
+        /// Inodes or directories changed too.
+        #[arg(long)]
+        metadata_changed: bool,
+    },
+    /// Power the guest off.
+    Shutdown(Conn),
+}
+
+fn parse_range(s: &str) -> Result<Range, String> {
+    let (o, l) = s.split_once(':').ok_or("expected OFFSET:LEN")?;
+    let offset = o.parse().map_err(|_| format!("bad offset {o:?}"))?;
+    let len = l.parse().map_err(|_| format!("bad length {l:?}"))?;
+    Ok(Range { offset, len })
+}
+
+/// The exit code for a failed call.
+pub fn exit_code(e: &ClientError) -> i32 {
+    match e {
+        ClientError::Agent { code, .. } => match code {
+            ErrorCode::NotFound => 3,
+            ErrorCode::Refused => 4,
+            ErrorCode::BadRequest
+            | ErrorCode::Malformed
+            | ErrorCode::Oversized
+            | ErrorCode::UnknownType => 2,
+            ErrorCode::Io | ErrorCode::Internal | ErrorCode::Unknown => 1,
+        },
+        ClientError::Request(_) => 2,
+        _ => 1,
+    }
+}
+
+/// The exit status `imagefs agent exec` reports for a guest command (as `timeout(1)` and shells do).
+pub fn exec_status(r: &ExecReply) -> i32 {
+    if r.timed_out {
+        124
+    } else {
+        match (r.exit_code, r.signal) {
+            (Some(c), _) => c,
+            (None, Some(s)) => 128 + s,
+            (None, None) => 1,
+        }
+    }
+}
+
+fn client(conn: &Conn) -> AgentClient {
+    AgentClient::new(&conn.socket).with_timeout(Duration::from_millis(conn.timeout_ms))
+}
+
+fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+/// Runs one agent subcommand. Call failures are printed as one line on stderr and turned into
+/// the exit code; only local failures (stdout closed) are returned as errors.
+pub fn run(args: AgentArgs) -> anyhow::Result<i32> {
+    match call(args) {
+        Ok(code) => Ok(code),
+        Err(Failure::Client(e)) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            eprintln!("imagefs agent: {msg}");
+            Ok(exit_code(&e))
+        }
+        Err(Failure::Usage(msg)) => {
+            eprintln!("imagefs agent: {msg}");
+            Ok(2)
+        }
+        Err(Failure::Local(e)) => Err(e),
+    }
+}
+
+enum Failure {
+    Client(ClientError),
+    Usage(String),
+    Local(anyhow::Error),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Client(e)
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Local(e)
+    }
+}
+
+fn call(args: AgentArgs) -> Result<i32, Failure> {
+    match args.command {
+        AgentCommand::Ping(conn) => {
+            let p = client(&conn).ping()?;
+            if conn.json {
+                print_json(&p)?;
+            } else {
+                println!(
+                    "agent {} (protocol {}), kernel {}, up {:.1}s, {}",
+                    p.agent_version,
+                    p.protocol,
+                    p.kernel,
+                    p.uptime_ms as f64 / 1000.0,
+                    if p.init_mode {
+                        "as /init"
+                    } else {
+                        "as a service"
+                    }
+                );
+                for m in p.mounts.iter().filter(|m| m.device.starts_with('/')) {
+                    let mode = if m.read_only { "ro" } else { "rw" };
+                    println!("  {} on {} ({}, {mode})", m.device, m.mountpoint, m.fstype);
+                }
+            }
+            Ok(0)
+        }
+        AgentCommand::Hash { conn, path } => {
+            let h = client(&conn).hash(&path)?;
+            if conn.json {
+                print_json(&h)?;
+            } else {
+                println!("{}  {}", h.blake3, h.path);
+            }
+            Ok(0)
+        }
+        AgentCommand::Exec {
+            conn,
+            command_timeout_ms,
+            shell,
+            argv,
+        } => {
+            let command = match (shell, argv.is_empty()) {
+                (Some(line), _) => Command::Shell(line),
+                (None, false) => Command::Argv(argv),
+                (None, true) => {
+                    return Err(Failure::Usage(
+                        "exec needs -- ARGV... or --shell LINE".into(),
+                    ))
+                }
+            };
+            let r = client(&conn).exec(ExecRequest {
+                command,
+                timeout_ms: command_timeout_ms,
+            })?;
+            if conn.json {
+                print_json(&r)?;
+            } else {
+                std::io::stdout()
+                    .write_all(r.stdout.as_bytes())
+                    .map_err(anyhow::Error::from)?;
+                eprint!("{}", r.stderr);
+                if r.timed_out {
+                    eprintln!("imagefs agent: command timed out after {command_timeout_ms} ms");
+                }
+            }
+            Ok(exec_status(&r))
+        }
+        AgentCommand::Notice {
+            conn,
+            device,
+            ranges,
+            files,
+            metadata_changed,
+        } => {
+            let n = SubstitutionNotice::new(&device, ranges, files, metadata_changed);
+            let ack = client(&conn).notice(&n)?;
+            if conn.json {
+                print_json(&ack)?;
+            } else {
+                for s in &ack.steps {
+                    println!("{:<22} {:>8} us  {}", s.name, s.micros, s.detail);
+                }
+                for p in &ack.processes {
+                    println!(
+                        "process {} ({}) {}: {}",
+                        p.pid,
+                        p.comm,
+                        p.how.join(","),
+                        p.file
+                    );
+                }
+                for h in &ack.hooks {
+                    println!("hook {} for {}: exit {:?}", h.command, h.path, h.exit_code);
+                }
+            }
+            Ok(0)
+        }
+        AgentCommand::Shutdown(conn) => {
+            client(&conn).shutdown()?;
+            Ok(0)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        agent: AgentCommand,
+    }
+
+    #[test]
+    fn exec_takes_argv_after_double_dash() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "exec",
+            "--socket",
+            "/tmp/vm1.agent",
+            "--",
+            "/bin/check",
+            "--quick",
+        ])
+        .unwrap();
+        match cli.agent {
+            AgentCommand::Exec { argv, conn, .. } => {
+                assert_eq!(argv, ["/bin/check", "--quick"]);
+                assert_eq!(conn.socket, PathBuf::from("/tmp/vm1.agent"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn notice_ranges_parse_and_bad_ones_are_usage_errors() {
+        let cli = Cli::try_parse_from([
+            "x",
+            "notice",
+            "--socket",
+            "s",
+            "--range",
+            "4096:8192",
+            "--file",
+            "/etc/x",
+        ])
+        .unwrap();
+        match cli.agent {
+            AgentCommand::Notice { ranges, .. } => {
+                assert_eq!(
+                    ranges,
+                    [Range {
+                        offset: 4096,
+                        len: 8192
+                    }]
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["x", "notice", "--socket", "s", "--range", "4096"]).is_err());
+    }
+
+    #[test]
+    fn exit_codes_follow_the_cli_convention() {
+        let agent = |code| ClientError::Agent {
+            op: "hash",
+            code,
+            message: String::new(),
+        };
+        assert_eq!(exit_code(&agent(ErrorCode::NotFound)), 3);
+        assert_eq!(exit_code(&agent(ErrorCode::Refused)), 4);
+        let timeout = ClientError::Timeout {
+            op: "ping",
+            waited: Duration::from_secs(1),
+        };
+        assert_eq!(exit_code(&timeout), 1);
+        let reply = |exit_code, signal, timed_out| ExecReply {
+            exit_code,
+            signal,
+            timed_out,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            duration_ms: 0,
+        };
+        assert_eq!(exec_status(&reply(Some(7), None, false)), 7);
+        assert_eq!(exec_status(&reply(None, Some(9), false)), 137);
+        assert_eq!(exec_status(&reply(None, Some(9), true)), 124);
+    }
+
+    #[test]
+    fn unreachable_agent_is_a_one_line_failure_with_exit_1() {
+        let args = AgentArgs {
+            command: AgentCommand::Ping(Conn {
+                socket: PathBuf::from("/nonexistent/vm.agent"),
+                timeout_ms: 100,
+                json: false,
+            }),
+        };
+        assert_eq!(run(args).unwrap(), 1);
+    }
+}
