@@ -3,10 +3,12 @@
 //! log; sled is only an index that `Store::open_rebuilding_index` can rebuild from those files.
 //! No FUSE, no CLI, no VMs here.
 
+mod bundle;
 mod error;
 mod ids;
 mod import;
 pub mod log;
+mod maint;
 mod pack;
 mod qcow2;
 mod refs;
@@ -17,11 +19,13 @@ mod tests;
 mod tree;
 mod version;
 
+pub use bundle::BundleReport;
 pub use error::{ErrorKind, StoreError};
 pub use ids::{parse_name_tag, BlockHash, IdError, ImageName, Tag, VersionId};
 pub use store::{
     check_block_size, is_zero, ImageInfo, Store, VersionInfo, DEFAULT_BLOCK_SIZE, FORMAT,
 };
+pub use maint::{FsckReport, GcReport, Problem};
 pub use import::{ImportProgress, ImportReport};
 pub use source::{open_image, ImageSource};
 pub use version::Version;

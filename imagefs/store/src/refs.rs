@@ -123,40 +123,57 @@ impl RefRecord {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Adds this record's effect on the index to `batch`.
-    pub(crate) fn apply(&self, batch: &mut sled::Batch) -> Result<(), StoreError> {
-        match self {
+    /// The index writes this record makes: (key, Some(value)) to set, (key, None) to remove.
+    pub(crate) fn ops(&self) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
+        let json = |v: &dyn erased::Json| v.to_json();
+        Ok(vec![match self {
             RefRecord::Image { name, block_size } => {
                 let meta = ImageMeta {
                     block_size: *block_size,
                 };
-                batch.insert(
-                    image_key(name),
-                    serde_json::to_vec(&meta).unwrap_or_default(),
-                );
+                (image_key(name), Some(json(&meta)))
             }
             RefRecord::Version { id, meta } => {
                 let id = parse_id(id)?;
                 let image = ImageName::new(&meta.image).map_err(|e| bad(e.to_string()))?;
                 let root: [u8; 32] = parse_id(&meta.root)?.0;
-                if crate::refs::version_id(&image, meta.size, meta.block_size, &root) != id {
+                if version_id(&image, meta.size, meta.block_size, &root) != id {
                     return Err(bad(format!("version {id} does not match its contents")));
                 }
-                batch.insert(
-                    version_key(&id),
-                    serde_json::to_vec(meta).unwrap_or_default(),
-                );
+                (version_key(&id), Some(json(meta)))
             }
             RefRecord::Tag { image, tag, id } => {
-                batch.insert(tag_key(image, tag), parse_id(id)?.0.to_vec());
+                (tag_key(image, tag), Some(parse_id(id)?.0.to_vec()))
             }
-            RefRecord::Untag { image, tag } => batch.remove(tag_key(image, tag)),
-            RefRecord::Drop { id } => batch.remove(version_key(&parse_id(id)?)),
+            RefRecord::Untag { image, tag } => (tag_key(image, tag), None),
+            RefRecord::Drop { id } => (version_key(&parse_id(id)?), None),
             RefRecord::Pin { owner, key, id } => {
-                batch.insert(pin_key(owner, key), parse_id(id)?.0.to_vec());
+                (pin_key(owner, key), Some(parse_id(id)?.0.to_vec()))
             }
-            RefRecord::Unpin { owner, key } => batch.remove(pin_key(owner, key)),
+            RefRecord::Unpin { owner, key } => (pin_key(owner, key), None),
+        }])
+    }
+
+    /// Adds this record's effect on the index to `batch`.
+    pub(crate) fn apply(&self, batch: &mut sled::Batch) -> Result<(), StoreError> {
+        for (k, v) in self.ops()? {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
         }
         Ok(())
+    }
+}
+
+mod erased {
+    /// Serializes index values; plain strings and numbers cannot fail.
+    pub(crate) trait Json {
+        fn to_json(&self) -> Vec<u8>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Vec<u8> {
+            serde_json::to_vec(self).unwrap_or_default()
+        }
     }
 }

@@ -265,6 +265,10 @@ fn diff_node(
     Ok(())
 }
 
+/// Callback for a node that cannot be read: gets the first block index under it and the
+/// error; returning `Ok` skips the subtree, returning the error stops the walk.
+pub(crate) type OnBadNode<'a> = &'a mut dyn FnMut(u64, StoreError) -> Result<(), StoreError>;
+
 /// Visits every stored node (`on_node`) and every non-hole block (`on_block(index, hash)`).
 pub(crate) fn walk(
     inner: &Inner,
@@ -272,10 +276,12 @@ pub(crate) fn walk(
     root: &[u8; 32],
     on_node: &mut dyn FnMut(&[u8; 32]),
     on_block: &mut dyn FnMut(u64, &[u8; 32]),
+    on_bad: OnBadNode<'_>,
 ) -> Result<(), StoreError> {
-    walk_node(inner, n, height(n), 0, root, on_node, on_block)
+    walk_node(inner, n, height(n), 0, root, on_node, on_block, on_bad)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn walk_node(
     inner: &Inner,
     n: u64,
@@ -284,12 +290,16 @@ fn walk_node(
     hash: &[u8; 32],
     on_node: &mut dyn FnMut(&[u8; 32]),
     on_block: &mut dyn FnMut(u64, &[u8; 32]),
+    on_bad: OnBadNode<'_>,
 ) -> Result<(), StoreError> {
     if *hash == ZERO {
         return Ok(());
     }
     on_node(hash);
-    let node = inner.load_node(hash, level, entry_count(n, level, idx))?;
+    let node = match inner.load_node(hash, level, entry_count(n, level, idx)) {
+        Ok(node) => node,
+        Err(e) => return on_bad(idx * child_span(level + 1), e),
+    };
     for (i, e) in node.entries.iter().enumerate() {
         let child = idx * FANOUT + i as u64;
         if *e == ZERO {
@@ -298,7 +308,7 @@ fn walk_node(
         if level == 0 {
             on_block(child, e);
         } else {
-            walk_node(inner, n, level - 1, child, e, on_node, on_block)?;
+            walk_node(inner, n, level - 1, child, e, on_node, on_block, on_bad)?;
         }
     }
     Ok(())

@@ -1,0 +1,333 @@
+//! Maintenance: pins (references from instances and rollouts), garbage collection and fsck.
+//! Invariant: gc deletes a pack only after every live object in it has a durable copy that the
+//! flushed index points at, and drops a version only when no tag or pin refers to it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::error::StoreError;
+use crate::ids::{ImageName, VersionId};
+use crate::log::RecordLog;
+use crate::pack::{self, Loc, ObjKind};
+use crate::refs::{RefRecord, REF_KIND};
+use crate::store::Store;
+use crate::tree;
+
+/// What gc did.
+#[derive(Debug, Clone, Default)]
+pub struct GcReport {
+    /// Versions no tag or pin referred to, now gone.
+    pub versions_removed: Vec<VersionId>,
+    /// Blocks and nodes freed.
+    pub objects_freed: u64,
+    /// Pack bytes freed.
+    pub bytes_freed: u64,
+    /// Pack files rewritten without their dead objects.
+    pub packs_rewritten: u64,
+}
+
+/// One integrity problem found by fsck.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Image and version concerned (empty when it is about the store itself).
+    pub image: String,
+    pub version: Option<VersionId>,
+    /// Block index and byte offset in the image, for a block problem.
+    pub block: Option<u64>,
+    pub offset: Option<u64>,
+    /// What is wrong, one line.
+    pub detail: String,
+}
+
+/// What fsck checked and found.
+#[derive(Debug, Clone, Default)]
+pub struct FsckReport {
+    pub versions: u64,
+    pub nodes: u64,
+    pub blocks: u64,
+    pub bytes_checked: u64,
+    pub problems: Vec<Problem>,
+}
+
+type Key = [u8; 33];
+
+fn key(kind: ObjKind, h: &[u8; 32]) -> Key {
+    let mut k = [0u8; 33];
+    k[0] = kind.key_prefix();
+    k[1..].copy_from_slice(h);
+    k
+}
+
+impl Store {
+    /// Keeps version `id` (and its blocks) from gc under `owner`/`key` (e.g. an instance id).
+    pub fn pin(&self, owner: &str, key: &str, id: &VersionId) -> Result<(), StoreError> {
+        ImageName::new(owner)?;
+        ImageName::new(key)?;
+        self.version_info(id)?;
+        self.inner.commit(&[RefRecord::Pin {
+            owner: owner.to_string(),
+            key: key.to_string(),
+            id: id.to_string(),
+        }])
+    }
+
+    /// Removes a pin (no-op if absent).
+    pub fn unpin(&self, owner: &str, key: &str) -> Result<(), StoreError> {
+        ImageName::new(owner)?;
+        ImageName::new(key)?;
+        self.inner.commit(&[RefRecord::Unpin {
+            owner: owner.to_string(),
+            key: key.to_string(),
+        }])
+    }
+
+    /// Every pin: (owner, key, version).
+    pub fn pins(&self) -> Result<Vec<(String, String, VersionId)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.inner.db.scan_prefix(b"p") {
+            let (k, v) = kv?;
+            let text = String::from_utf8_lossy(&k[1..]).to_string();
+            let (owner, key) = text.split_once('\0').unwrap_or((&text, ""));
+            let id: [u8; 32] = v[..]
+                .try_into()
+                .map_err(|_| StoreError::IndexInconsistent("bad pin".to_string()))?;
+            out.push((owner.to_string(), key.to_string(), VersionId(id)));
+        }
+        Ok(out)
+    }
+
+    fn live_versions(&self) -> Result<HashSet<VersionId>, StoreError> {
+        let mut live: HashSet<VersionId> = self.pins()?.into_iter().map(|p| p.2).collect();
+        for img in self.images()? {
+            live.extend(img.tags.into_iter().map(|t| t.1));
+        }
+        Ok(live)
+    }
+
+    /// Removes versions nothing refers to, then rewrites the packs holding objects no
+    /// remaining version uses. Safe to kill at any point; re-running finishes the job.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let inner = &self.inner;
+        let mut w = inner.lock_writer();
+        inner.sync_objects(&mut w)?;
+        w.pack = None;
+        let mut report = GcReport::default();
+        let live = self.live_versions()?;
+        let mut drops = Vec::new();
+        for v in self.versions()? {
+            if !live.contains(&v.id) {
+                report.versions_removed.push(v.id);
+                drops.push(RefRecord::Drop {
+                    id: v.id.to_string(),
+                });
+            }
+        }
+        if !drops.is_empty() {
+            inner.commit_locked(&mut w, &drops)?;
+        }
+        let mut live_objs: HashSet<Key> = HashSet::new();
+        for id in &live {
+            let Ok(v) = self.version(id) else { continue };
+            let mut blocks: Vec<Key> = Vec::new();
+            tree::walk(
+                inner,
+                v.block_count(),
+                v.root(),
+                &mut |h| {
+                    live_objs.insert(key(ObjKind::Node, h));
+                },
+                &mut |_, h| blocks.push(key(ObjKind::Block, h)),
+                &mut |_, e| Err(e),
+            )?;
+            live_objs.extend(blocks);
+        }
+        // per pack: live objects to keep, dead keys to drop, bytes the index accounts for
+        let mut packs: HashMap<u32, (Vec<(Key, Loc)>, Vec<Key>, u64)> = HashMap::new();
+        for prefix in [b"b", b"n"] {
+            for kv in inner.db.scan_prefix(prefix) {
+                let (k, v) = kv?;
+                let (Ok(k), Some(loc)) = (<Key>::try_from(&k[..]), Loc::decode(&v)) else {
+                    continue;
+                };
+                let e = packs.entry(loc.pack).or_default();
+                e.2 += pack::HEADER + u64::from(loc.len);
+                if live_objs.contains(&k) {
+                    e.0.push((k, loc));
+                } else {
+                    e.1.push(k);
+                }
+            }
+        }
+        let packs_dir = inner.dir.join("packs");
+        let mut doomed = Vec::new();
+        let mut remove = sled::Batch::default();
+        for id in pack::list_packs(&packs_dir)? {
+            let path = pack::pack_path(&packs_dir, id);
+            let flen = std::fs::metadata(&path)
+                .map_err(StoreError::io("stat", &path))?
+                .len();
+            let (keep, dead, accounted) = packs.remove(&id).unwrap_or_default();
+            if dead.is_empty() && accounted >= flen {
+                continue;
+            }
+            let mut buf = Vec::new();
+            let mut kept = 0u64;
+            for (k, loc) in &keep {
+                let kind = if k[0] == b'n' {
+                    ObjKind::Node
+                } else {
+                    ObjKind::Block
+                };
+                let mut h = [0u8; 32];
+                h.copy_from_slice(&k[1..]);
+                buf.resize(loc.len as usize, 0);
+                inner.read_object(kind, &h, &mut buf)?;
+                inner.append_locked(&mut w, kind, &h, &buf)?;
+                kept += pack::HEADER + u64::from(loc.len);
+            }
+            report.objects_freed += dead.len() as u64;
+            report.bytes_freed += flen.saturating_sub(kept);
+            report.packs_rewritten += 1;
+            for k in dead {
+                remove.remove(&k[..]);
+            }
+            doomed.push(id);
+        }
+        inner.sync_objects(&mut w)?;
+        inner.db.apply_batch(remove)?;
+        inner.db.flush()?;
+        for id in doomed {
+            inner.readers.forget(id);
+            let path = pack::pack_path(&packs_dir, id);
+            std::fs::remove_file(&path).map_err(StoreError::io("remove", &path))?;
+        }
+        pack::fsync_dir(&packs_dir)?;
+        Ok(report)
+    }
+
+    /// Checks every version: each node and block read back and verified against its hash,
+    /// and the index against the refs log. Reports every problem found instead of stopping.
+    pub fn fsck(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<FsckReport, StoreError> {
+        let inner = &self.inner;
+        let mut report = FsckReport::default();
+        self.check_index(&mut report)?;
+        let versions = self.versions()?;
+        let total = versions.len() as u64;
+        let mut seen: HashMap<[u8; 32], Option<String>> = HashMap::new();
+        for (i, info) in versions.iter().enumerate() {
+            report.versions += 1;
+            let v = match self.version(&info.id) {
+                Ok(v) => v,
+                Err(e) => {
+                    report.problems.push(Problem {
+                        image: info.image.to_string(),
+                        version: Some(info.id),
+                        block: None,
+                        offset: None,
+                        detail: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            let bs = v.block_size() as usize;
+            let mut blocks = Vec::new();
+            let mut bad_nodes = Vec::new();
+            let mut nodes = 0u64;
+            tree::walk(
+                inner,
+                v.block_count(),
+                v.root(),
+                &mut |_| nodes += 1,
+                &mut |idx, h| blocks.push((idx, *h)),
+                &mut |first, e| {
+                    bad_nodes.push((first, e.to_string()));
+                    Ok(())
+                },
+            )?;
+            report.nodes += nodes;
+            for (first, detail) in bad_nodes {
+                report.problems.push(Problem {
+                    image: info.image.to_string(),
+                    version: Some(info.id),
+                    block: Some(first),
+                    offset: Some(first * bs as u64),
+                    detail: format!("block map from block {first} unreadable: {detail}"),
+                });
+            }
+            let mut buf = vec![0u8; bs];
+            for (idx, h) in blocks {
+                report.blocks += 1;
+                let status = seen.entry(h).or_insert_with(|| {
+                    report.bytes_checked += bs as u64;
+                    inner
+                        .read_object(ObjKind::Block, &h, &mut buf)
+                        .err()
+                        .map(|e| e.to_string())
+                });
+                if let Some(detail) = status {
+                    report.problems.push(Problem {
+                        image: info.image.to_string(),
+                        version: Some(info.id),
+                        block: Some(idx),
+                        offset: Some(idx * bs as u64),
+                        detail: detail.clone(),
+                    });
+                }
+            }
+            progress(i as u64 + 1, total);
+        }
+        Ok(report)
+    }
+
+    /// Compares the index's names with a replay of the refs log.
+    fn check_index(&self, report: &mut FsckReport) -> Result<(), StoreError> {
+        let path = self.inner.dir.join("refs.log");
+        let problem = |detail: String| Problem {
+            image: String::new(),
+            version: None,
+            block: None,
+            offset: None,
+            detail,
+        };
+        let records = match RecordLog::read(&path) {
+            Ok(r) => r,
+            Err(e) => {
+                report.problems.push(problem(e.to_string()));
+                return Ok(());
+            }
+        };
+        let mut want: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for rec in records.iter().filter(|r| r.kind == REF_KIND) {
+            let ops = match RefRecord::decode(&rec.payload).and_then(|r| r.ops()) {
+                Ok(ops) => ops,
+                Err(e) => {
+                    report
+                        .problems
+                        .push(problem(format!("refs.log record at {}: {e}", rec.offset)));
+                    continue;
+                }
+            };
+            for (k, v) in ops {
+                match v {
+                    Some(v) => want.insert(k, v),
+                    None => want.remove(&k),
+                };
+            }
+        }
+        let mut have: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for prefix in [b"i", b"t", b"v", b"p"] {
+            for kv in self.inner.db.scan_prefix(prefix) {
+                let (k, v) = kv?;
+                have.insert(k.to_vec(), v.to_vec());
+            }
+        }
+        if want != have {
+            let missing = want.keys().filter(|k| !have.contains_key(*k)).count();
+            let extra = have.keys().filter(|k| !want.contains_key(*k)).count();
+            report.problems.push(problem(format!(
+                "index disagrees with refs.log ({missing} entries missing, {extra} extra); \
+                 run `imagefs fsck --repair`"
+            )));
+        }
+        Ok(())
+    }
+}
