@@ -12,6 +12,7 @@ use agent_proto::frame::{self, Decoder};
 use agent_proto::{
     AgentLink, ClientError, Command, ErrorCode, ExecRequest, Range, Response, SubstitutionNotice,
 };
+use anyhow::Context;
 use imagefs_tests::qemu::{build_rootfs, file_blocks, guest_artifacts, Disk, Qemu};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -306,4 +307,46 @@ fn agent_without_a_root_disk_serves_from_the_initramfs() {
         .hash("/etc/guest-agent.conf")
         .unwrap();
     assert!(h.size > 0);
+    cli_talks_to_the_agent(vm.agent_socket(), &h.blake3).unwrap();
+}
+
+/// `imagefs agent ...` against a live agent: output and exit codes a script relies on.
+fn cli_talks_to_the_agent(socket: &Path, conf_hash: &str) -> anyhow::Result<()> {
+    let imagefs = imagefs_tests::bin("imagefs");
+    let sock = socket.to_str().context("socket path is not UTF-8")?;
+    let run = |args: &[&str]| {
+        std::process::Command::new(&imagefs)
+            .arg("agent")
+            .args(args)
+            .output()
+    };
+    let wired = run(&["ping", "--socket", sock])
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !wired {
+        if std::env::var("IMAGEFS_STRICT").as_deref() == Ok("1") {
+            panic!("{} has no working `agent` subcommand", imagefs.display());
+        }
+        eprintln!(
+            "*** imagefs agent CLI not available at {}: CLI checks not run ***",
+            imagefs.display()
+        );
+        return Ok(());
+    }
+    let out = run(&["hash", "--socket", sock, "/etc/guest-agent.conf"])?;
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with(conf_hash),
+        "{out:?}"
+    );
+    let out = run(&["hash", "--socket", sock, "/no/such/file"])?;
+    assert_eq!(out.status.code(), Some(3), "not found is exit 3: {out:?}");
+    // The agent binary itself as the command: it rejects the flag with its usage exit code.
+    let out = run(&["exec", "--socket", sock, "--", "/init", "--bogus-flag"])?;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown argument"),
+        "{out:?}"
+    );
+    Ok(())
 }
