@@ -216,8 +216,10 @@ impl MmioTransport {
     }
 
     fn write_queue_reg(&mut self, offset: u64, value: u32) {
-        // Queue layout may change only after features are settled and before the device runs.
-        if self.status & (S_FEATURES_OK | S_DRIVER_OK | S_FAILED) != S_FEATURES_OK {
+        // Queue layout may change only after features are settled and before the device runs;
+        // stopping a queue (QueueReady = 0, as Linux does when it deletes one) is always allowed.
+        let stopping = offset == reg::QUEUE_READY && value == 0;
+        if !stopping && self.status & (S_FEATURES_OK | S_DRIVER_OK | S_FAILED) != S_FEATURES_OK {
             return;
         }
         let Some(q) = usize::try_from(self.queue_sel)

@@ -387,8 +387,10 @@ impl Request {
         };
         match &self.kind {
             RequestKind::Read { sector, len, data } => {
-                let res = guest_slices(mem, data, Permissions::Write)
-                    .and_then(|s| disk.read_to_guest(sector * SECTOR_SIZE, &s));
+                let res = byte_offset(*sector).and_then(|off| {
+                    guest_slices(mem, data, Permissions::Write)
+                        .and_then(|s| disk.read_to_guest(off, &s))
+                });
                 match res {
                     Ok(()) => ok(*len),
                     Err(e) => {
@@ -401,8 +403,10 @@ impl Request {
                 if disk.read_only() {
                     return ioerr;
                 }
-                let res = guest_slices(mem, data, Permissions::Read)
-                    .and_then(|s| disk.write_from_guest(sector * SECTOR_SIZE, &s));
+                let res = byte_offset(*sector).and_then(|off| {
+                    guest_slices(mem, data, Permissions::Read)
+                        .and_then(|s| disk.write_from_guest(off, &s))
+                });
                 match res {
                     Ok(()) => ok(0),
                     Err(e) => {
@@ -439,6 +443,13 @@ impl Request {
             }
         }
     }
+}
+
+/// Byte offset of `sector`; parse() already proved it fits, this keeps hand-built requests safe.
+fn byte_offset(sector: u64) -> std::io::Result<u64> {
+    sector.checked_mul(SECTOR_SIZE).ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "sector offset overflows")
+    })
 }
 
 /// Guest memory behind `segs` as volatile slices (several per segment where it crosses regions).

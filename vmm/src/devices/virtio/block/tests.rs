@@ -276,6 +276,14 @@ fn queue_is_fixed_once_running_and_reset_stops_the_device() {
     f.dev.write32(reg::QUEUE_NUM, 2);
     let (st, _, data) = f.read(0, 1);
     assert_eq!((st, &data[..]), (OK, &content[..512]));
+    // A queue the driver stops reads back as stopped and is no longer served.
+    f.dev.write32(reg::QUEUE_READY, 0);
+    assert_eq!(f.dev.read32(reg::QUEUE_READY), 0);
+    f.header(VIRTIO_BLK_T_IN, 0);
+    assert_eq!(
+        f.run(&[Buf::r(HDR, 16), Buf::w(DATA, 512), Buf::w(STATUS, 1)]),
+        None
+    );
     // After a reset the device answers nothing until the driver sets it up again.
     f.dev.write32(reg::STATUS, 0);
     assert_eq!(f.dev.read32(reg::STATUS), 0);
