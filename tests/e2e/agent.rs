@@ -283,6 +283,35 @@ fn notice_makes_the_guest_read_a_block_rewritten_behind_its_back() {
         (ack.hooks[0].path.as_str(), ack.hooks[0].exit_code),
         ("/opt/app", Some(0))
     );
+
+    // Without a file list (and with metadata changed) the agent drops the whole cache instead.
+    let newer = b"version=3\n";
+    block_bytes[..newer.len()].copy_from_slice(newer);
+    img.write_all_at(&block_bytes, block * 4096).unwrap();
+    img.sync_data().unwrap();
+    assert_eq!(
+        agent.hash("/opt/app/version").unwrap().blake3,
+        blake3_hex(new)
+    );
+    let blind = SubstitutionNotice::new(
+        "/dev/vda",
+        vec![Range {
+            offset: block * 4096,
+            len: 4096,
+        }],
+        vec![],
+        true,
+    );
+    let ack = agent.notice(&blind).unwrap();
+    let names: Vec<&str> = ack.steps.iter().map(|s| s.name.as_str()).collect();
+    assert!(
+        names.contains(&"drop_page_cache") && names.contains(&"drop_dentries_inodes"),
+        "{names:?}"
+    );
+    assert_eq!(
+        agent.hash("/opt/app/version").unwrap().blake3,
+        blake3_hex(newer)
+    );
 }
 
 #[test]
@@ -349,4 +378,124 @@ fn cli_talks_to_the_agent(socket: &Path, conf_hash: &str) -> anyhow::Result<()> 
         "{out:?}"
     );
     Ok(())
+}
+
+/// The master side of a pseudo-terminal whose slave the agent serves as its "serial port".
+struct Pty {
+    master: std::fs::File,
+    slave: std::path::PathBuf,
+}
+
+fn open_pty() -> anyhow::Result<Pty> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: posix_openpt has no memory preconditions; the fd is checked before use.
+    let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+    anyhow::ensure!(fd >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh descriptor we own; File takes ownership and closes it.
+    let master = unsafe { std::fs::File::from_raw_fd(fd) };
+    let mut name = [0u8; 128];
+    // SAFETY: fd is a pty master; name is a writable buffer of the length given.
+    let ok = unsafe {
+        libc::grantpt(fd) == 0
+            && libc::unlockpt(fd) == 0
+            && libc::ptsname_r(fd, name.as_mut_ptr().cast(), name.len()) == 0
+    };
+    anyhow::ensure!(ok, "pty setup: {}", std::io::Error::last_os_error());
+    let len = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+    let slave = std::path::PathBuf::from(String::from_utf8_lossy(&name[..len]).into_owned());
+    Ok(Pty { master, slave })
+}
+
+impl Pty {
+    /// Sends `bytes` and returns the first reply frame with id `id`, skipping echoes and others.
+    fn exchange(&mut self, bytes: &[u8], id: u32, timeout: Duration) -> Option<Response> {
+        use std::os::fd::AsRawFd;
+        self.master.write_all(bytes).ok()?;
+        let deadline = Instant::now() + timeout;
+        let mut d = Decoder::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            let mut p = libc::pollfd {
+                fd: self.master.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: p is one valid pollfd for the call.
+            if unsafe { libc::poll(&mut p, 1, 50) } <= 0 {
+                continue;
+            }
+            let n = self.master.read(&mut buf).ok()?;
+            d.push(&buf[..n]);
+            while let Some(next) = d.next_frame() {
+                let Ok(f) = next else { continue };
+                if agent_proto::client::match_reply(id, &f) == agent_proto::client::ReplyMatch::Mine
+                {
+                    return Response::from_frame(&f).ok();
+                }
+            }
+        }
+        None
+    }
+}
+
+#[test]
+fn agent_serves_as_a_service_on_a_tty() {
+    let agent_bin = imagefs_tests::bin("guest-agent");
+    if !agent_bin.is_file() {
+        imagefs_tests::skip!("{} not built", agent_bin.display());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("guest-agent.conf");
+    std::fs::write(&conf, "rootwait_ms=0\n").unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"served as a service\n").unwrap();
+    let mut pty = open_pty().unwrap();
+    let mut agent = std::process::Command::new(&agent_bin)
+        .arg("--config")
+        .arg(&conf)
+        .arg("--device")
+        .arg(&pty.slave)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _reap = KillOnDrop(&mut agent);
+
+    // The agent drops input queued before its port was raw: retry the first ping.
+    let mut id = 1;
+    let pong = (0..50).find_map(|_| {
+        id += 1;
+        let ping = agent_proto::Request::Ping.to_frame(id).unwrap();
+        pty.exchange(&ping, id, Duration::from_millis(200))
+    });
+    match pong {
+        Some(Response::Pong(p)) => assert!(!p.init_mode, "{p:?}"),
+        other => panic!("no pong from the service: {other:?}"),
+    }
+    let hash = agent_proto::Request::Hash {
+        path: data.to_str().unwrap().into(),
+    };
+    match pty.exchange(&hash.to_frame(100).unwrap(), 100, Duration::from_secs(5)) {
+        Some(Response::Hash(h)) => assert_eq!(h.blake3, blake3_hex(b"served as a service\n")),
+        other => panic!("{other:?}"),
+    }
+    let exec = agent_proto::Request::Exec(sh("echo $((6*7))", 5000));
+    match pty.exchange(&exec.to_frame(101).unwrap(), 101, Duration::from_secs(5)) {
+        Some(Response::Exec(r)) => assert_eq!(r.stdout, "42\n"),
+        other => panic!("{other:?}"),
+    }
+    let mut junk = b"\x00\x01garbage".to_vec();
+    junk.extend(agent_proto::Request::Ping.to_frame(102).unwrap());
+    match pty.exchange(&junk, 102, Duration::from_secs(5)) {
+        Some(Response::Pong(_)) => {}
+        other => panic!("no pong after garbage: {other:?}"),
+    }
+}
+
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
