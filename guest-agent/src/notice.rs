@@ -234,6 +234,20 @@ pub fn handle(cfg: &Config, n: &SubstitutionNotice) -> Response {
     if n.metadata_changed {
         t.step("drop_dentries_inodes", || ((), write_drop_caches(3)));
     }
+    let stale_files = t.step("check_residency", || {
+        let stale: Vec<String> = n
+            .files
+            .iter()
+            .filter(|f| {
+                File::open(f)
+                    .and_then(|file| sys::resident_pages(&file))
+                    .is_ok_and(|pages| pages > 0)
+            })
+            .cloned()
+            .collect();
+        let detail = format!("{} files still cached (mapped)", stale.len());
+        (stale, detail)
+    });
     let processes = t.step("scan_processes", || {
         let hits = holders(&n.files);
         let detail = format!("{} holders", hits.len());
@@ -248,6 +262,7 @@ pub fn handle(cfg: &Config, n: &SubstitutionNotice) -> Response {
         steps: t.steps,
         processes,
         hooks,
+        stale_files,
         total_micros: start.elapsed().as_micros() as u64,
     })
 }
@@ -272,6 +287,39 @@ mod tests {
         assert_eq!(vdb.len(), 1, "partition of vdb");
         assert!(vdb[0].writable);
         assert_eq!(mounts_of(&m, "/dev/vd", None).count(), 0);
+    }
+
+    #[test]
+    fn dropped_file_is_not_resident_but_a_mapped_one_is() {
+        let dir = std::env::temp_dir().join(format!("ga-res-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("data");
+        std::fs::write(&f, vec![7u8; 64 * 1024]).unwrap();
+        let file = File::open(&f).unwrap();
+        file.sync_all().unwrap();
+        let _ = std::fs::read(&f).unwrap();
+        assert!(
+            sys::resident_pages(&file).unwrap() > 0,
+            "just read, so cached"
+        );
+        sys::fadvise_dontneed(&file).unwrap();
+        assert_eq!(sys::resident_pages(&file).unwrap(), 0);
+        // A process that maps the file pins its pages: the drop leaves them.
+        let mut child = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg("sleep 5")
+            .spawn()
+            .unwrap();
+        let exe = File::open("/bin/sleep")
+            .or_else(|_| File::open("/usr/bin/sleep"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        sys::fadvise_dontneed(&exe).unwrap();
+        let pinned = sys::resident_pages(&exe).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+        assert!(pinned > 0, "a running program's mapped pages stay cached");
     }
 
     #[test]

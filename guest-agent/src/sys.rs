@@ -78,6 +78,44 @@ pub fn fadvise_dontneed(file: &File) -> io::Result<()> {
     Ok(())
 }
 
+/// How many pages of `file` are in the page cache (mmap + mincore; the mapping is not touched,
+/// so it faults nothing in).
+pub fn resident_pages(file: &File) -> io::Result<usize> {
+    let len = usize::try_from(file.metadata()?.len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file too large"))?;
+    if len == 0 {
+        return Ok(0);
+    }
+    // SAFETY: sysconf has no memory effects.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let pages = len.div_ceil(page.max(1));
+    // SAFETY: a fresh shared read-only mapping of an open file; no Rust reference aliases it and it
+    // is unmapped below before returning.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if addr == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    let mut vec = vec![0u8; pages];
+    // SAFETY: addr..addr+len is the mapping made above; vec has one byte per page of it.
+    let ret = unsafe { libc::mincore(addr, len, vec.as_mut_ptr()) };
+    let err = io::Error::last_os_error();
+    // SAFETY: addr and len are exactly the mapping made above, unmapped once.
+    unsafe { libc::munmap(addr, len) };
+    if ret != 0 {
+        return Err(err);
+    }
+    Ok(vec.iter().filter(|b| *b & 1 == 1).count())
+}
+
 /// sync(2).
 pub fn sync() {
     // SAFETY: sync has no arguments and cannot fail.

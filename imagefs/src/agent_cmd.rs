@@ -255,6 +255,9 @@ fn call(args: AgentArgs) -> Result<i32, Failure> {
                         p.file
                     );
                 }
+                for f in &ack.stale_files {
+                    println!("still cached (mapped by a running process): {f}");
+                }
                 for h in &ack.hooks {
                     println!("hook {} for {}: exit {:?}", h.command, h.path, h.exit_code);
                 }

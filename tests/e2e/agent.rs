@@ -278,6 +278,11 @@ fn notice_makes_the_guest_read_a_block_rewritten_behind_its_back() {
         "holder of the data file not listed: {:?}",
         ack.processes
     );
+    assert_eq!(
+        ack.stale_files,
+        ["/opt/app/bin/busybox"],
+        "the running binary's mapped pages stay cached; the data file's do not"
+    );
     assert_eq!(ack.hooks.len(), 1, "{:?}", ack.hooks);
     assert_eq!(
         (ack.hooks[0].path.as_str(), ack.hooks[0].exit_code),

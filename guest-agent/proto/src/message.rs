@@ -207,6 +207,10 @@ pub struct NoticeAck {
     pub steps: Vec<Step>,
     pub processes: Vec<ProcessHit>,
     pub hooks: Vec<HookRun>,
+    /// Changed files with pages still cached after the drop: mapped by running processes, which
+    /// keep seeing (and serving reads of) the old bytes until they are restarted.
+    #[serde(default)]
+    pub stale_files: Vec<String>,
     pub total_micros: u64,
 }
 
@@ -383,7 +387,10 @@ impl Response {
                 "exec output over the cap",
             ),
             Response::NoticeAck(a) => ensure(
-                a.processes.len() <= 4096 && a.hooks.len() <= 4096 && a.steps.len() <= 64,
+                a.processes.len() <= 4096
+                    && a.hooks.len() <= 4096
+                    && a.steps.len() <= 64
+                    && a.stale_files.len() <= MAX_NOTICE_FILES,
                 "notice ack lists too much",
             ),
             Response::Pong(p) => ensure(p.mounts.len() <= 1024, "too many mounts"),
