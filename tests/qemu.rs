@@ -16,6 +16,8 @@ use crate::workspace_root;
 pub struct Disk {
     pub path: PathBuf,
     pub read_only: bool,
+    /// QEMU cache mode: "none" (O_DIRECT, the default) or e.g. "writeback".
+    pub cache: &'static str,
 }
 
 impl Disk {
@@ -23,6 +25,14 @@ impl Disk {
         Self {
             path: path.into(),
             read_only: false,
+            cache: "none",
+        }
+    }
+
+    pub fn ro(path: impl Into<PathBuf>) -> Self {
+        Self {
+            read_only: true,
+            ..Self::rw(path)
         }
     }
 }
@@ -96,8 +106,9 @@ impl Qemu {
             let ro = if d.read_only { ",readonly=on" } else { "" };
             cmd.arg("-drive")
                 .arg(format!(
-                    "file={},if=none,id=d{i},format=raw,cache=none{ro}",
-                    d.path.display()
+                    "file={},if=none,id=d{i},format=raw,cache={}{ro}",
+                    d.path.display(),
+                    d.cache
                 ))
                 .arg("-device")
                 .arg(format!("virtio-blk-pci,drive=d{i}"));
