@@ -291,7 +291,12 @@ mod tests {
 
     #[test]
     fn dropped_file_is_not_resident_but_a_mapped_one_is() {
-        let dir = std::env::temp_dir().join(format!("ga-res-{}", std::process::id()));
+        // Next to the test binary, not in /tmp: tmpfs pages cannot be dropped.
+        let exe = std::env::current_exe().unwrap();
+        let dir = exe
+            .parent()
+            .unwrap()
+            .join(format!("ga-res-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let f = dir.join("data");
         std::fs::write(&f, vec![7u8; 64 * 1024]).unwrap();
@@ -305,17 +310,16 @@ mod tests {
         sys::fadvise_dontneed(&file).unwrap();
         assert_eq!(sys::resident_pages(&file).unwrap(), 0);
         // A process that maps the file pins its pages: the drop leaves them.
-        let mut child = std::process::Command::new("/bin/sh")
-            .arg("-c")
-            .arg("sleep 5")
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
             .spawn()
             .unwrap();
-        let exe = File::open("/bin/sleep")
+        let sleep_bin = File::open("/bin/sleep")
             .or_else(|_| File::open("/usr/bin/sleep"))
             .unwrap();
         std::thread::sleep(Duration::from_millis(200));
-        sys::fadvise_dontneed(&exe).unwrap();
-        let pinned = sys::resident_pages(&exe).unwrap();
+        sys::fadvise_dontneed(&sleep_bin).unwrap();
+        let pinned = sys::resident_pages(&sleep_bin).unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
         std::fs::remove_dir_all(dir).unwrap();
