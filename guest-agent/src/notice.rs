@@ -87,6 +87,9 @@ fn write_drop_caches(level: u8) -> String {
 
 /// Processes that execute, map or hold open one of `files`, from /proc.
 pub fn holders(files: &[String]) -> Vec<ProcessHit> {
+    if files.is_empty() {
+        return Vec::new();
+    }
     let me = std::process::id();
     let mut hits: BTreeMap<(u32, String), ProcessHit> = BTreeMap::new();
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -104,9 +107,7 @@ pub fn holders(files: &[String]) -> Vec<ProcessHit> {
             continue;
         }
         let base = entry.path();
-        let comm = std::fs::read_to_string(base.join("comm"))
-            .map(|s| s.trim_end().to_string())
-            .unwrap_or_default();
+        let mut comm: Option<String> = None;
         let mut note = |file: &str, how: &str| {
             let file = file.trim_end_matches(" (deleted)");
             if hits.len() >= MAX_HITS || !files.iter().any(|f| f == file) {
@@ -116,7 +117,13 @@ pub fn holders(files: &[String]) -> Vec<ProcessHit> {
                 .entry((pid, file.to_string()))
                 .or_insert_with(|| ProcessHit {
                     pid,
-                    comm: comm.clone(),
+                    comm: comm
+                        .get_or_insert_with(|| {
+                            std::fs::read_to_string(base.join("comm"))
+                                .map(|s| s.trim_end().to_string())
+                                .unwrap_or_default()
+                        })
+                        .clone(),
                     file: file.to_string(),
                     how: Vec::new(),
                 });
@@ -124,9 +131,11 @@ pub fn holders(files: &[String]) -> Vec<ProcessHit> {
                 hit.how.push(how.to_string());
             }
         };
-        if let Ok(exe) = std::fs::read_link(base.join("exe")) {
-            note(&exe.to_string_lossy(), "exe");
-        }
+        // Kernel threads have no exe, maps or files: skip them early.
+        let Ok(exe) = std::fs::read_link(base.join("exe")) else {
+            continue;
+        };
+        note(&exe.to_string_lossy(), "exe");
         if let Ok(maps) = std::fs::read_to_string(base.join("maps")) {
             for line in maps.lines() {
                 // address perms offset dev inode pathname: the path is the sixth field onward.
