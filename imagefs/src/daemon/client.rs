@@ -1,0 +1,138 @@
+//! The CLI side of the control socket: when a daemon holds the store, the command line (with
+//! every path argument made absolute, since the daemon has another working directory) is
+//! sent to it and its output and exit code become ours. Invariant: only arguments that clap
+//! parses as paths are rewritten; everything else is sent byte for byte.
+
+use std::any::TypeId;
+use std::path::{Path, PathBuf};
+
+use clap::{ArgMatches, Command};
+
+use super::control;
+
+/// If a daemon serves the store in `dir`, runs this process's command line there and returns
+/// its exit code; `None` when no daemon answers (run the command here).
+pub fn forward_if_running(dir: &Path, cli: Command) -> Option<i32> {
+    let stream = control::connect(dir)?;
+    let argv: Vec<String> = std::env::args_os()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let argv = absolutize(cli, argv);
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut err = std::io::stderr();
+    match control::forward(stream, argv, &mut out, &mut err) {
+        Ok(code) => Some(code),
+        Err(e) => {
+            eprintln!("imagefs: error: {e}");
+            Some(1)
+        }
+    }
+}
+
+/// Rewrites relative path arguments of `argv` (as `cli` parses it) to absolute paths.
+pub fn absolutize(cli: Command, mut argv: Vec<String>) -> Vec<String> {
+    let mut cli = cli;
+    cli.build();
+    let Ok(m) = cli.clone().try_get_matches_from(&argv) else {
+        return argv;
+    };
+    fix(&cli, &m, &mut argv, 0);
+    argv
+}
+
+/// `base` is the position in `argv` of this (sub)command's own name: clap counts the indices
+/// of a subcommand's arguments from there.
+fn fix(cmd: &Command, m: &ArgMatches, argv: &mut [String], base: usize) {
+    let mut last = base;
+    for arg in cmd.get_arguments() {
+        // Global arguments propagated into a subcommand keep the root's indices.
+        if base > 0 && arg.is_global_set() {
+            continue;
+        }
+        let id = arg.get_id().as_str();
+        // try_get_raw first: indices_of panics on an id these matches do not know.
+        if !matches!(m.try_get_raw(id), Ok(Some(_))) {
+            continue;
+        }
+        let Some(indices) = m.indices_of(id) else {
+            continue;
+        };
+        let is_path = arg.get_value_parser().type_id() == TypeId::of::<PathBuf>();
+        for i in indices.map(|i| i + base) {
+            last = last.max(i);
+            let Some(a) = argv.get_mut(i).filter(|_| is_path) else {
+                continue;
+            };
+            if !a.starts_with('-') && Path::new(a.as_str()).is_relative() {
+                if let Ok(abs) = std::path::absolute(a.as_str()) {
+                    *a = abs.to_string_lossy().into_owned();
+                }
+            }
+        }
+    }
+    if let Some((name, sub)) = m.subcommand() {
+        let at = argv
+            .iter()
+            .enumerate()
+            .skip(last + 1)
+            .find(|(_, a)| a.as_str() == name)
+            .map(|(i, _)| i);
+        if let (Some(sc), Some(at)) = (cmd.find_subcommand(name), at) {
+            fix(sc, sub, argv, at);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cli() -> Command {
+        Command::new("imagefs")
+            .arg(
+                clap::Arg::new("store")
+                    .long("store")
+                    .global(true)
+                    .value_parser(clap::value_parser!(PathBuf)),
+            )
+            .subcommand(
+                Command::new("import")
+                    .arg(clap::Arg::new("file").value_parser(clap::value_parser!(PathBuf)))
+                    .arg(clap::Arg::new("name")),
+            )
+            .subcommand(
+                Command::new("instance").subcommand(
+                    Command::new("create")
+                        .arg(clap::Arg::new("src"))
+                        .arg(clap::Arg::new("out").value_parser(clap::value_parser!(PathBuf))),
+                ),
+            )
+    }
+
+    #[test]
+    fn relative_paths_become_absolute_and_nothing_else_changes() {
+        let argv: Vec<String> = ["imagefs", "--store", "s", "import", "disk.img", "web:v1"]
+            .map(String::from)
+            .to_vec();
+        let out = absolutize(cli(), argv);
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(out[2], cwd.join("s").to_string_lossy());
+        assert_eq!(out[4], cwd.join("disk.img").to_string_lossy());
+        assert_eq!(out[5], "web:v1");
+        let abs: Vec<String> = ["imagefs", "import", "/x/disk.img", "web:v1"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(absolutize(cli(), abs.clone()), abs);
+        // Nested subcommands, and a value equal to a subcommand's name before it.
+        let nested: Vec<String> = [
+            "imagefs", "--store", "instance", "instance", "create", "create", "x",
+        ]
+        .map(String::from)
+        .to_vec();
+        let out = absolutize(cli(), nested);
+        assert_eq!(out[2], cwd.join("instance").to_string_lossy());
+        assert_eq!(out[5], "create");
+        assert_eq!(out[6], cwd.join("x").to_string_lossy());
+    }
+}

@@ -1,0 +1,276 @@
+//! The mount daemon: owns the store while mounted, serves FUSE, the control socket and signals.
+//! Invariants: the lifecycle moves only through `Lifecycle::on` (one `match` holds every
+//! transition); the store is released (instances flushed, socket removed) only after the kernel
+//! has dropped the mount, so no request can arrive at a closed store.
+
+pub mod client;
+pub mod control;
+mod signals;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use imagefs_store::instance::Instances;
+use imagefs_store::Store;
+
+use crate::mount::fuse::{FuseFs, Pool, MAX_IO};
+use crate::mount::inval::Invalidator;
+use crate::mount::model::Model;
+use crate::mount::{Ctx, Live};
+
+/// Where the daemon is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Opening the store and mounting.
+    Starting,
+    /// Mounted and serving requests.
+    Serving,
+    /// Unmount requested; waiting for the kernel to let go.
+    Stopping,
+    /// The kernel dropped the mount; the store is flushed and closed.
+    Stopped,
+}
+
+/// What happens to the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The mount is up.
+    Mounted,
+    /// A signal or `imagefs umount` asked to stop.
+    StopRequested,
+    /// The FUSE session ended (the kernel unmounted).
+    SessionEnded,
+    /// Instances flushed and the control socket removed.
+    Closed,
+}
+
+impl State {
+    /// The state after `event`, or `None` if the event is meaningless now (ignored).
+    pub fn on(self, event: Event) -> Option<State> {
+        use Event::*;
+        use State::*;
+        match (self, event) {
+            (Starting, Mounted) => Some(Serving),
+            (Starting | Serving, StopRequested) => Some(Stopping),
+            (Starting | Serving | Stopping, SessionEnded) => Some(Stopping),
+            (Stopping, Closed) => Some(Stopped),
+            (Stopping, StopRequested) => None,
+            (Serving, Mounted)
+            | (Stopping, Mounted)
+            | (Starting | Serving, Closed)
+            | (Stopped, _) => None,
+        }
+    }
+}
+
+/// The shared lifecycle: state plus a condition variable to wait on it.
+#[derive(Debug)]
+pub struct Lifecycle {
+    state: Mutex<State>,
+    changed: Condvar,
+    mountpoint: PathBuf,
+}
+
+impl Lifecycle {
+    fn new(mountpoint: PathBuf) -> Lifecycle {
+        Lifecycle {
+            state: Mutex::new(State::Starting),
+            changed: Condvar::new(),
+            mountpoint,
+        }
+    }
+
+    /// Applies `event`; returns the state after it.
+    pub fn on(&self, event: Event) -> State {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(next) = s.on(event) {
+            tracing::info!(from = ?*s, to = ?next, ?event, "daemon state");
+            *s = next;
+            self.changed.notify_all();
+        }
+        *s
+    }
+
+    /// Waits until the daemon reaches `want` (or `timeout` passes); true if reached.
+    pub fn wait_for(&self, want: State, timeout: Duration) -> bool {
+        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, timeout, |s| *s != want)
+            .unwrap_or_else(|p| p.into_inner());
+        *s == want
+    }
+
+    /// Asks the kernel to unmount. `lazy` detaches even while files are open.
+    pub fn request_unmount(&self, lazy: bool) -> std::io::Result<()> {
+        crate::mount::cmd::unmount_path(&self.mountpoint, lazy)?;
+        self.on(Event::StopRequested);
+        Ok(())
+    }
+
+    /// The mountpoint served.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+}
+
+/// How to run the daemon.
+#[derive(Debug, Clone)]
+pub struct MountConfig {
+    /// The store directory.
+    pub store_dir: PathBuf,
+    /// Where to mount (absolute).
+    pub mountpoint: PathBuf,
+    /// Worker threads serving data requests.
+    pub threads: usize,
+    /// Detach into the background once the mount is up.
+    pub daemonize: bool,
+}
+
+/// Runs one command forwarded over the control socket against the daemon's context.
+pub type Dispatch = fn(Vec<String>, &Ctx, &mut dyn Write, &mut dyn Write) -> i32;
+
+/// Errors of the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Opening the store failed
+    #[error(transparent)]
+    Store(#[from] imagefs_store::StoreError),
+    /// The control socket failed
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    /// Mounting failed
+    #[error("mounting {path}: {source}")]
+    Mount {
+        /// Mountpoint.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Starting a thread or the signal handler failed
+    #[error("daemon setup: {0}")]
+    Setup(#[source] std::io::Error),
+    /// The detached daemon failed before the mount was up
+    #[error("the background daemon failed: {0}")]
+    Background(String),
+    /// Flushing instances at shutdown failed
+    #[error(transparent)]
+    Flush(#[from] imagefs_store::instance::InstanceError),
+}
+
+/// Mounts the store and serves until unmounted (by a signal, `imagefs umount` or umount(8)).
+/// With `daemonize`, returns in the parent as soon as the mount is up in the child.
+pub fn run(cfg: MountConfig, dispatch: Dispatch) -> Result<(), DaemonError> {
+    let ready = if cfg.daemonize {
+        match signals::daemonize(&cfg.store_dir).map_err(DaemonError::Setup)? {
+            signals::Forked::Parent(result) => {
+                return result.map_err(DaemonError::Background);
+            }
+            signals::Forked::Child(ready) => Some(ready),
+        }
+    } else {
+        None
+    };
+    let result = serve(&cfg, dispatch, ready.as_ref());
+    if let (Err(e), Some(r)) = (&result, ready) {
+        r.fail(&e.to_string());
+    }
+    result
+}
+
+fn serve(
+    cfg: &MountConfig,
+    dispatch: Dispatch,
+    ready: Option<&signals::Ready>,
+) -> Result<(), DaemonError> {
+    // Before any thread starts, so every thread inherits the blocked set.
+    let signals = signals::block_stop_signals().map_err(DaemonError::Setup)?;
+    let store = Arc::new(Store::open(&cfg.store_dir)?);
+    let instances = Arc::new(Instances::new(&store));
+    let listener = control::bind(&cfg.store_dir)?;
+    let model = Arc::new(Model::new(store.clone(), instances.clone()));
+    let pool = Pool::new(cfg.threads).map_err(DaemonError::Setup)?;
+    let fs = FuseFs::new(model.clone(), pool);
+    let options = [
+        fuser::MountOption::FSName("imagefs".into()),
+        fuser::MountOption::Subtype("imagefs".into()),
+        fuser::MountOption::AllowOther,
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::CUSTOM(format!("max_read={MAX_IO}")),
+    ];
+    let mut session = fuser::Session::new(fs, &cfg.mountpoint, &options).map_err(|source| {
+        DaemonError::Mount {
+            path: cfg.mountpoint.clone(),
+            source,
+        }
+    })?;
+    let life = Arc::new(Lifecycle::new(cfg.mountpoint.clone()));
+    let inval = Invalidator::start(session.notifier()).map_err(DaemonError::Setup)?;
+    let ctx = Arc::new(Ctx {
+        store: store.clone(),
+        instances: instances.clone(),
+        live: Some(Live {
+            model,
+            inval,
+            life: life.clone(),
+        }),
+    });
+    let handler: control::Handler = {
+        let ctx = ctx.clone();
+        Arc::new(move |argv, out, err| dispatch(argv, &ctx, out, err))
+    };
+    std::thread::Builder::new()
+        .name("control-accept".into())
+        .spawn(move || control::serve(listener, handler))
+        .map_err(DaemonError::Setup)?;
+    signals::spawn_stop_thread(signals, life.clone()).map_err(DaemonError::Setup)?;
+
+    life.on(Event::Mounted);
+    tracing::info!(mountpoint = %cfg.mountpoint.display(), "mounted");
+    if let Some(r) = ready {
+        r.ok();
+    }
+    let served = session.run();
+    life.on(Event::SessionEnded);
+    drop(session);
+    let flushed = instances.flush_all(&store);
+    let _ = std::fs::remove_file(control::socket_path(&cfg.store_dir));
+    life.on(Event::Closed);
+    tracing::info!("unmounted; store closed");
+    // Let a waiting `umount` answer before the process goes.
+    control::drain(Duration::from_secs(5));
+    served.map_err(|source| DaemonError::Mount {
+        path: cfg.mountpoint.clone(),
+        source,
+    })?;
+    flushed?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle_follows_its_transitions_and_ignores_the_rest() {
+        use Event::*;
+        let mut s = State::Starting;
+        for (e, want) in [
+            (Closed, State::Starting),
+            (Mounted, State::Serving),
+            (Mounted, State::Serving),
+            (StopRequested, State::Stopping),
+            (StopRequested, State::Stopping),
+            (SessionEnded, State::Stopping),
+            (Closed, State::Stopped),
+            (Mounted, State::Stopped),
+        ] {
+            s = s.on(e).unwrap_or(s);
+            assert_eq!(s, want, "after {e:?}");
+        }
+        // The kernel can drop the mount without anyone asking (umount(8)).
+        assert_eq!(State::Serving.on(SessionEnded), Some(State::Stopping));
+    }
+}

@@ -1,0 +1,455 @@
+//! The mount-side commands: `mount`, `umount`, `instance create|commit|rm|ls`, `substitute`,
+//! `log`. Each runs against a `Ctx` (the CLI's own store, or the daemon's with its live mount),
+//! so a command behaves the same with or without a daemon. Invariant: output goes to the given
+//! writers only (the daemon streams them back), and every failure maps to one exit code.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand};
+use imagefs_store::instance::{
+    ConflictPolicy, InstanceError, InstanceId, SubstituteOutcome, SubstituteRequest,
+};
+use imagefs_store::instance_log::Record;
+use imagefs_store::{ImageName, Tag};
+use serde_json::json;
+
+use super::Ctx;
+use crate::cli::{exit_code, CliError};
+
+/// The mount-side subcommands (flattened into the CLI's command enum).
+#[derive(Debug, Clone, Subcommand)]
+pub enum MountCommand {
+    /// Serve the store as files: images/NAME/TAG.raw, versions/ID.raw, instances/ID.raw
+    Mount(MountArgs),
+    /// Unmount a mount (a daemon serving it flushes and stops cleanly)
+    Umount(UmountArgs),
+    /// Copy-on-write VM disks
+    #[command(subcommand)]
+    Instance(InstanceCmd),
+    /// Rebase an instance onto another version atomically (live, under a mount)
+    Substitute(SubstituteArgs),
+    /// Show an instance's event log (creation, substitutions, commits)
+    Log(LogArgs),
+}
+
+/// Runs `cmd` in a CLI process that holds no store yet (no daemon runs for `dir`).
+pub fn run_dir(
+    dir: &Path,
+    cmd: &MountCommand,
+    json: bool,
+    out: &mut dyn Write,
+    dispatch: crate::daemon::Dispatch,
+) -> Result<(), CliError> {
+    match cmd {
+        MountCommand::Mount(a) => {
+            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+            let cfg = crate::daemon::MountConfig {
+                store_dir: abs(dir),
+                mountpoint: abs(&a.mountpoint),
+                threads: a.threads,
+                daemonize: a.daemon,
+            };
+            crate::daemon::run(cfg, dispatch).map_err(|e| {
+                let code = match &e {
+                    crate::daemon::DaemonError::Store(s) => exit_code(s.kind()),
+                    crate::daemon::DaemonError::Control(_) => 4,
+                    _ => 1,
+                };
+                CliError::new(code, e.to_string())
+            })
+        }
+        MountCommand::Umount(a) => {
+            let target =
+                std::fs::canonicalize(&a.mountpoint).unwrap_or_else(|_| a.mountpoint.clone());
+            unmount_path(&target, a.lazy).map_err(|e| busy(&target, e))?;
+            writeln!(out, "unmounted {}", target.display()).map_err(io_err)?;
+            Ok(())
+        }
+        _ => {
+            let ctx = Ctx::offline(imagefs_store::Store::open(dir)?);
+            run(&ctx, cmd, json, out)
+        }
+    }
+}
+
+/// Runs `cmd` against an open store (the CLI's own, or the daemon's for a forwarded command).
+pub fn run(ctx: &Ctx, cmd: &MountCommand, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    match cmd {
+        MountCommand::Mount(_) => {
+            let at = ctx
+                .live
+                .as_ref()
+                .map(|l| l.life.mountpoint().display().to_string())
+                .unwrap_or_default();
+            Err(CliError::new(
+                4,
+                format!("a daemon already serves this store (mounted at {at})"),
+            ))
+        }
+        MountCommand::Umount(a) => umount(ctx, a, out),
+        MountCommand::Instance(c) => instance(ctx, c, json, out),
+        MountCommand::Substitute(a) => substitute(ctx, a, json, out),
+        MountCommand::Log(a) => log(ctx, a, json, out),
+    }
+}
+
+/// `imagefs mount MOUNTPOINT`.
+#[derive(Debug, Clone, Args)]
+pub struct MountArgs {
+    /// Directory to mount on.
+    pub mountpoint: PathBuf,
+    /// Detach into the background once mounted (logs to STORE/daemon.log).
+    #[arg(long)]
+    pub daemon: bool,
+    /// Worker threads serving reads and writes.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+}
+
+/// `imagefs umount MOUNTPOINT`.
+#[derive(Debug, Clone, Args)]
+pub struct UmountArgs {
+    /// The mountpoint to release.
+    pub mountpoint: PathBuf,
+    /// Detach even while files are open (they keep working until closed).
+    #[arg(long)]
+    pub lazy: bool,
+}
+
+/// `imagefs instance ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum InstanceCmd {
+    /// Create a copy-on-write instance of a version.
+    Create {
+        /// NAME:TAG or version id to start from.
+        source: String,
+        /// Instance name.
+        id: String,
+    },
+    /// Commit the instance as it is now as a new version NAME:TAG.
+    Commit {
+        /// Instance name.
+        id: String,
+        /// NAME:TAG to give the new version (the image must be the instance's).
+        target: String,
+    },
+    /// Delete an instance.
+    Rm {
+        /// Instance name.
+        id: String,
+    },
+    /// List instances.
+    Ls,
+}
+
+/// `imagefs substitute INSTANCE NAME:TAG`.
+#[derive(Debug, Clone, Args)]
+pub struct SubstituteArgs {
+    /// Instance name.
+    pub instance: String,
+    /// Target NAME:TAG or version id.
+    pub target: String,
+    /// On conflict take the target's block.
+    #[arg(long, conflicts_with = "keep_local")]
+    pub force: bool,
+    /// On conflict keep the instance's block.
+    #[arg(long)]
+    pub keep_local: bool,
+    /// Report what would change; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `imagefs log INSTANCE`.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// Instance name.
+    pub instance: String,
+}
+
+impl From<InstanceError> for CliError {
+    fn from(e: InstanceError) -> CliError {
+        CliError::new(exit_code(e.kind()), e.to_string())
+    }
+}
+
+fn io_err(e: std::io::Error) -> CliError {
+    CliError::new(1, format!("output: {e}"))
+}
+
+fn instance_id(s: &str) -> Result<InstanceId, CliError> {
+    Ok(InstanceId::parse(s)?)
+}
+
+/// `instance create|commit|rm|ls`.
+pub fn instance(
+    ctx: &Ctx,
+    cmd: &InstanceCmd,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let store = &ctx.store;
+    match cmd {
+        InstanceCmd::Create { source, id } => {
+            let id = instance_id(id)?;
+            let base = store.resolve(source)?;
+            let inst = ctx.instances.create(store, &id, &base, source)?;
+            if json {
+                let v = json!({"type": "result", "instance": id.to_string(),
+                    "base": base.to_string(), "size": inst.size()});
+                writeln!(out, "{v}").map_err(io_err)?;
+            } else {
+                writeln!(out, "created instance {id} on {source} ({})", base.short())
+                    .map_err(io_err)?;
+            }
+        }
+        InstanceCmd::Commit { id, target } => {
+            let id = instance_id(id)?;
+            let (image, tag) = target
+                .split_once(':')
+                .ok_or_else(|| CliError::new(2, format!("{target:?} is not NAME:TAG")))?;
+            let image = ImageName::new(image)?;
+            let tag = Tag::new(tag)?;
+            let inst = ctx.instances.get(store, &id)?;
+            let t = Instant::now();
+            let (base, changes) = inst.snapshot_changes(store)?;
+            if base.image() != &image {
+                return Err(CliError::new(
+                    2,
+                    format!(
+                        "instance {id} is a disk of image {}, not {image}",
+                        base.image()
+                    ),
+                ));
+            }
+            let version = store.create_version(&image, Some(&base.id()), base.size(), &changes)?;
+            store.set_tag(&image, &tag, &version)?;
+            inst.record_commit(&version.to_string(), target)?;
+            if json {
+                let v = json!({"type": "result", "instance": id.to_string(), "version": version.to_string(),
+                    "tag": target, "changed_blocks": changes.len(), "time_us": t.elapsed().as_micros() as u64});
+                writeln!(out, "{v}").map_err(io_err)?;
+            } else {
+                writeln!(
+                    out,
+                    "committed {id} as {target} ({}, {} changed blocks)",
+                    version.short(),
+                    changes.len()
+                )
+                .map_err(io_err)?;
+            }
+        }
+        InstanceCmd::Rm { id } => {
+            let id = instance_id(id)?;
+            ctx.instances.remove(&id)?;
+            writeln!(out, "removed instance {id}").map_err(io_err)?;
+        }
+        InstanceCmd::Ls => {
+            for id in ctx.instances.list()? {
+                let inst = ctx.instances.get(store, &id)?;
+                let view = inst.view();
+                let base = view.base();
+                if json {
+                    let v = json!({"instance": id.to_string(), "base": base.id().to_string(),
+                        "image": base.image().to_string(), "size": base.size(),
+                        "written_blocks": view.written_blocks()});
+                    writeln!(out, "{v}").map_err(io_err)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{id}\t{} {}\t{} bytes\t{} written blocks",
+                        base.image(),
+                        base.id().short(),
+                        base.size(),
+                        view.written_blocks()
+                    )
+                    .map_err(io_err)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `substitute INSTANCE TARGET`: rebase, then (under a daemon) invalidate the changed ranges.
+pub fn substitute(
+    ctx: &Ctx,
+    a: &SubstituteArgs,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let t = Instant::now();
+    let store = &ctx.store;
+    let id = instance_id(&a.instance)?;
+    let target = store.version(&store.resolve(&a.target)?)?;
+    let inst = ctx.instances.get(store, &id)?;
+    let policy = match (a.force, a.keep_local) {
+        (true, _) => ConflictPolicy::Force,
+        (_, true) => ConflictPolicy::KeepLocal,
+        _ => ConflictPolicy::Refuse,
+    };
+    let req = SubstituteRequest {
+        target: &target,
+        label: &a.target,
+        policy,
+        dry_run: a.dry_run,
+    };
+    let outcome: SubstituteOutcome = match inst.substitute(store, &req) {
+        Ok(o) => o,
+        Err(InstanceError::Conflicts(ranges)) => {
+            // The refusal lists every conflict: as the result object, or one line each.
+            let msg = InstanceError::Conflicts(ranges.clone()).to_string();
+            let mut e = CliError::new(4, msg.clone());
+            if json {
+                let v = json!({"type": "error", "error": msg, "code": 4, "conflicts": ranges});
+                writeln!(out, "{v}").map_err(io_err)?;
+                e.reported = true;
+            } else {
+                for r in &ranges {
+                    writeln!(out, "conflict: bytes {} +{}", r.offset, r.len).map_err(io_err)?;
+                }
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut invalidate_us = 0u64;
+    if let (Some(live), false) = (&ctx.live, a.dry_run) {
+        if let Some(ino) = live.model.known_instance_ino(&id) {
+            let spent =
+                live.inval
+                    .invalidate(ino, outcome.changed.clone(), Duration::from_secs(10));
+            match spent {
+                Some(d) => invalidate_us = d.as_micros() as u64,
+                None => tracing::warn!(instance = %id, "page-cache invalidation timed out"),
+            }
+        }
+    }
+    let total_us = t.elapsed().as_micros() as u64;
+    if json {
+        let mut v = serde_json::to_value(&outcome).map_err(|e| io_err(e.into()))?;
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("type".into(), json!("result"));
+            if let Some(times) = obj.get_mut("times").and_then(|t| t.as_object_mut()) {
+                times.insert("invalidate_us".into(), json!(invalidate_us));
+                times.insert("total_us".into(), json!(total_us));
+            }
+        }
+        writeln!(out, "{v}").map_err(io_err)?;
+    } else {
+        let verb = if a.dry_run { "would change" } else { "changed" };
+        writeln!(
+            out,
+            "{id}: {} -> {} ({}): {verb} {} block(s) in {} range(s), {} conflict range(s), {:.1} ms",
+            &outcome.from[..12.min(outcome.from.len())],
+            &outcome.to[..12.min(outcome.to.len())],
+            a.target,
+            outcome.changed_blocks,
+            outcome.changed.len(),
+            outcome.conflicts.len(),
+            total_us as f64 / 1000.0
+        )
+        .map_err(io_err)?;
+        for r in &outcome.changed {
+            writeln!(out, "  changed: bytes {} +{}", r.offset, r.len).map_err(io_err)?;
+        }
+        for r in &outcome.conflicts {
+            writeln!(out, "  conflict: bytes {} +{}", r.offset, r.len).map_err(io_err)?;
+        }
+    }
+    Ok(())
+}
+
+/// `log INSTANCE`: creation, substitutions and commits, oldest first.
+pub fn log(ctx: &Ctx, a: &LogArgs, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let id = instance_id(&a.instance)?;
+    for r in ctx.instances.events(&id)? {
+        if json {
+            let v = serde_json::to_value(&r).map_err(|e| io_err(e.into()))?;
+            writeln!(out, "{v}").map_err(io_err)?;
+            continue;
+        }
+        let line = match &r {
+            Record::Created { base, source, at } => {
+                format!("{at} created on {source} ({})", short(base))
+            }
+            Record::Rebased {
+                from,
+                to,
+                target,
+                changed_blocks,
+                conflicts,
+                policy,
+                at,
+                ..
+            } => format!(
+                "{at} substituted {} -> {} ({target}): {changed_blocks} block(s) changed, \
+                 {conflicts} conflict(s), policy {policy}",
+                short(from),
+                short(to)
+            ),
+            Record::Committed { version, tag, at } => {
+                format!("{at} committed as {tag} ({})", short(version))
+            }
+            Record::Writes { .. } => continue,
+        };
+        writeln!(out, "{line}").map_err(io_err)?;
+    }
+    Ok(())
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
+
+/// `umount MOUNTPOINT`: inside the daemon serving it, a clean stop (the reply comes once the
+/// store is flushed and closed); otherwise a plain unmount of the path.
+pub fn umount(ctx: &Ctx, a: &UmountArgs, out: &mut dyn Write) -> Result<(), CliError> {
+    let target = std::fs::canonicalize(&a.mountpoint).unwrap_or_else(|_| a.mountpoint.clone());
+    if let Some(live) = &ctx.live {
+        let mine = std::fs::canonicalize(live.life.mountpoint())
+            .unwrap_or_else(|_| live.life.mountpoint().to_path_buf());
+        if mine == target {
+            live.life
+                .request_unmount(a.lazy)
+                .map_err(|e| busy(&target, e))?;
+            if !live
+                .life
+                .wait_for(crate::daemon::State::Stopped, Duration::from_secs(30))
+            {
+                return Err(CliError::new(
+                    1,
+                    "the daemon did not finish stopping within 30 s",
+                ));
+            }
+            writeln!(out, "unmounted {}", target.display()).map_err(io_err)?;
+            return Ok(());
+        }
+    }
+    unmount_path(&target, a.lazy).map_err(|e| busy(&target, e))?;
+    writeln!(out, "unmounted {}", target.display()).map_err(io_err)?;
+    Ok(())
+}
+
+fn busy(path: &std::path::Path, e: std::io::Error) -> CliError {
+    let (code, hint) = match e.raw_os_error() {
+        Some(libc::EBUSY) => (4, " (files are open; close them or use --lazy)"),
+        Some(libc::EINVAL) | Some(libc::ENOENT) => (3, " (not a mountpoint)"),
+        _ => (1, ""),
+    };
+    CliError::new(code, format!("unmounting {}: {e}{hint}", path.display()))
+}
+
+/// umount2(2) on `path`.
+pub fn unmount_path(path: &std::path::Path, lazy: bool) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
+    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,49 @@
+//! The FUSE mount: the namespace model (model.rs), the thin fuser adapter (fuse.rs), page-cache
+//! invalidation (inval.rs) and the mount-side commands (cmd.rs). Invariant: all storage logic
+//! lives in the store library; this module translates.
+
+pub mod cmd;
+pub mod fuse;
+pub mod inval;
+pub mod model;
+
+use std::sync::Arc;
+
+use imagefs_store::instance::Instances;
+use imagefs_store::Store;
+
+use crate::daemon::Lifecycle;
+
+/// What a command runs against: the store, its instances and, inside the daemon, the live mount.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The open store.
+    pub store: Arc<Store>,
+    /// Its instances (shared with the mount, so substitution acts on the live state).
+    pub instances: Arc<Instances>,
+    /// The mount, when the command runs inside the daemon.
+    pub live: Option<Live>,
+}
+
+impl Ctx {
+    /// A context over a store opened by the CLI itself (no daemon).
+    pub fn offline(store: Store) -> Ctx {
+        let instances = Arc::new(Instances::new(&store));
+        Ctx {
+            store: Arc::new(store),
+            instances,
+            live: None,
+        }
+    }
+}
+
+/// The running mount, as commands see it.
+#[derive(Debug)]
+pub struct Live {
+    /// The namespace (to find an instance's inode).
+    pub model: Arc<model::Model>,
+    /// Sends page-cache invalidations.
+    pub inval: inval::Invalidator,
+    /// The daemon's lifecycle (for `umount`).
+    pub life: Arc<Lifecycle>,
+}

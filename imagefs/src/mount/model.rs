@@ -1,0 +1,559 @@
+//! The mount's namespace and file model, with no FUSE types: inodes for
+//! images/NAME/TAG.raw, versions/ID.raw and instances/ID.raw, open handles, and each operation
+//! as a method returning `Result<_, Errno>`. Invariants: an inode number names one node for the
+//! life of the mount (never reused); version files are read-only (EROFS on any write); every
+//! byte served comes from the store through one version or one instance view.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use imagefs_store::instance::{Instance, InstanceError, InstanceId, Instances};
+use imagefs_store::{ErrorKind, ImageName, Store, StoreError, Tag, Version, VersionId};
+
+/// An errno for the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    fn from_kind(kind: ErrorKind) -> Errno {
+        Errno(match kind {
+            ErrorKind::NotFound => libc::ENOENT,
+            ErrorKind::BadInput => libc::EINVAL,
+            ErrorKind::Busy | ErrorKind::Conflict => libc::EBUSY,
+            _ => libc::EIO,
+        })
+    }
+}
+
+impl From<StoreError> for Errno {
+    fn from(e: StoreError) -> Errno {
+        if e.kind() == ErrorKind::Corrupt {
+            tracing::error!(error = %e, "corrupt data: answering EIO");
+        }
+        Errno::from_kind(e.kind())
+    }
+}
+
+impl From<InstanceError> for Errno {
+    fn from(e: InstanceError) -> Errno {
+        match e {
+            InstanceError::PastEnd { .. } => Errno(libc::ENOSPC),
+            e => {
+                if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io) {
+                    tracing::error!(error = %e, "instance I/O failed: answering EIO");
+                }
+                Errno::from_kind(e.kind())
+            }
+        }
+    }
+}
+
+/// Inodes of the fixed directories.
+pub const ROOT_INO: u64 = 1;
+const IMAGES_INO: u64 = 2;
+const VERSIONS_INO: u64 = 3;
+const INSTANCES_INO: u64 = 4;
+const FIRST_DYNAMIC_INO: u64 = 16;
+
+/// A node of the namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Node {
+    /// The mount root.
+    Root,
+    /// `images/`.
+    Images,
+    /// `versions/`.
+    Versions,
+    /// `instances/`.
+    InstancesDir,
+    /// `images/NAME/`.
+    Image(ImageName),
+    /// `images/NAME/TAG.raw`: whatever version the tag names when opened.
+    Tagged(ImageName, Tag),
+    /// `versions/ID.raw`.
+    Version(VersionId),
+    /// `instances/ID.raw`.
+    Instance(InstanceId),
+}
+
+/// File or directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A directory.
+    Dir,
+    /// A regular file.
+    File,
+}
+
+/// Attributes of a node, FUSE-free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    /// Inode number.
+    pub ino: u64,
+    /// File or directory.
+    pub kind: Kind,
+    /// Size in bytes.
+    pub size: u64,
+    /// 512-byte blocks allocated (non-hole blocks).
+    pub blocks: u64,
+    /// Permission bits.
+    pub perm: u16,
+    /// Modification time.
+    pub mtime: SystemTime,
+    /// Link count.
+    pub nlink: u32,
+}
+
+/// A directory entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    /// Inode number.
+    pub ino: u64,
+    /// File or directory.
+    pub kind: Kind,
+    /// Name.
+    pub name: String,
+}
+
+/// What an open file reads from (resolved when a request arrives, so a later release cannot
+/// pull it from under a queued request).
+#[derive(Debug, Clone)]
+pub enum Handle {
+    /// A version (or tag) file.
+    Version(Arc<Version>),
+    /// An instance file.
+    Instance(Arc<Instance>),
+}
+
+#[derive(Debug, Default)]
+struct Inodes {
+    by_ino: HashMap<u64, Node>,
+    by_node: HashMap<Node, u64>,
+    next: u64,
+}
+
+/// The mount's model over one store.
+#[derive(Debug)]
+pub struct Model {
+    store: Arc<Store>,
+    instances: Arc<Instances>,
+    inodes: RwLock<Inodes>,
+    handles: RwLock<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+    /// Non-hole block count per version, computed once (versions are immutable).
+    allocated: Mutex<HashMap<VersionId, u64>>,
+    /// Which version each tag inode showed when last opened (to keep or drop its page cache).
+    tag_seen: Mutex<HashMap<u64, VersionId>>,
+    /// Last write time of each instance since the mount.
+    written: Mutex<HashMap<InstanceId, SystemTime>>,
+    started: SystemTime,
+}
+
+fn secs(s: u64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s)
+}
+
+fn enoent() -> Errno {
+    Errno(libc::ENOENT)
+}
+
+impl Model {
+    /// A model serving `store` and its `instances`.
+    pub fn new(store: Arc<Store>, instances: Arc<Instances>) -> Model {
+        let fixed = [
+            (ROOT_INO, Node::Root),
+            (IMAGES_INO, Node::Images),
+            (VERSIONS_INO, Node::Versions),
+            (INSTANCES_INO, Node::InstancesDir),
+        ];
+        let mut inodes = Inodes {
+            next: FIRST_DYNAMIC_INO,
+            ..Inodes::default()
+        };
+        for (ino, node) in fixed {
+            inodes.by_ino.insert(ino, node.clone());
+            inodes.by_node.insert(node, ino);
+        }
+        Model {
+            store,
+            instances,
+            inodes: RwLock::new(inodes),
+            handles: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            allocated: Mutex::new(HashMap::new()),
+            tag_seen: Mutex::new(HashMap::new()),
+            written: Mutex::new(HashMap::new()),
+            started: SystemTime::now(),
+        }
+    }
+
+    /// The inode of `node`, allocated on first use.
+    pub fn ino(&self, node: &Node) -> u64 {
+        if let Some(&ino) = self
+            .inodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_node
+            .get(node)
+        {
+            return ino;
+        }
+        let mut t = self.inodes.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(&ino) = t.by_node.get(node) {
+            return ino;
+        }
+        let ino = t.next;
+        t.next += 1;
+        t.by_ino.insert(ino, node.clone());
+        t.by_node.insert(node.clone(), ino);
+        ino
+    }
+
+    /// The inode of an instance file if the kernel may know it (for cache invalidation).
+    pub fn known_instance_ino(&self, id: &InstanceId) -> Option<u64> {
+        self.inodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_node
+            .get(&Node::Instance(id.clone()))
+            .copied()
+    }
+
+    fn node(&self, ino: u64) -> Result<Node, Errno> {
+        self.inodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_ino
+            .get(&ino)
+            .cloned()
+            .ok_or_else(enoent)
+    }
+
+    fn allocated_blocks(&self, v: &Version) -> u64 {
+        let id = v.id();
+        let mut cache = self.allocated.lock().unwrap_or_else(|p| p.into_inner());
+        *cache.entry(id).or_insert_with(|| {
+            (0..v.block_count())
+                .filter(|&i| !matches!(v.block_hash(i), Ok(None)))
+                .count() as u64
+        })
+    }
+
+    fn dir_attr(&self, ino: u64) -> Attr {
+        Attr {
+            ino,
+            kind: Kind::Dir,
+            size: 0,
+            blocks: 0,
+            perm: 0o755,
+            mtime: self.started,
+            nlink: 2,
+        }
+    }
+
+    fn version_attr(&self, ino: u64, v: &Version) -> Attr {
+        let blocks = self.allocated_blocks(v) * u64::from(v.block_size()) / 512;
+        Attr {
+            ino,
+            kind: Kind::File,
+            size: v.size(),
+            blocks,
+            perm: 0o444,
+            mtime: secs(v.created()),
+            nlink: 1,
+        }
+    }
+
+    fn instance_attr(&self, ino: u64, inst: &Instance) -> Attr {
+        let view = inst.view();
+        let base = view.base();
+        let mut count = self.allocated_blocks(base);
+        for (i, hash) in view.overlay_entries() {
+            match (!matches!(base.block_hash(i), Ok(None)), hash.is_some()) {
+                (false, true) => count += 1,
+                (true, false) => count = count.saturating_sub(1),
+                _ => {}
+            }
+        }
+        let mtime = self
+            .written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(inst.id())
+            .copied()
+            .unwrap_or_else(|| secs(base.created()));
+        Attr {
+            ino,
+            kind: Kind::File,
+            size: base.size(),
+            blocks: count * u64::from(base.block_size()) / 512,
+            perm: 0o644,
+            mtime,
+            nlink: 1,
+        }
+    }
+
+    fn resolve_tag(&self, name: &ImageName, tag: &Tag) -> Result<Version, Errno> {
+        let id = self.store.resolve(&format!("{name}:{tag}"))?;
+        Ok(self.store.version(&id)?)
+    }
+
+    fn instance(&self, id: &InstanceId) -> Result<Arc<Instance>, Errno> {
+        Ok(self.instances.get(&self.store, id)?)
+    }
+
+    /// Attributes of `ino`.
+    pub fn getattr(&self, ino: u64) -> Result<Attr, Errno> {
+        match self.node(ino)? {
+            Node::Root | Node::Images | Node::Versions | Node::InstancesDir | Node::Image(_) => {
+                Ok(self.dir_attr(ino))
+            }
+            Node::Tagged(name, tag) => Ok(self.version_attr(ino, &self.resolve_tag(&name, &tag)?)),
+            Node::Version(id) => Ok(self.version_attr(ino, &self.store.version(&id)?)),
+            Node::Instance(id) => Ok(self.instance_attr(ino, &*self.instance(&id)?)),
+        }
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr, Errno> {
+        let node = match self.node(parent)? {
+            Node::Root => match name {
+                "images" => Node::Images,
+                "versions" => Node::Versions,
+                "instances" => Node::InstancesDir,
+                _ => return Err(enoent()),
+            },
+            Node::Images => {
+                let image = ImageName::new(name).map_err(|_| enoent())?;
+                if self.store.image_block_size(&image)?.is_none() {
+                    return Err(enoent());
+                }
+                Node::Image(image)
+            }
+            Node::Image(image) => {
+                let tag = name.strip_suffix(".raw").ok_or_else(enoent)?;
+                let tag = Tag::new(tag).map_err(|_| enoent())?;
+                self.resolve_tag(&image, &tag)?;
+                Node::Tagged(image, tag)
+            }
+            Node::Versions => {
+                let id: VersionId = name
+                    .strip_suffix(".raw")
+                    .ok_or_else(enoent)?
+                    .parse()
+                    .map_err(|_| enoent())?;
+                self.store.version(&id)?;
+                Node::Version(id)
+            }
+            Node::InstancesDir => {
+                let id = name.strip_suffix(".raw").ok_or_else(enoent)?;
+                let id = InstanceId::parse(id).map_err(|_| enoent())?;
+                if !self.instances.exists(&id) {
+                    return Err(enoent());
+                }
+                Node::Instance(id)
+            }
+            _ => return Err(Errno(libc::ENOTDIR)),
+        };
+        self.getattr(self.ino(&node))
+    }
+
+    /// Entries of directory `ino`, with `.` and `..`.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<DirEntry>, Errno> {
+        let node = self.node(ino)?;
+        let parent = match node {
+            Node::Image(_) => IMAGES_INO,
+            _ => ROOT_INO,
+        };
+        let mut out = vec![
+            DirEntry {
+                ino,
+                kind: Kind::Dir,
+                name: ".".into(),
+            },
+            DirEntry {
+                ino: parent,
+                kind: Kind::Dir,
+                name: "..".into(),
+            },
+        ];
+        let mut add = |node: Node, kind: Kind, name: String| {
+            out.push(DirEntry {
+                ino: self.ino(&node),
+                kind,
+                name,
+            })
+        };
+        match node {
+            Node::Root => {
+                add(Node::Images, Kind::Dir, "images".into());
+                add(Node::Versions, Kind::Dir, "versions".into());
+                add(Node::InstancesDir, Kind::Dir, "instances".into());
+            }
+            Node::Images => {
+                for image in self.store.images()? {
+                    let name = image.name.to_string();
+                    add(Node::Image(image.name), Kind::Dir, name);
+                }
+            }
+            Node::Image(image) => {
+                let images = self.store.images()?;
+                let tags = images
+                    .into_iter()
+                    .find(|i| i.name == image)
+                    .map(|i| i.tags)
+                    .unwrap_or_default();
+                for (tag, _) in tags {
+                    let name = format!("{tag}.raw");
+                    add(Node::Tagged(image.clone(), tag), Kind::File, name);
+                }
+            }
+            Node::Versions => {
+                for info in self.store.versions()? {
+                    let name = format!("{}.raw", info.id);
+                    add(Node::Version(info.id), Kind::File, name);
+                }
+            }
+            Node::InstancesDir => {
+                for id in self.instances.list()? {
+                    let name = format!("{id}.raw");
+                    add(Node::Instance(id), Kind::File, name);
+                }
+            }
+            Node::Tagged(..) | Node::Version(_) | Node::Instance(_) => {
+                return Err(Errno(libc::ENOTDIR))
+            }
+        }
+        Ok(out)
+    }
+
+    /// Opens `ino`; returns the handle and whether the kernel may keep its page cache.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, bool), Errno> {
+        let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
+        let (handle, keep) = match self.node(ino)? {
+            Node::Version(id) => {
+                if writable {
+                    return Err(Errno(libc::EROFS));
+                }
+                (Handle::Version(Arc::new(self.store.version(&id)?)), true)
+            }
+            Node::Tagged(name, tag) => {
+                if writable {
+                    return Err(Errno(libc::EROFS));
+                }
+                let v = self.resolve_tag(&name, &tag)?;
+                // The tag may have moved since the kernel cached this inode's pages.
+                let mut seen = self.tag_seen.lock().unwrap_or_else(|p| p.into_inner());
+                let keep = seen.insert(ino, v.id()) == Some(v.id());
+                (Handle::Version(Arc::new(v)), keep)
+            }
+            Node::Instance(id) => {
+                if flags & libc::O_TRUNC != 0 {
+                    return Err(Errno(libc::EINVAL));
+                }
+                // Substitution invalidates exactly what changed, so the cache stays valid.
+                (Handle::Instance(self.instance(&id)?), true)
+            }
+            _ => return Err(Errno(libc::EISDIR)),
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, handle);
+        Ok((fh, keep))
+    }
+
+    /// The open file `fh`.
+    pub fn handle(&self, fh: u64) -> Result<Handle, Errno> {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or(Errno(libc::EBADF))
+    }
+
+    /// Forgets an open handle.
+    pub fn release(&self, fh: u64) {
+        self.handles
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh);
+    }
+
+    /// Reads up to `size` bytes at `offset` (short at the end of the file).
+    pub fn read(&self, h: &Handle, offset: i64, size: u32) -> Result<Vec<u8>, Errno> {
+        let offset = u64::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
+        let mut buf = vec![0u8; size as usize];
+        let n = match h {
+            Handle::Version(v) => v.read_at(&self.store, offset, &mut buf)?,
+            Handle::Instance(i) => i.read_at(&self.store, offset, &mut buf)?,
+        };
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn instance_handle(h: &Handle) -> Result<&Arc<Instance>, Errno> {
+        match h {
+            Handle::Instance(i) => Ok(i),
+            Handle::Version(_) => Err(Errno(libc::EROFS)),
+        }
+    }
+
+    /// Writes `data` at `offset` into an instance (EROFS on a version).
+    pub fn write(&self, h: &Handle, offset: i64, data: &[u8]) -> Result<u32, Errno> {
+        let offset = u64::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
+        let inst = Self::instance_handle(h)?;
+        let n = inst.write_at(&self.store, offset, data)?;
+        self.written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(inst.id().clone(), SystemTime::now());
+        u32::try_from(n).map_err(|_| Errno(libc::EINVAL))
+    }
+
+    /// Makes an instance's writes durable (no-op on versions).
+    pub fn fsync(&self, h: &Handle) -> Result<(), Errno> {
+        match h {
+            Handle::Instance(i) => Ok(i.flush(&self.store)?),
+            Handle::Version(_) => Ok(()),
+        }
+    }
+
+    /// fallocate: punch-hole (with keep-size) discards; plain allocation inside the disk is a
+    /// no-op (blocks are allocated on write); anything else is unsupported.
+    pub fn fallocate(&self, h: &Handle, offset: i64, len: i64, mode: i32) -> Result<(), Errno> {
+        let offset = u64::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
+        let len = u64::try_from(len).map_err(|_| Errno(libc::EINVAL))?;
+        let inst = Self::instance_handle(h)?;
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if mode == punch {
+            inst.punch_hole(&self.store, offset, len)?;
+            self.written
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(inst.id().clone(), SystemTime::now());
+            return Ok(());
+        }
+        let end = offset.checked_add(len).ok_or(Errno(libc::EINVAL))?;
+        if (mode == 0 || mode == libc::FALLOC_FL_KEEP_SIZE) && end <= inst.size() {
+            return Ok(());
+        }
+        Err(Errno(libc::EOPNOTSUPP))
+    }
+
+    /// setattr: sizes are fixed (a live disk does not change size); times and modes are not
+    /// stored, so only a no-op size change succeeds.
+    pub fn setattr(&self, ino: u64, size: Option<u64>) -> Result<Attr, Errno> {
+        let attr = self.getattr(ino)?;
+        match (self.node(ino)?, size) {
+            (_, None) => Ok(attr),
+            (Node::Instance(_), Some(s)) if s == attr.size => Ok(attr),
+            (Node::Instance(_), Some(_)) => Err(Errno(libc::EPERM)),
+            (_, Some(_)) => Err(Errno(libc::EROFS)),
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! Substitution (atomic rebase of an instance onto another version) and commit.
+//! Invariant: a substitution becomes durable through one checksummed `Rebased` record written
+//! before the in-memory view is swapped, so a crash leaves it wholly applied or not at all, and
+//! a reader holding the old view never sees a block of the new one.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::instance::{flush_writer, now_secs, Instance, InstanceError, View};
+use crate::instance_log::Record;
+use crate::{BlockHash, Store, Version};
+
+/// What to do with blocks the instance wrote that the target also changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ConflictPolicy {
+    /// Refuse the whole substitution (the default).
+    Refuse,
+    /// The target's block wins (`--force`).
+    Force,
+    /// The instance's block stays (`--keep-local`).
+    KeepLocal,
+}
+
+impl ConflictPolicy {
+    fn name(self) -> &'static str {
+        match self {
+            ConflictPolicy::Refuse => "refuse",
+            ConflictPolicy::Force => "force",
+            ConflictPolicy::KeepLocal => "keep-local",
+        }
+    }
+}
+
+/// A byte range of the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Range {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// A substitution to perform.
+#[derive(Debug, Clone)]
+pub struct SubstituteRequest<'a> {
+    /// The target version.
+    pub target: &'a Version,
+    /// What the user named (e.g. `web:v2`), for the event log.
+    pub label: &'a str,
+    /// Conflict policy.
+    pub policy: ConflictPolicy,
+    /// Compute and report only.
+    pub dry_run: bool,
+}
+
+/// Time spent in each step, in microseconds.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SubstituteTimes {
+    /// Comparing the base's and target's block maps.
+    pub diff_us: u64,
+    /// Working out visible changes and conflicts.
+    pub plan_us: u64,
+    /// Making pending writes and the rebase record durable.
+    pub persist_us: u64,
+    /// Swapping the live view.
+    pub swap_us: u64,
+}
+
+/// The result of a substitution (or of a dry run).
+#[derive(Debug, Clone, Serialize)]
+pub struct SubstituteOutcome {
+    /// The instance.
+    pub instance: String,
+    /// Previous base version.
+    pub from: String,
+    /// New base version.
+    pub to: String,
+    /// Byte ranges whose visible content changed (merged, sorted).
+    pub changed: Vec<Range>,
+    /// Number of blocks whose visible content changed.
+    pub changed_blocks: u64,
+    /// Byte ranges the instance wrote that the target also changes.
+    pub conflicts: Vec<Range>,
+    /// Policy applied.
+    pub policy: ConflictPolicy,
+    /// Nothing was changed.
+    pub dry_run: bool,
+    /// Per-step times.
+    pub times: SubstituteTimes,
+}
+
+/// Merges sorted block indices into byte ranges, clipped to the disk size.
+pub fn block_ranges(indices: &[u64], block_size: u64, size: u64) -> Vec<Range> {
+    let mut out: Vec<Range> = Vec::new();
+    for &i in indices {
+        let offset = i.saturating_mul(block_size);
+        if offset >= size {
+            continue;
+        }
+        let len = block_size.min(size - offset);
+        match out.last_mut() {
+            Some(last) if last.offset + last.len == offset => last.len += len,
+            _ => out.push(Range { offset, len }),
+        }
+    }
+    out
+}
+
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+impl Instance {
+    /// Rebases the instance onto `req.target` in one atomic step (see module doc).
+    pub fn substitute(
+        &self,
+        store: &Store,
+        req: &SubstituteRequest<'_>,
+    ) -> Result<SubstituteOutcome, InstanceError> {
+        let mut writer = self.lock_writer();
+        let view = self.view();
+        let base = &view.base;
+        let target = req.target;
+        if target.size() != base.size() {
+            return Err(InstanceError::SizeMismatch {
+                id: self.id.clone(),
+                size: base.size(),
+                target: target.size(),
+            });
+        }
+        if target.block_size() != base.block_size() {
+            return Err(InstanceError::BlockSizeMismatch {
+                size: u64::from(base.block_size()),
+                target: u64::from(target.block_size()),
+            });
+        }
+        let mut times = SubstituteTimes::default();
+        let t = Instant::now();
+        let diff: Vec<u64> = if target.id() == base.id() {
+            Vec::new()
+        } else {
+            store.diff(&base.id(), &target.id())?
+        };
+        times.diff_us = micros(t);
+
+        let t = Instant::now();
+        let overlay = view.overlay.read().unwrap_or_else(|p| p.into_inner());
+        let mut changed = Vec::new();
+        let mut conflicts = Vec::new();
+        for &i in &diff {
+            let theirs = target.block_hash(i)?;
+            match overlay.get(&i) {
+                None => changed.push(i),
+                Some(mine) if *mine == theirs => {}
+                Some(_) => {
+                    conflicts.push(i);
+                    if req.policy == ConflictPolicy::Force {
+                        changed.push(i);
+                    }
+                }
+            }
+        }
+        // A written block the target does not change but whose write equals neither: nothing
+        // to do; overlay entries outside the diff keep showing the instance's bytes.
+        let bs = u64::from(base.block_size());
+        let size = base.size();
+        let conflict_ranges = block_ranges(&conflicts, bs, size);
+        times.plan_us = micros(t);
+        let outcome = SubstituteOutcome {
+            instance: self.id.to_string(),
+            from: base.id().to_string(),
+            to: target.id().to_string(),
+            changed: block_ranges(&changed, bs, size),
+            changed_blocks: changed.len() as u64,
+            conflicts: conflict_ranges.clone(),
+            policy: req.policy,
+            dry_run: req.dry_run,
+            times,
+        };
+        if req.dry_run {
+            return Ok(outcome);
+        }
+        if req.policy == ConflictPolicy::Refuse && !conflicts.is_empty() {
+            return Err(InstanceError::Conflicts(conflict_ranges));
+        }
+        let dropped: Vec<u64> = if req.policy == ConflictPolicy::Force {
+            conflicts.clone()
+        } else {
+            Vec::new()
+        };
+        let mut new_overlay: HashMap<u64, Option<BlockHash>> = overlay.clone();
+        drop(overlay);
+        for i in &dropped {
+            new_overlay.remove(i);
+        }
+        let mut outcome = outcome;
+
+        let t = Instant::now();
+        flush_writer(store, &mut writer)?;
+        writer.log.append_durable(&[Record::Rebased {
+            from: outcome.from.clone(),
+            to: outcome.to.clone(),
+            target: req.label.to_string(),
+            dropped,
+            changed_blocks: outcome.changed_blocks,
+            conflicts: conflicts.len() as u64,
+            policy: req.policy.name().to_string(),
+            at: now_secs(),
+        }])?;
+        outcome.times.persist_us = micros(t);
+
+        let t = Instant::now();
+        self.view.store(std::sync::Arc::new(View {
+            base: target.clone(),
+            overlay: RwLock::new(new_overlay),
+        }));
+        outcome.times.swap_us = micros(t);
+        drop(writer);
+        Ok(outcome)
+    }
+
+    /// The instance's current contents as `(base, overlay changes)`, after making pending
+    /// writes durable: what `Store::create_version` needs to commit it in O(changed blocks).
+    pub fn snapshot_changes(
+        &self,
+        store: &Store,
+    ) -> Result<(Version, Vec<(u64, Option<BlockHash>)>), InstanceError> {
+        let mut writer = self.lock_writer();
+        flush_writer(store, &mut writer)?;
+        let view = self.view();
+        let overlay = view.overlay.read().unwrap_or_else(|p| p.into_inner());
+        let mut changes: Vec<(u64, Option<BlockHash>)> =
+            overlay.iter().map(|(&i, &h)| (i, h)).collect();
+        changes.sort_by_key(|&(i, _)| i);
+        Ok((view.base.clone(), changes))
+    }
+
+    /// Records in the event log that the instance was committed as `version` named `tag`.
+    pub fn record_commit(&self, version: &str, tag: &str) -> Result<(), InstanceError> {
+        let mut writer = self.lock_writer();
+        writer.log.append_durable(&[Record::Committed {
+            version: version.to_string(),
+            tag: tag.to_string(),
+            at: now_secs(),
+        }])?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_ranges_merge_adjacent_and_clip_the_tail() {
+        let r = block_ranges(&[0, 1, 3, 4, 9], 4096, 4 * 4096 + 100);
+        assert_eq!(
+            r,
+            vec![
+                Range {
+                    offset: 0,
+                    len: 8192
+                },
+                Range {
+                    offset: 3 * 4096,
+                    len: 4096 + 100
+                }
+            ]
+        );
+    }
+}
