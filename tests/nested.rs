@@ -1,2 +1,426 @@
 //! Runs a scenario inside a software-emulated VM whose CPU has SVM, so Debian's cloud kernel gives
 //! it a real /dev/kvm (this host's own /dev/kvm is kvm_pvm). Owned by the vmm work.
+//!
+//! The outer VM boots from an initramfs built here: busybox-static, the kernel package's kvm,
+//! kvm-amd, irqbypass and fuse modules, and the files the scenario asks for (ELF binaries with the
+//! shared libraries `ldd` names). Its /init runs the scenario script as root and prints each line
+//! of its output with a prefix, then its exit status, so kernel messages on the same console never
+//! mix into the result. Files the scenario produces come back through `export`: the outer VM
+//! copies them onto virtio disks whose backing files are on this host.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Prefix of the scenario's output lines on the outer console.
+const OUT_PREFIX: &str = "NESTED| ";
+/// The line that carries the scenario's exit status.
+const RC_PREFIX: &str = "NESTED-RC ";
+/// The line that carries an export's size: "NESTED-EXPORT <index> <bytes>".
+const EXPORT_PREFIX: &str = "NESTED-EXPORT ";
+
+/// Where `scripts/fetch-kernel.sh` unpacked the guest kernel package.
+pub fn kernel_dir() -> PathBuf {
+    crate::workspace_root().join("target/guest/kernel")
+}
+
+/// The guest kernel image.
+pub fn kernel() -> PathBuf {
+    kernel_dir().join("vmlinuz")
+}
+
+/// A module of the kernel package, by its path under `modules/kernel/`.
+pub fn module(rel: &str) -> PathBuf {
+    kernel_dir().join("modules/kernel").join(rel)
+}
+
+/// Modules the outer VM loads to get /dev/kvm, in load order.
+const KVM_MODULES: [&str; 3] = [
+    "virt/lib/irqbypass.ko",
+    "arch/x86/kvm/kvm.ko",
+    "arch/x86/kvm/kvm-amd.ko",
+];
+/// Loaded when the scenario asks for it (FUSE mounts).
+const FUSE_MODULE: &str = "fs/fuse/fuse.ko";
+/// Loaded when the scenario exports files (virtio-blk over PCI on q35), in load order.
+const VIRTIO_PCI_MODULES: [&str; 6] = [
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "drivers/block/virtio_blk.ko",
+];
+
+/// Why the nested harness cannot run here, if it cannot: names the missing piece.
+pub fn missing_prerequisite() -> Option<String> {
+    for tool in ["qemu-system-x86_64", "cpio"] {
+        if !which(tool) {
+            return Some(format!("{tool} is not installed (make setup)"));
+        }
+    }
+    if busybox().is_none() {
+        return Some("busybox-static is not installed (make setup)".into());
+    }
+    if !kernel().is_file() {
+        return Some(format!(
+            "{} is missing (scripts/fetch-kernel.sh)",
+            kernel().display()
+        ));
+    }
+    for m in KVM_MODULES {
+        if !module(m).is_file() {
+            return Some(format!("{} is missing", module(m).display()));
+        }
+    }
+    None
+}
+
+fn which(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+        .unwrap_or(false)
+}
+
+/// A statically linked busybox.
+fn busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// One file the scenario produces and the test reads back afterwards.
+#[derive(Debug, Clone)]
+struct Export {
+    guest: String,
+    host: PathBuf,
+    max_bytes: u64,
+}
+
+/// A scenario for the nested VM.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    script: String,
+    files: Vec<(PathBuf, String)>,
+    exports: Vec<Export>,
+    fuse: bool,
+    timeout: Duration,
+    memory_mib: u32,
+    cpus: u32,
+}
+
+/// What a scenario did.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The script's combined stdout and stderr.
+    pub output: String,
+    /// The script's exit status.
+    pub status: i32,
+    /// The whole outer console (kernel messages included), for diagnosing failures.
+    pub console: String,
+    /// From starting QEMU to its exit.
+    pub elapsed: Duration,
+}
+
+impl Scenario {
+    /// A scenario running `script` (a POSIX shell script, busybox applets on PATH) as root.
+    pub fn new(script: &str) -> Self {
+        Scenario {
+            script: script.to_string(),
+            files: Vec::new(),
+            exports: Vec::new(),
+            fuse: false,
+            timeout: Duration::from_secs(300),
+            memory_mib: 2048,
+            cpus: 1,
+        }
+    }
+
+    /// Copies `host` to `guest` (absolute) in the outer VM; an ELF binary brings its libraries.
+    pub fn file(mut self, host: impl AsRef<Path>, guest: &str) -> Self {
+        self.files
+            .push((host.as_ref().to_path_buf(), guest.to_string()));
+        self
+    }
+
+    /// After the script, copies the outer VM's `guest` file to `host` (at most `max_bytes`).
+    pub fn export(mut self, guest: &str, host: impl AsRef<Path>, max_bytes: u64) -> Self {
+        self.exports.push(Export {
+            guest: guest.to_string(),
+            host: host.as_ref().to_path_buf(),
+            max_bytes,
+        });
+        self
+    }
+
+    /// Loads fuse.ko in the outer VM.
+    pub fn with_fuse(mut self) -> Self {
+        self.fuse = true;
+        self
+    }
+
+    /// Kills the outer VM after `timeout`.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Outer VM RAM in MiB (default 2048).
+    pub fn memory_mib(mut self, mib: u32) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Runs the scenario in a fresh outer VM.
+    pub fn run(&self) -> anyhow::Result<Outcome> {
+        if let Some(why) = missing_prerequisite() {
+            bail!("nested harness cannot run: {why}");
+        }
+        let work = tempfile::tempdir().context("creating the staging folder")?;
+        let root = work.path().join("root");
+        self.stage(&root)?;
+        let initrd = work.path().join("outer.cpio");
+        pack_cpio(&root, &initrd)?;
+        for e in &self.exports {
+            let f = std::fs::File::create(&e.host)
+                .with_context(|| format!("creating export file {}", e.host.display()))?;
+            f.set_len(e.max_bytes)?;
+        }
+        let outcome = self.boot(&initrd)?;
+        for (i, e) in self.exports.iter().enumerate() {
+            let size = export_size(&outcome.console, i)
+                .with_context(|| format!("export {} did not come back", e.guest))?;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&e.host)?
+                .set_len(size)?;
+        }
+        Ok(outcome)
+    }
+
+    fn stage(&self, root: &Path) -> anyhow::Result<()> {
+        for d in [
+            "bin",
+            "sbin",
+            "dev",
+            "proc",
+            "sys",
+            "tmp",
+            "lib/modules",
+            "work",
+        ] {
+            std::fs::create_dir_all(root.join(d))?;
+        }
+        let bb = busybox().context("busybox")?;
+        std::fs::copy(&bb, root.join("bin/busybox"))?;
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh"))?;
+        let mut modules: Vec<&str> = KVM_MODULES.to_vec();
+        if self.fuse {
+            modules.push(FUSE_MODULE);
+        }
+        if !self.exports.is_empty() {
+            modules.extend(VIRTIO_PCI_MODULES);
+        }
+        let mut insmods = String::new();
+        for m in &modules {
+            let name = Path::new(m)
+                .file_name()
+                .and_then(|n| n.to_str())
+                .context("module name")?;
+            std::fs::copy(module(m), root.join("lib/modules").join(name))
+                .with_context(|| format!("copying module {m}"))?;
+            insmods.push_str(&format!("insmod /lib/modules/{name}\n"));
+        }
+        for (host, guest) in &self.files {
+            copy_with_libs(host, root, guest)?;
+        }
+        std::fs::write(root.join("scenario.sh"), &self.script)?;
+        let mut exports = String::new();
+        for (i, e) in self.exports.iter().enumerate() {
+            let dev = format!("/dev/vd{}", char::from(b'a' + i as u8));
+            exports.push_str(&format!(
+                "if [ -f {g} ]; then dd if={g} of={dev} bs=1M 2>/dev/null; sync; \
+                 echo \"{EXPORT_PREFIX}{i} $(stat -c %s {g})\"; fi\n",
+                g = e.guest
+            ));
+        }
+        let init = format!(
+            "#!/bin/sh\n\
+             /bin/busybox --install -s /bin\n\
+             export PATH=/bin:/sbin\n\
+             mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+             mount -t tmpfs tmp /tmp\n\
+             {insmods}\
+             cd /work\n\
+             echo\n\
+             (sh /scenario.sh; echo $? > /tmp/rc) 2>&1 | sed 's/^/{OUT_PREFIX}/'\n\
+             echo; echo \"{RC_PREFIX}$(cat /tmp/rc)\"\n\
+             {exports}\
+             poweroff -f\n"
+        );
+        let init_path = root.join("init");
+        std::fs::write(&init_path, init)?;
+        set_mode(&init_path, 0o755)?;
+        Ok(())
+    }
+
+    fn boot(&self, initrd: &Path) -> anyhow::Result<Outcome> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-cpu", "qemu64,+svm,+npt", "-M", "q35"])
+            .args(["-m", &self.memory_mib.to_string()])
+            .args(["-smp", &self.cpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .args(["-serial", "stdio"])
+            .arg("-kernel")
+            .arg(kernel())
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", "console=ttyS0 loglevel=1 panic=-1"]);
+        for e in &self.exports {
+            cmd.arg("-drive").arg(format!(
+                "file={},format=raw,if=virtio,cache=unsafe",
+                e.host.display()
+            ));
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let start = Instant::now();
+        let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
+        let stdout = child.stdout.take().context("qemu stdout")?;
+        let mut stderr = child.stderr.take().context("qemu stderr")?;
+        let (tx, rx) = mpsc::channel::<String>();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
+                let text = String::from_utf8_lossy(&line).replace('\r', "");
+                if std::env::var_os("NESTED_VERBOSE").is_some() {
+                    eprintln!("[nested] {text}");
+                }
+                if tx.send(text).is_err() {
+                    break;
+                }
+            }
+        });
+        let err_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        });
+        let mut console = String::new();
+        let deadline = start + self.timeout;
+        let mut timed_out = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+                Ok(line) => {
+                    console.push_str(&line);
+                    console.push('\n');
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    timed_out = true;
+                    break;
+                }
+            }
+        }
+        if timed_out {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
+        let _ = reader.join();
+        let qemu_err = err_reader.join().unwrap_or_default();
+        let elapsed = start.elapsed();
+        let output: String = console
+            .lines()
+            .filter_map(|l| l.split_once(OUT_PREFIX).map(|(_, rest)| rest))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let status = console
+            .lines()
+            .find_map(|l| l.split_once(RC_PREFIX).map(|(_, rc)| rc))
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        let Some(status) = status else {
+            let tail: Vec<&str> = console.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!(
+                "the nested VM did not finish the scenario{} after {:.1}s; qemu stderr: {}; \
+                 console tail:\n{}",
+                if timed_out { " (timed out)" } else { "" },
+                elapsed.as_secs_f64(),
+                qemu_err.trim(),
+                tail.join("\n")
+            );
+        };
+        Ok(Outcome {
+            output,
+            status,
+            console,
+            elapsed,
+        })
+    }
+}
+
+fn export_size(console: &str, index: usize) -> Option<u64> {
+    console.lines().find_map(|l| {
+        let rest = l.strip_prefix(EXPORT_PREFIX)?;
+        let (i, size) = rest.split_once(' ')?;
+        (i.parse::<usize>().ok()? == index).then(|| size.trim().parse().ok())?
+    })
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Copies `host` to `root`+`guest`, and for a dynamically linked ELF every library `ldd` names
+/// (at the same absolute paths, which is where the loader looks).
+fn copy_with_libs(host: &Path, root: &Path, guest: &str) -> anyhow::Result<()> {
+    let dest = root.join(guest.trim_start_matches('/'));
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::copy(host, &dest).with_context(|| format!("copying {}", host.display()))?;
+    let ldd = Command::new("ldd").arg(host).output();
+    let Ok(ldd) = ldd else { return Ok(()) };
+    if !ldd.status.success() {
+        return Ok(()); // static or not an ELF
+    }
+    for word in String::from_utf8_lossy(&ldd.stdout).split_whitespace() {
+        if !word.starts_with('/') {
+            continue;
+        }
+        let lib = Path::new(word);
+        let target = root.join(word.trim_start_matches('/'));
+        if target.exists() || !lib.exists() {
+            continue;
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::copy(lib, &target).with_context(|| format!("copying {word}"))?;
+    }
+    Ok(())
+}
+
+/// Packs `root` as an uncompressed newc cpio (the kernel unpacks it faster than a gzip under
+/// software emulation).
+pub fn pack_cpio(root: &Path, out: &Path) -> anyhow::Result<()> {
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("find . | LC_ALL=C sort | cpio -o -H newc --quiet > \"$1\"")
+        .arg("sh")
+        .arg(out)
+        .current_dir(root)
+        .status()
+        .context("running cpio")?;
+    if !status.success() {
+        bail!("cpio failed for {}", root.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! Legacy platform devices on port I/O: the 16550 console (COM1), the i8042's reset line, and
+//! the ACPI power-management port (sleep control/status and reset register in one byte). The
+//! latter two turn the guest's poweroff and reboot into a `GuestExit`, exactly once each.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+
+use vm_superio::{I8042Device, Serial, Trigger};
+
+use super::irq::IrqLine;
+use crate::exit::{ExitSender, GuestExit};
+use crate::layout::{ACPI_RESET_VALUE, ACPI_S5_SLP_TYP};
+
+/// A 16550 whose output goes to a byte sink (stdout, a file, a socket).
+pub type Uart<W> = Serial<IrqLine, vm_superio::serial::NoEvents, W>;
+
+/// The console's byte sink: unbuffered, so a partial line (a prompt) shows at once.
+pub type ConsoleOut = Box<dyn Write + Send>;
+
+/// Opens the console sink: the process's stdout, or `path` (created or truncated).
+pub fn console_out(path: Option<&std::path::Path>) -> std::io::Result<ConsoleOut> {
+    match path {
+        Some(p) => Ok(Box::new(File::create(p)?)),
+        None => {
+            let fd: OwnedFd = std::io::stdout().as_fd().try_clone_to_owned()?;
+            Ok(Box::new(File::from(fd)))
+        }
+    }
+}
+
+/// Sends `Reboot` when the i8042 sees the CPU-reset command (0xFE to port 0x64).
+#[derive(Debug)]
+pub struct ResetLine(pub ExitSender);
+
+impl Trigger for ResetLine {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        self.0.send(GuestExit::Reboot);
+        Ok(())
+    }
+}
+
+/// The i8042 as far as the vmm needs it: reads return 0, 0xFE on the command port resets.
+pub type Keyboard = I8042Device<ResetLine>;
+
+/// The ACPI sleep-control / sleep-status / reset port of the hardware-reduced FADT.
+#[derive(Debug)]
+pub struct PmPort {
+    exit: ExitSender,
+}
+
+/// SLP_EN in the sleep control register.
+const SLP_EN: u8 = 0x20;
+
+impl PmPort {
+    pub fn new(exit: ExitSender) -> Self {
+        PmPort { exit }
+    }
+
+    /// Sleep status: wake status (bit 7) set, so a guest polling after S5 would not spin.
+    pub fn read(&self) -> u8 {
+        0x80
+    }
+
+    /// Decodes a write: reset value -> reboot; SLP_EN with SLP_TYP 5 -> poweroff; anything
+    /// else (clearing sleep status, other sleep states) is ignored.
+    pub fn write(&self, value: u8) {
+        let exit = if value == ACPI_RESET_VALUE {
+            Some(GuestExit::Reboot)
+        } else if value & SLP_EN != 0 && (value >> 2) & 0x7 == ACPI_S5_SLP_TYP {
+            Some(GuestExit::Poweroff)
+        } else {
+            None
+        };
+        if let Some(e) = exit {
+            self.exit.send(e);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::ExitSender;
+
+    #[test]
+    fn pm_port_decodes_poweroff_and_reset_only() {
+        let (tx, rx) = ExitSender::new();
+        let pm = PmPort::new(tx);
+        pm.write(0x80); // clear sleep status: nothing
+        pm.write(0x20 | (3 << 2)); // S3: not supported, ignored
+        assert!(rx.try_recv().is_err());
+        pm.write(0x34); // Linux's S5 write: ((5 << 2) & 0x1c) | 0x20
+        assert_eq!(rx.try_recv().ok(), Some(GuestExit::Poweroff));
+        pm.write(1);
+        assert_eq!(rx.try_recv().ok(), Some(GuestExit::Reboot));
+    }
+
+    #[test]
+    fn i8042_reset_command_reboots() {
+        let (tx, rx) = ExitSender::new();
+        let mut kbd = Keyboard::new(ResetLine(tx));
+        assert_eq!(kbd.read(4), 0);
+        let _ = kbd.write(4, 0xaa);
+        assert!(rx.try_recv().is_err());
+        assert!(kbd.write(4, 0xfe).is_ok());
+        assert_eq!(rx.try_recv().ok(), Some(GuestExit::Reboot));
+    }
+
+    #[test]
+    fn console_uart_writes_bytes_through() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("console.log");
+        let mut uart = Uart::new(IrqLine::new()?, console_out(Some(&path))?);
+        for b in b"hello\n" {
+            let _ = uart.write(0, *b);
+        }
+        assert_eq!(std::fs::read(&path)?, b"hello\n");
+        Ok(())
+    }
+}
