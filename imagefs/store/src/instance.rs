@@ -585,3 +585,7 @@ impl Instances {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "instance_tests.rs"]
+mod tests;
