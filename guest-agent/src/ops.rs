@@ -209,6 +209,11 @@ pub fn run(
         if let Some(e) = err.as_mut() {
             cerr.pump(e);
         }
+        // Orphans adopted by pid 1 may exit while a command runs: reap them, not the command.
+        // (Only as pid 1: elsewhere orphans are not ours, and tests run commands in parallel.)
+        if std::process::id() == 1 {
+            sys::reap_children(Some(child.id()));
+        }
         if let Some(status) = child.try_wait()? {
             // Take what the command wrote just before it exited.
             if let Some(o) = out.as_mut() {

@@ -93,7 +93,7 @@ pub fn serve(cfg: &Config, init_mode: bool) -> std::io::Result<()> {
     let mut buf = vec![0u8; 16 * 1024];
     let mut last_rx = Instant::now();
     loop {
-        sys::reap_children();
+        sys::reap_children(None);
         if sys::poll_readable(ch.as_raw_fd(), 250) {
             match ch.read(&mut buf) {
                 Ok(0) => std::thread::sleep(Duration::from_millis(50)),

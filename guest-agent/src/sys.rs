@@ -172,16 +172,35 @@ pub fn set_nonblocking(fd: libc::c_int) -> io::Result<()> {
     )
 }
 
-/// Reaps every exited child without blocking (pid 1 inherits orphans); returns how many.
-pub fn reap_children() -> usize {
+/// Reaps every exited child without blocking (pid 1 inherits orphans), except `keep`, which the
+/// caller waits for itself; returns how many were reaped.
+pub fn reap_children(keep: Option<u32>) -> usize {
     let mut n = 0;
     loop {
-        let mut status = 0;
-        // SAFETY: status is a valid out-pointer; WNOHANG never blocks.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid <= 0 {
+        // SAFETY: siginfo_t is plain old data; all-zero is valid and waitid fills it.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        // Peek (WNOWAIT) at an exited child without reaping it, so `keep` is left alone.
+        // SAFETY: info is a valid out-pointer; WNOHANG never blocks.
+        let ret = unsafe {
+            libc::waitid(
+                libc::P_ALL,
+                0,
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            )
+        };
+        let pid = if ret == 0 {
+            // SAFETY: waitid succeeded, so info holds a SIGCHLD siginfo (si_pid 0: none exited).
+            unsafe { info.si_pid() }
+        } else {
+            0
+        };
+        if pid <= 0 || u32::try_from(pid).ok() == keep {
             return n;
         }
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer; pid has exited, so this does not block.
+        unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         n += 1;
     }
 }

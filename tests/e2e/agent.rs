@@ -68,7 +68,7 @@ fn agent_boots_as_init_and_answers_ping_hash_exec() {
         &initrd,
         &[Disk::rw(&root), Disk::rw(&data)],
         &sock,
-        "",
+        "agent.workload=\"exec sleep 1000\"",
     )
     .unwrap();
     let (pong, ready) = vm.wait_agent(BOOT_TIMEOUT).unwrap();
@@ -143,6 +143,20 @@ fn agent_boots_as_init_and_answers_ping_hash_exec() {
     let (_, resp) = raw_exchange(&sock, &truncated).unwrap();
     assert_eq!(error_code(&resp), Some(ErrorCode::Malformed));
     agent.ping().unwrap();
+
+    // The configured workload runs in the root disk, and pid 1 (the agent) reaps orphans.
+    let r = agent.exec(sh("ps", 5000)).unwrap();
+    assert!(
+        r.stdout.contains("sleep 1000"),
+        "workload not running: {r:?}"
+    );
+    agent
+        .exec(sh("sleep 0.2 & sleep 0.2 & echo", 5000))
+        .unwrap();
+    let zombies = "sleep 1; for s in /proc/[0-9]*/stat; do read -r l < $s; \
+                   case \"$l\" in *\") Z \"*) echo \"$l\";; esac; done";
+    let r = agent.exec(sh(zombies, 5000)).unwrap();
+    assert_eq!(r.stdout, "", "unreaped children");
 
     // A notice for a filesystem the guest mounted read-write is refused.
     let r = agent
