@@ -1,2 +1,50 @@
-//! placeholder
-fn main() {}
+//! The `imagefs` command: parses arguments and hands each command to its module. Thin on
+//! purpose: commands write to the writer they are given, so the daemon can run them too.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Content-addressed, versioned store of VM disk images.
+#[derive(Debug, Parser)]
+#[command(name = "imagefs", version, about)]
+struct Args {
+    #[command(flatten)]
+    global: cli::Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Every subcommand. Mount, instance, substitute, agent, vm and rollout join as variants here.
+#[derive(Debug, Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Store(cli::StoreCommand),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("IMAGEFS_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let dir = cli::store_dir(args.global.store.as_deref());
+    let json = args.global.json;
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let result = match &args.command {
+        Command::Store(cmd) => cli::run_dir(&dir, cmd, json, &mut out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let code = cli::report(&e, json, &mut out, &mut std::io::stderr());
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+    }
+}

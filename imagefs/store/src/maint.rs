@@ -49,6 +49,8 @@ pub struct FsckReport {
 }
 
 type Key = [u8; 33];
+/// Per pack: live objects to keep, dead keys to drop, bytes the index accounts for.
+type PackUse = (Vec<(Key, Loc)>, Vec<Key>, u64);
 
 fn key(kind: ObjKind, h: &[u8; 32]) -> Key {
     let mut k = [0u8; 33];
@@ -141,7 +143,7 @@ impl Store {
             live_objs.extend(blocks);
         }
         // per pack: live objects to keep, dead keys to drop, bytes the index accounts for
-        let mut packs: HashMap<u32, (Vec<(Key, Loc)>, Vec<Key>, u64)> = HashMap::new();
+        let mut packs: HashMap<u32, PackUse> = HashMap::new();
         for prefix in [b"b", b"n"] {
             for kv in inner.db.scan_prefix(prefix) {
                 let (k, v) = kv?;

@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 use crate::error::StoreError;
 use crate::ids::{ImageName, VersionId};
 
+/// An index write: (key, Some(value)) sets, (key, None) removes.
+pub(crate) type IndexOp = (Vec<u8>, Option<Vec<u8>>);
+
 /// Kind byte of refs records in the log (payload is JSON).
 pub(crate) const REF_KIND: u8 = 1;
 
@@ -124,7 +127,7 @@ impl RefRecord {
     }
 
     /// The index writes this record makes: (key, Some(value)) to set, (key, None) to remove.
-    pub(crate) fn ops(&self) -> Result<Vec<(Vec<u8>, Option<Vec<u8>>)>, StoreError> {
+    pub(crate) fn ops(&self) -> Result<Vec<IndexOp>, StoreError> {
         let json = |v: &dyn erased::Json| v.to_json();
         Ok(vec![match self {
             RefRecord::Image { name, block_size } => {

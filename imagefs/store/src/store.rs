@@ -276,7 +276,7 @@ impl Store {
             let id = id_of(&k[1..])?;
             out.push(info_of(id, &v)?);
         }
-        out.sort_by(|a, b| (a.created, a.id).cmp(&(b.created, b.id)));
+        out.sort_by_key(|v| (v.created, v.id));
         Ok(out)
     }
 

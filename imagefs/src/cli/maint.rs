@@ -1,0 +1,99 @@
+//! init, fsck, gc: creating a store and keeping it healthy.
+
+use std::path::Path;
+
+use imagefs_store::Store;
+use serde_json::json;
+
+use super::output::{human_bytes, Out};
+use super::CliError;
+
+pub fn init(dir: &Path, o: &mut Out<'_>) -> Result<(), CliError> {
+    Store::init(dir)?;
+    o.result(
+        json!({"store": dir.display().to_string(), "format": imagefs_store::FORMAT}),
+        &format!("initialized store {}", dir.display()),
+    )
+}
+
+pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliError> {
+    let mut versions_total = 0;
+    o.start("fsck", 0);
+    let mut out_err = None;
+    let r = store.fsck(&mut |done, total| {
+        versions_total = total;
+        if let Err(e) = o.progress("fsck", done, total) {
+            out_err.get_or_insert(e);
+        }
+    })?;
+    if let Some(e) = out_err {
+        return Err(e);
+    }
+    let problems: Vec<_> = r
+        .problems
+        .iter()
+        .map(|p| {
+            json!({"image": p.image, "version": p.version.map(|v| v.to_hex()),
+                   "block": p.block, "offset": p.offset, "detail": p.detail})
+        })
+        .collect();
+    let mut text = String::new();
+    for p in &r.problems {
+        match (p.version, p.block, p.offset) {
+            (Some(v), Some(b), Some(off)) => text.push_str(&format!(
+                "PROBLEM {} {}: block {b} at offset {off}: {}\n",
+                p.image,
+                v.short(),
+                p.detail
+            )),
+            (Some(v), _, _) => text.push_str(&format!(
+                "PROBLEM {} {}: {}\n",
+                p.image,
+                v.short(),
+                p.detail
+            )),
+            _ => text.push_str(&format!("PROBLEM store: {}\n", p.detail)),
+        }
+    }
+    text.push_str(&format!(
+        "{}checked {} versions, {} blocks ({} distinct bytes), {} nodes: {}",
+        if repaired { "index rebuilt; " } else { "" },
+        r.versions,
+        r.blocks,
+        human_bytes(r.bytes_checked),
+        r.nodes,
+        if r.problems.is_empty() {
+            "clean".to_string()
+        } else {
+            format!("{} problems", r.problems.len())
+        }
+    ));
+    let ok = r.problems.is_empty();
+    o.result(
+        json!({"ok": ok, "repaired": repaired, "versions": r.versions, "blocks": r.blocks,
+               "nodes": r.nodes, "bytes_checked": r.bytes_checked, "problems": problems}),
+        &text,
+    )?;
+    if ok {
+        Ok(())
+    } else {
+        let mut e = CliError::new(5, format!("fsck found {} problems", r.problems.len()));
+        e.reported = true;
+        Err(e)
+    }
+}
+
+pub fn gc(store: &Store, o: &mut Out<'_>) -> Result<(), CliError> {
+    let r = store.gc()?;
+    let removed: Vec<String> = r.versions_removed.iter().map(|v| v.to_hex()).collect();
+    o.result(
+        json!({"versions_removed": removed, "objects_freed": r.objects_freed,
+               "bytes_freed": r.bytes_freed, "packs_rewritten": r.packs_rewritten}),
+        &format!(
+            "removed {} versions, freed {} objects ({})",
+            removed.len(),
+            r.objects_freed,
+            human_bytes(r.bytes_freed)
+        ),
+    )
+}

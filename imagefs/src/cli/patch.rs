@@ -1,0 +1,109 @@
+//! diff, bundle, apply: what changed between versions, and moving only that between stores.
+
+use imagefs_store::Store;
+use serde_json::json;
+
+use super::output::{human_bytes, Out};
+use super::{resolve, ApplyArgs, BundleArgs, CliError, DiffArgs};
+
+/// Merges sorted block indexes into `[offset, length]` byte ranges, clipped to `size`.
+pub fn ranges(blocks: &[u64], block_size: u64, size: u64) -> Vec<[u64; 2]> {
+    let mut out: Vec<[u64; 2]> = Vec::new();
+    for &b in blocks {
+        let off = b * block_size;
+        let len = block_size.min(size.saturating_sub(off));
+        if len == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if last[0] + last[1] == off => last[1] += len,
+            _ => out.push([off, len]),
+        }
+    }
+    out
+}
+
+pub fn diff(store: &Store, a: &DiffArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let (ia, la) = resolve(store, &a.a)?;
+    let (ib, lb) = resolve(store, &a.b)?;
+    let va = store.version(&ia)?;
+    let vb = store.version(&ib)?;
+    let blocks = store.diff(&ia, &ib)?;
+    let bs = u64::from(va.block_size());
+    let r = ranges(&blocks, bs, va.size().max(vb.size()));
+    let bytes: u64 = r.iter().map(|x| x[1]).sum();
+    let mut text = String::new();
+    for [off, len] in &r {
+        text.push_str(&format!(
+            "{off:>14} {len:>10}  blocks {}..{}\n",
+            off / bs,
+            (off + len).div_ceil(bs)
+        ));
+    }
+    text.push_str(&format!(
+        "{la} -> {lb}: {} changed blocks in {} ranges, {}",
+        blocks.len(),
+        r.len(),
+        human_bytes(bytes)
+    ));
+    o.result(
+        json!({
+            "a": ia.to_hex(), "b": ib.to_hex(), "block_size": bs,
+            "size_a": va.size(), "size_b": vb.size(),
+            "ranges": r, "blocks": blocks, "changed_blocks": blocks.len(), "changed_bytes": bytes,
+        }),
+        &text,
+    )
+}
+
+pub fn bundle(store: &Store, a: &BundleArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let (ia, la) = resolve(store, &a.a)?;
+    let (ib, _) = resolve(store, &a.b)?;
+    let tag = match a.b.split_once(':') {
+        Some(_) => Some(super::name_tag(&a.b)?.1),
+        None => None,
+    };
+    let r = store.write_bundle(&ia, &la, &ib, tag.as_ref(), &a.file)?;
+    o.result(
+        json!({"base": ia.to_hex(), "target": ib.to_hex(), "changes": r.changes,
+               "blocks": r.blocks, "bytes": r.bytes, "file": a.file.display().to_string()}),
+        &format!(
+            "wrote {}: {} changed blocks, {} block payloads, {}",
+            a.file.display(),
+            r.changes,
+            r.blocks,
+            human_bytes(r.bytes)
+        ),
+    )
+}
+
+pub fn apply(store: &Store, a: &ApplyArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let r = store.apply_bundle(&a.file)?;
+    let name = match &r.tag {
+        Some(t) => format!("{}:{t}", r.image),
+        None => r.image.to_string(),
+    };
+    o.result(
+        json!({"image": r.image.as_str(), "tag": r.tag.as_ref().map(|t| t.to_string()),
+               "id": r.target.to_hex(), "base": r.base.to_hex(), "changes": r.changes,
+               "new_blocks": r.blocks}),
+        &format!(
+            "{name} = {} ({} changes, {} new blocks)",
+            r.target.short(),
+            r.changes,
+            r.blocks
+        ),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ranges;
+
+    #[test]
+    fn ranges_merge_adjacent_blocks_and_clip_the_tail() {
+        assert_eq!(ranges(&[0, 1, 3], 10, 100), vec![[0, 20], [30, 10]]);
+        assert_eq!(ranges(&[9], 10, 95), vec![[90, 5]]);
+        assert_eq!(ranges(&[], 10, 95), Vec::<[u64; 2]>::new());
+    }
+}
