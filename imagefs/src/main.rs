@@ -2,6 +2,8 @@
 //! purpose: commands write to the writer they are given, so the daemon can run them too.
 
 mod cli;
+mod daemon;
+mod mount;
 
 use std::process::ExitCode;
 
@@ -22,6 +24,8 @@ struct Args {
 enum Command {
     #[command(flatten)]
     Store(cli::StoreCommand),
+    #[command(flatten)]
+    Mount(mount::cmd::MountCommand),
 }
 
 fn main() -> ExitCode {
@@ -35,10 +39,17 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let dir = cli::store_dir(args.global.store.as_deref());
     let json = args.global.json;
+    // A daemon holding the store runs the command itself (mount/daemon/client.rs).
+    if let Some(code) =
+        daemon::client::forward_if_running(&dir, <Args as clap::CommandFactory>::command())
+    {
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let result = match &args.command {
         Command::Store(cmd) => cli::run_dir(&dir, cmd, json, &mut out),
+        Command::Mount(cmd) => mount::cmd::run_dir(&dir, cmd, json, &mut out, run_forwarded),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -46,5 +57,30 @@ fn main() -> ExitCode {
             let code = cli::report(&e, json, &mut out, &mut std::io::stderr());
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
+    }
+}
+
+/// Runs a command forwarded over the control socket on the daemon's store; returns the exit code.
+fn run_forwarded(
+    argv: Vec<String>,
+    ctx: &mount::Ctx,
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+) -> i32 {
+    let args = match Args::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = write!(err, "{e}");
+            return 2;
+        }
+    };
+    let json = args.global.json;
+    let result = match &args.command {
+        Command::Store(cmd) => cli::run(&ctx.store, cmd, json, out),
+        Command::Mount(cmd) => mount::cmd::run(ctx, cmd, json, out),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => cli::report(&e, json, out, err),
     }
 }

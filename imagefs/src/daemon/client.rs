@@ -51,8 +51,11 @@ fn fix(cmd: &Command, m: &ArgMatches, argv: &mut [String], base: usize) {
             continue;
         }
         let id = arg.get_id().as_str();
-        // try_get_raw first: indices_of panics on an id these matches do not know.
-        if !matches!(m.try_get_raw(id), Ok(Some(_))) {
+        // try_get_raw first: indices_of panics on an id these matches do not know. Defaults
+        // have indices too, but not into argv.
+        if !matches!(m.try_get_raw(id), Ok(Some(_)))
+            || m.value_source(id) != Some(clap::parser::ValueSource::CommandLine)
+        {
             continue;
         }
         let Some(indices) = m.indices_of(id) else {
@@ -95,6 +98,12 @@ mod tests {
                     .long("store")
                     .global(true)
                     .value_parser(clap::value_parser!(PathBuf)),
+            )
+            .arg(
+                clap::Arg::new("json")
+                    .long("json")
+                    .global(true)
+                    .action(clap::ArgAction::SetTrue),
             )
             .subcommand(
                 Command::new("import")
