@@ -15,7 +15,7 @@ use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Address, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::Bus;
@@ -67,6 +67,8 @@ pub enum VmmError {
 pub struct Vmm {
     _kvm: Kvm,
     vm: VmFd,
+    /// Guest RAM: KVM maps it by address, so it must live as long as the VM.
+    _mem: GuestMemoryMmap,
     vcpus: Vec<VcpuFd>,
     bus: Arc<Bus>,
     exit_tx: ExitSender,
@@ -207,6 +209,7 @@ impl TryFrom<VmmConfig> for Vmm {
         Ok(Vmm {
             _kvm: kvm,
             vm,
+            _mem: mem,
             vcpus,
             bus,
             exit_tx,
