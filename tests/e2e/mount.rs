@@ -3,6 +3,8 @@
 //! partial-write capable, durable on fsync and committable, O_DIRECT readers never see a torn
 //! read while substitutions race them, and kill -9 of the daemon mid-write or mid-substitution
 //! leaves a consistent store. Every mount is unmounted on drop, lazily if a test failed.
+// The harness helpers below are test code: a panic there is a test failure with its message.
+#![allow(clippy::unwrap_used)]
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};

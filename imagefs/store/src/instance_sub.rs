@@ -13,6 +13,9 @@ use crate::instance::{flush_writer, now_secs, Instance, InstanceError, View};
 use crate::instance_log::Record;
 use crate::{BlockHash, Store, Version};
 
+/// Overlay changes as `Store::create_version` takes them: block index, new hash or a hole.
+pub type Changes = Vec<(u64, Option<BlockHash>)>;
+
 /// What to do with blocks the instance wrote that the target also changes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -225,10 +228,7 @@ impl Instance {
 
     /// The instance's current contents as `(base, overlay changes)`, after making pending
     /// writes durable: what `Store::create_version` needs to commit it in O(changed blocks).
-    pub fn snapshot_changes(
-        &self,
-        store: &Store,
-    ) -> Result<(Version, Vec<(u64, Option<BlockHash>)>), InstanceError> {
+    pub fn snapshot_changes(&self, store: &Store) -> Result<(Version, Changes), InstanceError> {
         let mut writer = self.lock_writer();
         flush_writer(store, &mut writer)?;
         let view = self.view();
