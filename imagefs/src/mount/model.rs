@@ -557,3 +557,7 @@ impl Model {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;
