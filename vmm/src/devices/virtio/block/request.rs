@@ -160,10 +160,10 @@ pub fn parse<M: GuestMemory + ?Sized>(
     let descs = collect_chain(chain)?;
     let status = locate_status(mem, &descs);
     let reject = |error| Rejected { status, error };
-    let (readable, writable) = split_directions(mem, &descs).map_err(reject)?;
     let Some(status_addr) = status else {
         return Err(reject(RequestError::NoStatusByte));
     };
+    let (readable, writable) = split_directions(mem, &descs).map_err(reject)?;
     let readable_len = total_len(&readable);
     // The status byte is the last writable byte; the writable bytes before it are data.
     let writable_data = total_len(&writable).saturating_sub(1);

@@ -583,3 +583,4 @@ fn one_mebibyte_read_through_an_indirect_table() {
 
 mod malformed;
 mod model;
+mod parse;
