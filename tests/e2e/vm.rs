@@ -112,17 +112,26 @@ fn boot_read_write_poweroff() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let marker = format!("marker-{}", std::process::id());
     let img = ext4_image(dir.path(), 32, &[("marker", &marker)])?;
+    // A second, read-only disk: raw bytes the guest reads and must not be able to change.
+    let ro = dir.path().join("ro.raw");
+    let mut ro_bytes = b"RO-DISK-CONTENT".to_vec();
+    ro_bytes.resize(1 << 20, 0);
+    std::fs::write(&ro, &ro_bytes)?;
     let initrd = inner_initramfs(
         dir.path(),
         "mount -t ext4 /dev/vda /mnt && echo \"MARKER=$(cat /mnt/marker)\"\n\
          echo guest-wrote-this > /mnt/from-guest && sync && echo WRITE-SYNCED\n\
-         umount /mnt",
+         umount /mnt\n\
+         echo \"VDB-RO=$(cat /sys/block/vdb/ro) VDB=$(head -c 15 /dev/vdb)\"\n\
+         if echo overwrite | dd of=/dev/vdb conv=fsync 2>/dev/null; then echo RO-WRITE-ACCEPTED; \
+         else echo RO-WRITE-REFUSED; fi",
     )?;
     let script = format!(
-        "t0=$(date +%s%N 2>/dev/null)\n\
-         /bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio --disk /work/disk.img \
-           --memory 256M --cpus 2 --console /tmp/console.log --cmdline '{INNER_CMDLINE}'\n\
+        "/bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio --disk /work/disk.img \
+           --disk /work/ro.raw,ro --memory 256M --cpus 2 --console /tmp/console.log \
+           --cmdline '{INNER_CMDLINE}'\n\
          echo VMM-RC=$?\n\
+         echo \"RO-AFTER=$(head -c 15 /work/ro.raw)\"\n\
          cat /tmp/console.log\n"
     );
     let back = dir.path().join("disk-back.img");
@@ -131,6 +140,7 @@ fn boot_read_write_poweroff() -> anyhow::Result<()> {
         .file(nested::kernel(), "/work/vmlinuz")
         .file(&initrd, "/work/inner.cpio")
         .file(&img, "/work/disk.img")
+        .file(&ro, "/work/ro.raw")
         .export("/work/disk.img", &back, 64 << 20)
         .timeout(Duration::from_secs(400))
         .run()?;
@@ -246,8 +256,8 @@ fn nested_vmm(
 ) -> anyhow::Result<nested::Outcome> {
     let initrd = inner_initramfs(dir, guest_script)?;
     let script = format!(
-        "VMM=\"/bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio --memory 256M \
-         --console /tmp/console.log\"\nCMDLINE='{INNER_CMDLINE}'\n{outer}\n\
+        "VMM_BASE=\"/bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio --memory 256M\"\n\
+         VMM=\"$VMM_BASE --console /tmp/console.log\"\nCMDLINE='{INNER_CMDLINE}'\n{outer}\n\
          echo ---console---; cat /tmp/console.log\n"
     );
     let mut sc = Scenario::new(&script)
@@ -362,5 +372,90 @@ fn reboot_exits() -> anyhow::Result<()> {
         "vmm did not exit 0 on reboot:\n{out}"
     );
     ensure!(out.contains("rebooted"), "no reboot message:\n{out}");
+    Ok(())
+}
+
+/// Benchmark (run with --ignored): process start to the guest's /init, and to process exit, for
+/// our vmm and for QEMU (q35, KVM), same kernel and initramfs, inside the same nested VM; also
+/// each one's RSS when /init runs. Prints medians and the ratio.
+#[test]
+#[ignore = "benchmark: cargo test -p imagefs-tests --test e2e -- --ignored bench_ --nocapture"]
+fn bench_boot_to_init_vmm_vs_qemu() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    bench_boot().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn bench_boot() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let runs = 3;
+    let outer = format!(
+        "up() {{ cut -d' ' -f1 /proc/uptime; }}\n\
+         watch() {{ while IFS= read -r l; do case \"$l\" in *BOOT-MARK*) \
+           echo \"$(up) $(grep VmRSS /proc/$1/status | tr -s ' ' | cut -d' ' -f2)\";; esac; done; }}\n\
+         mkfifo /tmp/f\n\
+         for i in $(seq {runs}); do\n\
+           s=$(up); $VMM_BASE --console stdio --cmdline \"$CMDLINE quiet\" > /tmp/f & pid=$!\n\
+           m=$(watch $pid < /tmp/f); wait $pid; e=$(up); echo \"RUN vmm $s $m $e\"\n\
+           s=$(up); qemu-system-x86_64 -accel kvm -M q35 -cpu host -m 256 -nodefaults \
+             -no-user-config -nographic -no-reboot -L /qemu-fw -serial stdio \
+             -kernel /work/vmlinuz -initrd /work/inner.cpio \
+             -append 'console=ttyS0 panic=-1 quiet' > /tmp/f & pid=$!\n\
+           m=$(watch $pid < /tmp/f); wait $pid; e=$(up); echo \"RUN qemu $s $m $e\"\n\
+         done"
+    );
+    let mut files: Vec<(PathBuf, &str)> = vec![(
+        PathBuf::from("/usr/bin/qemu-system-x86_64"),
+        "/bin/qemu-system-x86_64",
+    )];
+    for (src, dst) in [
+        ("/usr/share/seabios/bios-256k.bin", "/qemu-fw/bios-256k.bin"),
+        (
+            "/usr/share/qemu/linuxboot_dma.bin",
+            "/qemu-fw/linuxboot_dma.bin",
+        ),
+        ("/usr/share/qemu/kvmvapic.bin", "/qemu-fw/kvmvapic.bin"),
+    ] {
+        files.push((PathBuf::from(src), dst));
+    }
+    let o = nested_vmm(dir.path(), "echo BOOT-MARK; sleep 1", &outer, &files)?;
+    let mut init = std::collections::HashMap::<String, Vec<f64>>::new();
+    let mut total = std::collections::HashMap::<String, Vec<f64>>::new();
+    let mut rss = std::collections::HashMap::<String, Vec<f64>>::new();
+    for line in o.output.lines().filter(|l| l.starts_with("RUN ")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(who), Some(s), Some(m), Some(r), Some(e)) =
+            (f.get(1), f.get(2), f.get(3), f.get(4), f.get(5))
+        else {
+            anyhow::bail!("a run did not reach /init: {line}");
+        };
+        let (s, m, r, e): (f64, f64, f64, f64) = (s.parse()?, m.parse()?, r.parse()?, e.parse()?);
+        init.entry(who.to_string()).or_default().push(m - s);
+        total.entry(who.to_string()).or_default().push(e - s);
+        rss.entry(who.to_string()).or_default().push(r / 1024.0);
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    for who in ["vmm", "qemu"] {
+        let i = init.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
+        let t = total.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
+        let r = rss.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
+        println!("BENCH boot {who}: start->/init {i:.2}s, start->exit {t:.2}s, RSS at /init {r:.1} MiB (guest RAM 256 MiB)");
+    }
+    let ratio = median(init.get("qemu").map(Vec::as_slice).unwrap_or_default())
+        / median(init.get("vmm").map(Vec::as_slice).unwrap_or_default());
+    println!("BENCH boot ratio: vmm is {ratio:.2}x faster than QEMU to /init (nested VM, {runs} runs each)");
+    ensure!(
+        init.get("vmm").map(Vec::len) == Some(runs),
+        "vmm runs missing"
+    );
+    ensure!(
+        init.get("qemu").map(Vec::len) == Some(runs),
+        "qemu runs missing"
+    );
     Ok(())
 }

@@ -14,7 +14,7 @@ use crate::layout::{
 
 /// All devices the vCPUs can reach by exits.
 pub struct Bus {
-    pub com1: Mutex<Uart<ConsoleOut>>,
+    pub com1: Arc<Mutex<Uart<ConsoleOut>>>,
     pub com2: Option<Arc<Mutex<AgentUart>>>,
     pub keyboard: Mutex<Keyboard>,
     pub pm: PmPort,
@@ -104,10 +104,10 @@ mod tests {
         let log = dir.path().join("console");
         let (tx, rx) = ExitSender::new();
         let bus = Bus {
-            com1: Mutex::new(Uart::new(
+            com1: Arc::new(Mutex::new(Uart::new(
                 IrqLine::new()?,
                 crate::devices::legacy::console_out(Some(&log))?,
-            )),
+            ))),
             com2: None,
             keyboard: Mutex::new(Keyboard::new(ResetLine(tx.clone()))),
             pm: PmPort::new(tx),

@@ -127,6 +127,8 @@ pub fn patch_cpuid(cpuid: &mut CpuId, id: u8, cpus: u8) {
 }
 
 /// Boot MSRs: syscall MSRs cleared, fast strings on, MTRRs enabled with write-back default.
+/// The TSC is left alone: KVM synchronises it across vCPUs created together, and writing it
+/// per vCPU at different moments makes Linux mark the TSC unstable.
 fn boot_msrs() -> Result<Msrs, CpuError> {
     let entry = |index: u32, data: u64| kvm_msr_entry {
         index,
@@ -142,7 +144,6 @@ fn boot_msrs() -> Result<Msrs, CpuError> {
         entry(0xc000_0083, 0),       // CSTAR
         entry(0xc000_0084, 0),       // SYSCALL_MASK
         entry(0xc000_0102, 0),       // KERNEL_GS_BASE
-        entry(0x10, 0),              // TSC
         entry(0x1a0, 1),             // MISC_ENABLE: fast strings
         entry(0x2ff, (1 << 11) | 6), // MTRRdefType: enabled, write-back
     ];

@@ -22,7 +22,7 @@ use crate::bus::Bus;
 use crate::config::{ConsoleConfig, VmmConfig};
 use crate::devices::agent::{self, AgentOut, AgentUart, Client};
 use crate::devices::irq::IrqLine;
-use crate::devices::legacy::{console_out, Keyboard, PmPort, ResetLine, Uart};
+use crate::devices::legacy::{console_out, spawn_stdin_feeder, Keyboard, PmPort, ResetLine, Uart};
 use crate::devices::virtio::{FileDisk, VirtioMmioBlock};
 use crate::exit::{ExitSender, GuestExit};
 use crate::layout::{virtio_gsi, virtio_mmio_base, COM1_GSI, COM2_GSI, KVM_TSS_ADDR};
@@ -78,6 +78,8 @@ pub struct Vmm {
     /// (queue ioeventfd, device, queue index) per virtio queue.
     queues: Vec<(EventFd, Arc<Mutex<VirtioMmioBlock>>, u16)>,
     agent: Option<(UnixListener, Arc<Mutex<AgentUart>>, Client, PathBuf)>,
+    /// Whether the console is on stdio (then stdin feeds COM1).
+    console_stdio: bool,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -138,7 +140,7 @@ impl TryFrom<VmmConfig> for Vmm {
         };
         let out = console_out(console_path).map_err(|e| VmmError::Io("opening the console", e))?;
         let com1_line = irq_line(COM1_GSI)?;
-        let com1 = Mutex::new(Uart::new(clone_line(&com1_line)?, out));
+        let com1 = Arc::new(Mutex::new(Uart::new(clone_line(&com1_line)?, out)));
 
         let mut agent = None;
         let mut com2 = None;
@@ -217,6 +219,7 @@ impl TryFrom<VmmConfig> for Vmm {
             _irqs: irqs,
             queues,
             agent,
+            console_stdio: config.console == ConsoleConfig::Stdio,
         })
     }
 }
@@ -259,6 +262,12 @@ impl Vmm {
             threads.push(
                 agent::spawn_bridge(listener, uart.clone(), client.clone())
                     .map_err(|e| VmmError::Io("starting the agent bridge", e))?,
+            );
+        }
+        if self.console_stdio {
+            threads.push(
+                spawn_stdin_feeder(self.bus.com1.clone())
+                    .map_err(|e| VmmError::Io("starting the console input thread", e))?,
             );
         }
         for (evt, dev, index) in &self.queues {

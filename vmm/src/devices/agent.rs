@@ -10,13 +10,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::legacy::Uart;
+use super::legacy::{feed_uart, Uart};
 
 /// How long a guest write may wait on a slow client before the client is dropped: the write runs
 /// on a vCPU thread.
 const CLIENT_WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Poll period while the UART's receive FIFO is full.
-const FIFO_FULL_WAIT: Duration = Duration::from_millis(1);
 
 /// The connected client, shared by the UART's output side and the bridge thread.
 pub type Client = Arc<Mutex<Option<UnixStream>>>;
@@ -79,23 +77,7 @@ fn serve(mut stream: UnixStream, uart: &Mutex<AgentUart>, client: &Client) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        let mut pending = buf.get(..n).unwrap_or_default();
-        while !pending.is_empty() {
-            let taken = {
-                let mut u = uart.lock().unwrap_or_else(PoisonError::into_inner);
-                let room = u.fifo_capacity().min(pending.len());
-                if room == 0 {
-                    0
-                } else {
-                    u.enqueue_raw_bytes(pending.get(..room).unwrap_or_default())
-                        .unwrap_or(0)
-                }
-            };
-            pending = pending.get(taken..).unwrap_or_default();
-            if taken == 0 {
-                std::thread::sleep(FIFO_FULL_WAIT);
-            }
-        }
+        feed_uart(uart, buf.get(..n).unwrap_or_default());
     }
     *client.lock().unwrap_or_else(PoisonError::into_inner) = None;
 }

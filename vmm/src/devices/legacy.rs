@@ -29,6 +29,48 @@ pub fn console_out(path: Option<&std::path::Path>) -> std::io::Result<ConsoleOut
     }
 }
 
+/// Poll period while a UART's receive FIFO is full.
+const FIFO_FULL_WAIT: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Feeds `bytes` into `uart`'s receive FIFO as fast as the guest drains it (nothing is dropped;
+/// the caller waits while the FIFO is full).
+pub fn feed_uart<W: Write>(uart: &std::sync::Mutex<Uart<W>>, mut bytes: &[u8]) {
+    while !bytes.is_empty() {
+        let taken = {
+            let mut u = uart
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let room = u.fifo_capacity().min(bytes.len());
+            match bytes.get(..room) {
+                Some(chunk) if room > 0 => u.enqueue_raw_bytes(chunk).unwrap_or(0),
+                _ => 0,
+            }
+        };
+        bytes = bytes.get(taken..).unwrap_or_default();
+        if taken == 0 {
+            std::thread::sleep(FIFO_FULL_WAIT);
+        }
+    }
+}
+
+/// Forwards the vmm's stdin to the console UART until stdin ends.
+pub fn spawn_stdin_feeder(
+    uart: std::sync::Arc<std::sync::Mutex<Uart<ConsoleOut>>>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("console-in".into())
+        .spawn(move || {
+            let mut stdin = std::io::stdin().lock();
+            let mut buf = [0u8; 1024];
+            loop {
+                match std::io::Read::read(&mut stdin, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => feed_uart(&uart, buf.get(..n).unwrap_or_default()),
+                }
+            }
+        })
+}
+
 /// Sends `Reboot` when the i8042 sees the CPU-reset command (0xFE to port 0x64).
 #[derive(Debug)]
 pub struct ResetLine(pub ExitSender);
