@@ -220,7 +220,14 @@ impl Store {
         if changed {
             db.flush()?;
         }
-        let next_pack = pack_ids.last().map_or(1, |id| id + 1);
+        // ids of packs gc deleted stay recorded in the index: never reuse one
+        let mut next_pack = pack_ids.last().map_or(1, |id| id + 1);
+        for kv in db.scan_prefix(b"s:pack:") {
+            let (k, _) = kv?;
+            if let Some(id) = std::str::from_utf8(&k[7..]).ok().and_then(|s| s.parse::<u32>().ok()) {
+                next_pack = next_pack.max(id + 1);
+            }
+        }
         Ok(Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
