@@ -3,6 +3,9 @@
 //! inputs that must change nothing, corruption that must be caught with exit 5, index loss
 //! repaired from the logs, and kill -9 at random points of import, apply and gc.
 
+// Test code: a failed unwrap is a failed test with its reason.
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -353,11 +356,9 @@ fn bad_inputs_get_one_line_a_code_and_change_nothing() {
         .write(true)
         .open(st.join("lock"))
         .unwrap();
-    // SAFETY: flock on a descriptor we own.
-    assert_eq!(
-        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
-        0
-    );
+    // SAFETY: flock on a descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    assert_eq!(rc, 0);
     let r = fails(&st, &["import", s(&base), "web:v9"], 4);
     assert!(r.stderr.contains("store is busy"), "{}", r.stderr);
     drop(lock);
