@@ -94,6 +94,34 @@ fn busybox() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Where a scenario runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// In a software-emulated outer VM with SVM, whose kernel gives a real /dev/kvm.
+    Nested,
+    /// On this host, in a chroot of the staged files (for hosts whose /dev/kvm runs unmodified
+    /// Linux; needs root).
+    Direct,
+}
+
+impl Mode {
+    /// `$NESTED_MODE` (`nested` or `direct`) if set; else direct where /dev/kvm exists and is
+    /// not kvm_pvm, nested otherwise.
+    pub fn detect() -> Mode {
+        match std::env::var("NESTED_MODE").as_deref() {
+            Ok("direct") => return Mode::Direct,
+            Ok("nested") => return Mode::Nested,
+            _ => {}
+        }
+        let real_kvm = Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists();
+        if real_kvm {
+            Mode::Direct
+        } else {
+            Mode::Nested
+        }
+    }
+}
+
 /// One file the scenario produces and the test reads back afterwards.
 #[derive(Debug, Clone)]
 struct Export {
@@ -109,6 +137,7 @@ pub struct Scenario {
     files: Vec<(PathBuf, String)>,
     exports: Vec<Export>,
     fuse: bool,
+    mode: Mode,
     timeout: Duration,
     memory_mib: u32,
     cpus: u32,
@@ -135,6 +164,7 @@ impl Scenario {
             files: Vec::new(),
             exports: Vec::new(),
             fuse: false,
+            mode: Mode::detect(),
             timeout: Duration::from_secs(300),
             memory_mib: 2048,
             cpus: 1,
@@ -164,6 +194,12 @@ impl Scenario {
         self
     }
 
+    /// Runs in `mode` instead of the detected one.
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.mode = mode;
+        self
+    }
+
     /// Kills the outer VM after `timeout`.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -176,8 +212,11 @@ impl Scenario {
         self
     }
 
-    /// Runs the scenario in a fresh outer VM.
+    /// Runs the scenario: in a fresh outer VM, or directly (see `Mode`).
     pub fn run(&self) -> anyhow::Result<Outcome> {
+        if self.mode == Mode::Direct {
+            return self.run_direct();
+        }
         if let Some(why) = missing_prerequisite() {
             bail!("nested harness cannot run: {why}");
         }
@@ -199,6 +238,29 @@ impl Scenario {
                 .write(true)
                 .open(&e.host)?
                 .set_len(size)?;
+        }
+        Ok(outcome)
+    }
+
+    /// Direct mode: the staged tree becomes the root of a chroot in a private mount namespace;
+    /// exports are copied straight out of it.
+    fn run_direct(&self) -> anyhow::Result<Outcome> {
+        if !crate::is_root() {
+            bail!("direct mode needs root (chroot and mounts)");
+        }
+        let work = tempfile::tempdir().context("creating the staging folder")?;
+        let root = work.path().join("root");
+        self.stage(&root)?;
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "chroot"])
+            .arg(&root)
+            .args(["/bin/sh", "/direct.sh"]);
+        let outcome = self.collect(cmd)?;
+        for e in &self.exports {
+            let src = root.join(e.guest.trim_start_matches('/'));
+            if src.is_file() {
+                std::fs::copy(&src, &e.host).with_context(|| format!("exporting {}", e.guest))?;
+            }
         }
         Ok(outcome)
     }
@@ -266,6 +328,16 @@ impl Scenario {
         let init_path = root.join("init");
         std::fs::write(&init_path, init)?;
         set_mode(&init_path, 0o755)?;
+        let direct = format!(
+            "/bin/busybox --install -s /bin\n\
+             export PATH=/bin:/sbin\n\
+             mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
+             mount -t tmpfs tmp /tmp\n\
+             cd /work\n\
+             (sh /scenario.sh; echo $? > /tmp/rc) 2>&1 | sed 's/^/{OUT_PREFIX}/'\n\
+             echo; echo \"{RC_PREFIX}$(cat /tmp/rc)\"\n"
+        );
+        std::fs::write(root.join("direct.sh"), direct)?;
         Ok(())
     }
 
@@ -287,18 +359,24 @@ impl Scenario {
                 e.host.display()
             ));
         }
+        self.collect(cmd)
+    }
+
+    /// Runs `cmd` under the timeout and reads the scenario's output and status off its stdout.
+    fn collect(&self, mut cmd: Command) -> anyhow::Result<Outcome> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let start = Instant::now();
-        let mut child = cmd.spawn().context("starting qemu-system-x86_64")?;
-        let stdout = child.stdout.take().context("qemu stdout")?;
-        let mut stderr = child.stderr.take().context("qemu stderr")?;
+        let mut child = cmd.spawn().context("starting the scenario's runner")?;
+        let stdout = child.stdout.take().context("runner stdout")?;
+        let mut stderr = child.stderr.take().context("runner stderr")?;
         let (tx, rx) = mpsc::channel::<String>();
+        let verbose = std::env::var_os("NESTED_VERBOSE").is_some();
         let reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).split(b'\n').map_while(Result::ok) {
                 let text = String::from_utf8_lossy(&line).replace('\r', "");
-                if std::env::var_os("NESTED_VERBOSE").is_some() {
+                if verbose {
                     eprintln!("[nested] {text}");
                 }
                 if tx.send(text).is_err() {
@@ -348,7 +426,7 @@ impl Scenario {
             let tail: Vec<&str> = console.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             bail!(
-                "the nested VM did not finish the scenario{} after {:.1}s; qemu stderr: {}; \
+                "the scenario did not finish{} after {:.1}s; runner stderr: {}; \
                  console tail:\n{}",
                 if timed_out { " (timed out)" } else { "" },
                 elapsed.as_secs_f64(),
@@ -423,4 +501,42 @@ pub fn pack_cpio(root: &Path, out: &Path) -> anyhow::Result<()> {
         bail!("cpio failed for {}", root.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn direct_mode_returns_output_status_and_exports() -> anyhow::Result<()> {
+        if !crate::is_root() || busybox().is_none() || !which("unshare") {
+            eprintln!("SKIPPED direct_mode test: needs root, busybox-static and unshare");
+            return Ok(());
+        }
+        let dir = tempfile::tempdir()?;
+        let input = dir.path().join("input.txt");
+        std::fs::write(&input, "from-host")?;
+        let back = dir.path().join("back.txt");
+        let o = Scenario::new(
+            "cat /work/input.txt; echo; echo produced > /work/out.txt; ls /dev/null; exit 7",
+        )
+        .file(&input, "/work/input.txt")
+        .export("/work/out.txt", &back, 4096)
+        .mode(Mode::Direct)
+        .timeout(Duration::from_secs(30))
+        .run()?;
+        assert_eq!(o.status, 7);
+        assert!(o.output.contains("from-host"), "{}", o.output);
+        assert!(o.output.contains("/dev/null"), "{}", o.output);
+        assert_eq!(std::fs::read_to_string(&back)?, "produced\n");
+        Ok(())
+    }
+
+    #[test]
+    fn export_sizes_are_read_per_index() {
+        let console = "junk\nNESTED-EXPORT 1 77\nNESTED-EXPORT 0 5\n";
+        assert_eq!(export_size(console, 0), Some(5));
+        assert_eq!(export_size(console, 1), Some(77));
+        assert_eq!(export_size(console, 2), None);
+    }
 }

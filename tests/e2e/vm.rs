@@ -289,9 +289,12 @@ fn agent_and_sigterm() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let me = std::env::current_exe()?;
     // The guest answers one line on ttyS1, then never powers off.
-    let guest = "stty -F /dev/ttyS1 raw -echo\n\
-                 read -r line < /dev/ttyS1\n\
-                 echo \"echo:$line\" > /dev/ttyS1\n\
+    // The guest answers one line on ttyS1, then never powers off. It keeps the port open so
+    // the raw mode holds; lines that arrived before it took effect (echoed, cut) are skipped.
+    let guest = "exec 3<>/dev/ttyS1\n\
+                 stty -F /dev/ttyS1 raw -echo\n\
+                 while read -r line <&3; do case \"$line\" in *ping*) break;; esac; done\n\
+                 echo \"echo:ping\" >&3\n\
                  echo GUEST-ANSWERED\n\
                  sleep 1000";
     let outer = "$VMM --agent-socket /tmp/agent.sock --term-timeout 3 --cmdline \"$CMDLINE\" \
@@ -337,7 +340,8 @@ fn agent_socket_client() {
     let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while std::time::Instant::now() < deadline && !got.contains(&b'\n') {
+    let answered = |got: &[u8]| String::from_utf8_lossy(got).contains("echo:ping\n");
+    while std::time::Instant::now() < deadline && !answered(&got) {
         // Bytes sent before the guest opens ttyS1 may be flushed by its FIFO reset: resend.
         let _ = s.write_all(b"ping\n");
         let mut buf = [0u8; 256];
@@ -346,7 +350,8 @@ fn agent_socket_client() {
         }
     }
     let text = String::from_utf8_lossy(&got);
-    println!("AGENT-REPLY={}", text.lines().next().unwrap_or("").trim());
+    let reply = text.lines().find(|l| l.contains("echo:")).unwrap_or("");
+    println!("AGENT-REPLY={}", reply.trim());
 }
 
 #[test]
