@@ -244,6 +244,43 @@ fn version_files_read_identical_to_their_sources() {
     m.stop();
 }
 
+#[test]
+fn a_corrupt_block_is_eio_never_wrong_bytes() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let mut m = Mounted::new();
+    let a = noise("corrupt", 64 * BS);
+    m.import("a.img", &a, "web:v1");
+    // Flip one bit of block 5 where its bytes lie in a pack file.
+    let block = &a[5 * BS..6 * BS];
+    let mut hit = false;
+    for e in std::fs::read_dir(m.store.join("packs")).unwrap() {
+        let p = e.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        if let Some(at) = bytes.windows(BS).position(|w| w == block) {
+            bytes[at + 100] ^= 1;
+            std::fs::write(&p, &bytes).unwrap();
+            hit = true;
+        }
+    }
+    assert!(hit, "block 5 not found in any pack file");
+    m.start();
+    let f = File::open(m.path("images/web/v1.raw")).unwrap();
+    let mut buf = vec![0u8; BS];
+    let err = f.read_exact_at(&mut buf, 5 * BS as u64).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    f.read_exact_at(&mut buf, 6 * BS as u64).unwrap();
+    assert_eq!(buf, &a[6 * BS..7 * BS]);
+    drop(f);
+    m.stop();
+    let log = std::fs::read_to_string(m.dir.path().join("daemon.stderr")).unwrap();
+    assert!(
+        log.contains("corrupt"),
+        "the daemon did not log the corruption: {log}"
+    );
+}
+
 fn pwrite_all(f: &File, data: &[u8], off: u64) {
     f.write_all_at(data, off).unwrap();
 }

@@ -14,6 +14,7 @@ use super::control;
 /// its exit code; `None` when no daemon answers (run the command here).
 pub fn forward_if_running(dir: &Path, cli: Command) -> Option<i32> {
     let stream = control::connect(dir)?;
+    let daemon_pid = control::peer_pid(&stream).ok();
     let argv: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
@@ -22,11 +23,33 @@ pub fn forward_if_running(dir: &Path, cli: Command) -> Option<i32> {
     let mut out = stdout.lock();
     let mut err = std::io::stderr();
     match control::forward(stream, argv, &mut out, &mut err) {
-        Ok(code) => Some(code),
+        Ok(code) => {
+            // The command stopped the daemon (umount): it removed its socket before answering.
+            // Wait for the process to go, so the store is free for whatever runs next.
+            if let (false, Some(pid)) = (control::socket_path(dir).exists(), daemon_pid) {
+                let start = std::time::Instant::now();
+                while alive(pid) && start.elapsed() < std::time::Duration::from_secs(10) {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+            }
+            Some(code)
+        }
         Err(e) => {
             eprintln!("imagefs: error: {e}");
             Some(1)
         }
+    }
+}
+
+/// Whether process `pid` still runs (a zombie has released everything it held).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+        Err(_) => false,
     }
 }
 

@@ -179,6 +179,15 @@ pub fn bind(store_dir: &Path) -> Result<UnixListener, ControlError> {
 
 /// The uid of the process at the other end of `stream`.
 fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    peer_cred(stream).map(|c| c.uid)
+}
+
+/// The pid of the process at the other end of `stream`.
+pub fn peer_pid(stream: &UnixStream) -> io::Result<i32> {
+    peer_cred(stream).map(|c| c.pid)
+}
+
+fn peer_cred(stream: &UnixStream) -> io::Result<libc::ucred> {
     use std::os::fd::AsRawFd;
     let mut cred = libc::ucred {
         pid: 0,
@@ -199,7 +208,7 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(cred.uid)
+    Ok(cred)
 }
 
 /// Serves connections on `listener` until it fails; each connection on its own thread.
