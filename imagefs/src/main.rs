@@ -1,6 +1,7 @@
 //! The `imagefs` command: parses arguments and hands each command to its module. Thin on
 //! purpose: commands write to the writer they are given, so the daemon can run them too.
 
+mod agent_cmd;
 mod cli;
 mod daemon;
 mod mount;
@@ -26,6 +27,8 @@ enum Command {
     Store(cli::StoreCommand),
     #[command(flatten)]
     Mount(mount::cmd::MountCommand),
+    /// Talk to a guest's agent: ping, hash a file, run a command, send a notice
+    Agent(agent_cmd::AgentArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +40,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
+    // The agent is reached through its own socket, never through the store or its daemon.
+    let args = match args.command {
+        Command::Agent(agent) => return agent_exit(agent_cmd::run(agent)),
+        command => Args { command, ..args },
+    };
     let dir = cli::store_dir(args.global.store.as_deref());
     let json = args.global.json;
     // A daemon holding the store runs the command itself (mount/daemon/client.rs).
@@ -50,6 +58,7 @@ fn main() -> ExitCode {
     let result = match &args.command {
         Command::Store(cmd) => cli::run_dir(&dir, cmd, json, &mut out),
         Command::Mount(cmd) => mount::cmd::run_dir(&dir, cmd, json, &mut out, run_forwarded),
+        Command::Agent(_) => return ExitCode::from(2),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -78,9 +87,24 @@ fn run_forwarded(
     let result = match &args.command {
         Command::Store(cmd) => cli::run(&ctx.store, cmd, json, out),
         Command::Mount(cmd) => mount::cmd::run(ctx, cmd, json, out),
+        Command::Agent(_) => {
+            let _ = writeln!(err, "the agent command is not run by the daemon");
+            return 2;
+        }
     };
     match result {
         Ok(()) => 0,
         Err(e) => cli::report(&e, json, out, err),
+    }
+}
+
+/// Maps the agent command's outcome to the process exit code (errors as one line on stderr).
+fn agent_exit(result: anyhow::Result<i32>) -> ExitCode {
+    match result {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("imagefs: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }
