@@ -33,3 +33,8 @@ test: guest build
 
 clean-guest:
 	rm -rf target/guest
+
+# Benchmarks, side by side in one run (root: FUSE mounts, drop_caches).
+bench:
+	$(CARGO) build --release -p imagefs
+	bash scripts/bench-mount.sh target/release/imagefs

@@ -132,6 +132,16 @@ impl Mounted {
         assert!(!self.store.join("control.sock").exists());
     }
 
+    /// SIGTERM: the daemon must unmount, flush and exit 0 on its own.
+    fn term(&mut self) {
+        let mut child = self.daemon.take().unwrap();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let status = child.wait().unwrap();
+        assert!(status.success(), "daemon exit status {status} after SIGTERM");
+        assert!(!is_mounted(&self.mnt));
+    }
+
     /// kill -9 of the daemon; the dead mount is detached.
     fn kill9(&mut self) {
         if let Some(mut c) = self.daemon.take() {
@@ -350,8 +360,8 @@ fn instances_are_private_partial_durable_and_committable() {
         Some(2)
     );
 
-    // Everything fsynced is there after a clean restart too.
-    m.stop();
+    // Everything fsynced is there after a clean restart too (SIGTERM stops the daemon cleanly).
+    m.term();
     m.start();
     assert_eq!(m.read("instances/vm1.raw"), want);
     m.stop();
