@@ -138,7 +138,10 @@ impl Mounted {
         // SAFETY: kill(2) on our own child's pid.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let status = child.wait().unwrap();
-        assert!(status.success(), "daemon exit status {status} after SIGTERM");
+        assert!(
+            status.success(),
+            "daemon exit status {status} after SIGTERM"
+        );
         assert!(!is_mounted(&self.mnt));
     }
 
@@ -333,6 +336,11 @@ fn instances_are_private_partial_durable_and_committable() {
     assert_eq!(m.read("instances/vm1.raw"), want);
     assert_eq!(m.read("images/web/v1.raw"), a, "shared blocks never change");
     assert!(f.set_len(1).is_err(), "a live disk does not change size");
+    assert_eq!(
+        m.cli(&["instance", "rm", "vm1"]).status.code(),
+        Some(4),
+        "an open instance cannot be removed"
+    );
     drop(f);
 
     m.ok(&["instance", "commit", "vm1", "web:v3"]);

@@ -104,7 +104,7 @@ pub struct MountArgs {
     #[arg(long)]
     pub daemon: bool,
     /// Worker threads serving reads and writes.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     pub threads: usize,
 }
 
@@ -243,6 +243,12 @@ pub fn instance(
         }
         InstanceCmd::Rm { id } => {
             let id = instance_id(id)?;
+            if ctx.live.as_ref().is_some_and(|l| l.model.is_open(&id)) {
+                return Err(CliError::new(
+                    4,
+                    format!("instance {id} is open through the mount (a VM may be using it)"),
+                ));
+            }
             ctx.instances.remove(&id)?;
             writeln!(out, "removed instance {id}").map_err(io_err)?;
         }

@@ -476,6 +476,15 @@ impl Model {
             .ok_or(Errno(libc::EBADF))
     }
 
+    /// Whether the instance is open through the mount (a VM may be using it).
+    pub fn is_open(&self, id: &InstanceId) -> bool {
+        self.handles
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .any(|h| matches!(h, Handle::Instance(i) if i.id() == id))
+    }
+
     /// Forgets an open handle.
     pub fn release(&self, fh: u64) {
         self.handles
