@@ -458,7 +458,7 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
 
 /// Copies `host` to `root`+`guest`, and for a dynamically linked ELF every library `ldd` names
 /// (at the same absolute paths, which is where the loader looks).
-fn copy_with_libs(host: &Path, root: &Path, guest: &str) -> anyhow::Result<()> {
+pub fn copy_with_libs(host: &Path, root: &Path, guest: &str) -> anyhow::Result<()> {
     let dest = root.join(guest.trim_start_matches('/'));
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent)?;

@@ -1,0 +1,263 @@
+//! Benchmarks of the vmm against QEMU (KVM), both inside the same nested VM, run on demand:
+//! `cargo test -p imagefs-tests --test e2e -- --ignored vm::bench:: --nocapture`. Boot: process
+//! start to the guest's /init and to exit, and RSS at /init. Disk: sequential 1 MiB and random
+//! 4 KiB O_DIRECT reads of a raw file inside the guest, measured by this test binary itself.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use imagefs_tests::nested::{self, Scenario};
+use imagefs_tests::{bin, skip};
+
+use super::{inner_initramfs_with, nested_vmm, prerequisites, INNER_CMDLINE};
+
+/// QEMU and the firmware files it needs for a q35 -kernel boot, as (host, outer-VM path).
+fn qemu_files() -> Vec<(PathBuf, &'static str)> {
+    [
+        ("/usr/bin/qemu-system-x86_64", "/bin/qemu-system-x86_64"),
+        ("/usr/share/seabios/bios-256k.bin", "/qemu-fw/bios-256k.bin"),
+        (
+            "/usr/share/qemu/linuxboot_dma.bin",
+            "/qemu-fw/linuxboot_dma.bin",
+        ),
+        ("/usr/share/qemu/kvmvapic.bin", "/qemu-fw/kvmvapic.bin"),
+    ]
+    .into_iter()
+    .map(|(h, g)| (PathBuf::from(h), g))
+    .collect()
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// Benchmark (run with --ignored): process start to the guest's /init, and to process exit, for
+/// our vmm and for QEMU (q35, KVM), same kernel and initramfs, inside the same nested VM; also
+/// each one's RSS when /init runs. Prints medians and the ratio.
+#[test]
+#[ignore = "benchmark: cargo test -p imagefs-tests --test e2e -- --ignored vm::bench:: --nocapture"]
+fn bench_boot_to_init_vmm_vs_qemu() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    bench_boot().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn bench_boot() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let runs = 3;
+    let outer = format!(
+        "up() {{ cut -d' ' -f1 /proc/uptime; }}\n\
+         watch() {{ while IFS= read -r l; do case \"$l\" in *BOOT-MARK*) \
+           echo \"$(up) $(grep VmRSS /proc/$1/status | tr -s ' ' | cut -d' ' -f2)\";; esac; done; }}\n\
+         mkfifo /tmp/f\n\
+         for i in $(seq {runs}); do\n\
+           s=$(up); $VMM_BASE --console stdio --cmdline \"$CMDLINE quiet\" > /tmp/f & pid=$!\n\
+           m=$(watch $pid < /tmp/f); wait $pid; e=$(up); echo \"RUN vmm $s $m $e\"\n\
+           s=$(up); qemu-system-x86_64 -accel kvm -M q35 -cpu host -m 256 -nodefaults \
+             -no-user-config -nographic -no-reboot -L /qemu-fw -serial stdio \
+             -kernel /work/vmlinuz -initrd /work/inner.cpio \
+             -append 'console=ttyS0 panic=-1 quiet' > /tmp/f & pid=$!\n\
+           m=$(watch $pid < /tmp/f); wait $pid; e=$(up); echo \"RUN qemu $s $m $e\"\n\
+         done"
+    );
+    let mut files: Vec<(PathBuf, &str)> = vec![(
+        PathBuf::from("/usr/bin/qemu-system-x86_64"),
+        "/bin/qemu-system-x86_64",
+    )];
+    for (src, dst) in [
+        ("/usr/share/seabios/bios-256k.bin", "/qemu-fw/bios-256k.bin"),
+        (
+            "/usr/share/qemu/linuxboot_dma.bin",
+            "/qemu-fw/linuxboot_dma.bin",
+        ),
+        ("/usr/share/qemu/kvmvapic.bin", "/qemu-fw/kvmvapic.bin"),
+    ] {
+        files.push((PathBuf::from(src), dst));
+    }
+    let o = nested_vmm(dir.path(), "echo BOOT-MARK; sleep 1", &outer, &files)?;
+    let mut init = std::collections::HashMap::<String, Vec<f64>>::new();
+    let mut total = std::collections::HashMap::<String, Vec<f64>>::new();
+    let mut rss = std::collections::HashMap::<String, Vec<f64>>::new();
+    for line in o.output.lines().filter(|l| l.starts_with("RUN ")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(who), Some(s), Some(m), Some(r), Some(e)) =
+            (f.get(1), f.get(2), f.get(3), f.get(4), f.get(5))
+        else {
+            anyhow::bail!("a run did not reach /init: {line}");
+        };
+        let (s, m, r, e): (f64, f64, f64, f64) = (s.parse()?, m.parse()?, r.parse()?, e.parse()?);
+        init.entry(who.to_string()).or_default().push(m - s);
+        total.entry(who.to_string()).or_default().push(e - s);
+        rss.entry(who.to_string()).or_default().push(r / 1024.0);
+    }
+    for who in ["vmm", "qemu"] {
+        let i = init.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
+        let t = total.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
+        let r = rss.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
+        println!("BENCH boot {who}: start->/init {i:.2}s, start->exit {t:.2}s, RSS at /init {r:.1} MiB (guest RAM 256 MiB)");
+    }
+    let ratio = median(init.get("qemu").map(Vec::as_slice).unwrap_or_default())
+        / median(init.get("vmm").map(Vec::as_slice).unwrap_or_default());
+    println!("BENCH boot ratio: vmm is {ratio:.2}x faster than QEMU to /init (nested VM, {runs} runs each)");
+    ensure!(
+        init.get("vmm").map(Vec::len) == Some(runs),
+        "vmm runs missing"
+    );
+    ensure!(
+        init.get("qemu").map(Vec::len) == Some(runs),
+        "qemu runs missing"
+    );
+    Ok(())
+}
+
+/// Inner-guest modules for both transports (our vmm: virtio-mmio; QEMU q35: virtio-pci).
+const BOTH_TRANSPORTS: [&str; 7] = [
+    "drivers/virtio/virtio_ring.ko",
+    "drivers/virtio/virtio.ko",
+    "drivers/virtio/virtio_mmio.ko",
+    "drivers/virtio/virtio_pci_legacy_dev.ko",
+    "drivers/virtio/virtio_pci_modern_dev.ko",
+    "drivers/virtio/virtio_pci.ko",
+    "drivers/block/virtio_blk.ko",
+];
+
+/// Benchmark (run with --ignored): guest-side sequential 1 MiB and random 4 KiB O_DIRECT reads
+/// of the same raw file, through our vmm's virtio-mmio block device and QEMU's virtio-blk-pci.
+#[test]
+#[ignore = "benchmark: cargo test -p imagefs-tests --test e2e -- --ignored vm::bench:: --nocapture"]
+fn bench_disk_reads_vmm_vs_qemu() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    bench_disk().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn bench_disk() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let me = std::env::current_exe()?;
+    let guest = "i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+                 PROBE_DEV=/dev/vda /bin/e2e vm::bench::disk_read_probe --exact --ignored \
+                 --nocapture --test-threads=1 2>&1 | grep PROBE";
+    let initrd = inner_initramfs_with(dir.path(), guest, &BOTH_TRANSPORTS, &[(me, "/bin/e2e")])?;
+    let outer = format!(
+        "dd if=/dev/urandom of=/tmp/disk.raw bs=1M count=128 2>/dev/null\n\
+         for i in 1 2; do\n\
+           /bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio --memory 512M \
+             --disk /tmp/disk.raw --console stdio --cmdline '{INNER_CMDLINE} quiet' \
+             | grep PROBE | sed 's/^/vmm /'\n\
+           qemu-system-x86_64 -accel kvm -M q35 -cpu host -m 512 -nodefaults -no-user-config \
+             -nographic -no-reboot -L /qemu-fw -serial stdio -kernel /work/vmlinuz \
+             -initrd /work/inner.cpio -append 'console=ttyS0 panic=-1 quiet' \
+             -drive file=/tmp/disk.raw,format=raw,if=virtio | grep PROBE | sed 's/^/qemu /'\n\
+         done"
+    );
+    let mut sc = Scenario::new(&outer)
+        .file(bin("vmm"), "/bin/vmm")
+        .file(nested::kernel(), "/work/vmlinuz")
+        .file(&initrd, "/work/inner.cpio")
+        .timeout(Duration::from_secs(900));
+    for (h, g) in qemu_files() {
+        sc = sc.file(h, g);
+    }
+    let o = sc.run()?;
+    eprintln!(
+        "nested run took {:.1}s; output:\n{}",
+        o.elapsed.as_secs_f64(),
+        o.output
+    );
+    let mut seq = std::collections::HashMap::<&str, Vec<f64>>::new();
+    let mut rand = std::collections::HashMap::<&str, Vec<f64>>::new();
+    for line in o.output.lines() {
+        let who = if line.starts_with("vmm ") {
+            "vmm"
+        } else if line.starts_with("qemu ") {
+            "qemu"
+        } else {
+            continue;
+        };
+        for word in line.split_whitespace() {
+            if let Some(v) = word.strip_prefix("seq_mib_s=").and_then(|v| v.parse().ok()) {
+                seq.entry(who).or_default().push(v);
+            }
+            if let Some(v) = word.strip_prefix("rand_iops=").and_then(|v| v.parse().ok()) {
+                rand.entry(who).or_default().push(v);
+            }
+        }
+    }
+    let get = |m: &std::collections::HashMap<&str, Vec<f64>>, k: &str| {
+        m.get(k).map(|v| median(v)).unwrap_or(f64::NAN)
+    };
+    for who in ["vmm", "qemu"] {
+        println!(
+            "BENCH disk {who}: sequential 1 MiB {:.1} MiB/s, random 4 KiB {:.0} IOPS (O_DIRECT, raw file, nested VM)",
+            get(&seq, who),
+            get(&rand, who)
+        );
+    }
+    println!(
+        "BENCH disk ratio vmm/qemu: sequential {:.2}x, random {:.2}x (goal >= 0.8x)",
+        get(&seq, "vmm") / get(&seq, "qemu"),
+        get(&rand, "vmm") / get(&rand, "qemu")
+    );
+    ensure!(
+        seq.get("vmm").is_some() && seq.get("qemu").is_some(),
+        "a run did not report"
+    );
+    Ok(())
+}
+
+/// Helper, not a test on its own: run inside the inner guest by the disk benchmark with
+/// $PROBE_DEV set. Reads the device sequentially in 1 MiB O_DIRECT reads, then at random 4 KiB
+/// offsets for 3 s, and prints both rates.
+#[test]
+#[ignore = "helper run inside the inner guest by bench_disk_reads_vmm_vs_qemu"]
+fn disk_read_probe() {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let Some(dev) = std::env::var_os("PROBE_DEV") else {
+        panic!("run only by the disk benchmark");
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&dev)
+        .unwrap_or_else(|e| panic!("PROBE open failed: {e}"));
+    let size = f.seek(SeekFrom::End(0)).unwrap_or(0);
+    const MIB: usize = 1 << 20;
+    // O_DIRECT wants an aligned buffer: take an aligned window of a larger one.
+    let mut raw = vec![0u8; MIB + 4096];
+    let off = raw.as_ptr().align_offset(4096);
+    let Some(buf) = raw.get_mut(off..off + MIB) else {
+        panic!("PROBE cannot align a buffer");
+    };
+    let start = Instant::now();
+    let mut pos = 0u64;
+    while pos + MIB as u64 <= size {
+        f.read_exact_at(buf, pos)
+            .unwrap_or_else(|e| panic!("PROBE read failed: {e}"));
+        pos += MIB as u64;
+    }
+    let seq = pos as f64 / MIB as f64 / start.elapsed().as_secs_f64();
+    let blocks = (size / 4096).max(1);
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut n = 0u64;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let at = (x % blocks) * 4096;
+        let Some(small) = buf.get_mut(..4096) else {
+            break;
+        };
+        f.read_exact_at(small, at)
+            .unwrap_or_else(|e| panic!("PROBE read failed: {e}"));
+        n += 1;
+    }
+    let iops = n as f64 / start.elapsed().as_secs_f64();
+    println!("PROBE seq_mib_s={seq:.1} rand_iops={iops:.0}");
+}
