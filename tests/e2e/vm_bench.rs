@@ -204,7 +204,7 @@ fn bench_disk() -> anyhow::Result<()> {
         get(&rand, "vmm") / get(&rand, "qemu")
     );
     ensure!(
-        seq.get("vmm").is_some() && seq.get("qemu").is_some(),
+        seq.contains_key("vmm") && seq.contains_key("qemu"),
         "a run did not report"
     );
     Ok(())
