@@ -2,6 +2,8 @@
 //! one partial node per tree level), holes skipped without reading, blocks hashed on 2 threads.
 //! Invariant: the version becomes visible only after every block and node it needs is durable.
 
+use std::sync::mpsc;
+
 use crate::error::StoreError;
 use crate::ids::{ImageName, VersionId};
 use crate::pack::ObjKind;
@@ -37,6 +39,68 @@ pub struct ImportReport {
     pub stats: ImportProgress,
 }
 
+/// One chunk read and hashed: `data` is `None` for a chunk known to be a hole.
+struct Chunk {
+    data: Option<Vec<u8>>,
+    hashes: Vec<Option<[u8; 32]>>,
+    blocks: usize,
+    /// Image offset just past this chunk.
+    end: u64,
+}
+
+/// Reads `src` chunk by chunk into buffers from `free`, hashes each block (2 threads), and
+/// sends the chunks to `full` in order. Stops at the first error (sent) or when the receiver
+/// hangs up.
+fn read_chunks(
+    src: &mut dyn ImageSource,
+    size: u64,
+    bsz: usize,
+    chunk: usize,
+    free: mpsc::Receiver<Vec<u8>>,
+    full: mpsc::SyncSender<Result<Chunk, StoreError>>,
+) {
+    let mut off = 0u64;
+    while off < size {
+        let want = (chunk as u64).min(size - off) as usize;
+        let blocks = want.div_ceil(bsz);
+        let end = off + want as u64;
+        let msg = (|| -> Result<Chunk, StoreError> {
+            if src.is_hole(off, want as u64)? {
+                return Ok(Chunk {
+                    data: None,
+                    hashes: Vec::new(),
+                    blocks,
+                    end,
+                });
+            }
+            let mut buf = free.recv().unwrap_or_else(|_| vec![0u8; chunk]);
+            let data = &mut buf[..blocks * bsz];
+            // the image tail is zero-padded to a whole block
+            data[want..].fill(0);
+            src.read_at(off, &mut data[..want])?;
+            let mut hashes = vec![None; blocks];
+            let half = blocks / 2;
+            let (h1, h2) = hashes.split_at_mut(half);
+            let (d1, d2) = buf[..blocks * bsz].split_at(half * bsz);
+            std::thread::scope(|s| {
+                s.spawn(|| hash_blocks(d1, bsz, h1));
+                hash_blocks(d2, bsz, h2);
+            });
+            Ok(Chunk {
+                data: Some(buf),
+                hashes,
+                blocks,
+                end,
+            })
+        })();
+        let failed = msg.is_err();
+        if full.send(msg).is_err() || failed {
+            return;
+        }
+        off = end;
+    }
+}
+
 fn hash_blocks(data: &[u8], bs: usize, out: &mut [Option<[u8; 32]>]) {
     for (block, slot) in data.chunks(bs).zip(out.iter_mut()) {
         *slot = (!is_zero(block)).then(|| *blake3::hash(block).as_bytes());
@@ -69,55 +133,64 @@ impl Store {
         let bsz = bs as usize;
         let n = size.div_ceil(u64::from(bs));
         let chunk = CHUNK.max(bsz);
-        let mut buf = vec![0u8; chunk];
-        let mut hashes: Vec<Option<[u8; 32]>> = vec![None; chunk / bsz];
         let mut builder = Builder::new(&self.inner, n, false);
         let mut stats = ImportProgress {
             total: size,
             ..Default::default()
         };
-        let mut off = 0u64;
-        while off < size {
-            let want = (chunk as u64).min(size - off) as usize;
-            let blocks = want.div_ceil(bsz);
-            if src.is_hole(off, want as u64)? {
-                for _ in 0..blocks {
-                    builder.push(None)?;
-                }
-                stats.holes += blocks as u64;
-            } else {
-                let data = &mut buf[..blocks * bsz];
-                // the image tail is zero-padded to a whole block
-                data[want..].fill(0);
-                src.read_at(off, &mut data[..want])?;
-                let data = &buf[..blocks * bsz];
-                let hs = &mut hashes[..blocks];
-                let half = blocks / 2;
-                let (h1, h2) = hs.split_at_mut(half);
-                let (d1, d2) = data.split_at(half * bsz);
-                std::thread::scope(|s| {
-                    s.spawn(|| hash_blocks(d1, bsz, h1));
-                    hash_blocks(d2, bsz, h2);
-                });
-                for (i, h) in hashes[..blocks].iter().enumerate() {
-                    match h {
-                        None => stats.holes += 1,
-                        Some(h) => {
-                            if self.inner.locate(ObjKind::Block, h)?.is_some() {
-                                stats.dedup_blocks += 1;
-                            } else {
-                                let block = &buf[i * bsz..(i + 1) * bsz];
-                                self.inner.put_object(ObjKind::Block, h, block)?;
-                                stats.new_blocks += 1;
+        let format = src.format();
+        // A reader thread reads and hashes chunks while this one writes them: disk writes
+        // and page-cache copies overlap hashing. Two buffers circulate, so memory is bounded.
+        let (full_tx, full_rx) = mpsc::sync_channel::<Result<Chunk, StoreError>>(1);
+        let (free_tx, free_rx) = mpsc::sync_channel::<Vec<u8>>(2);
+        for _ in 0..2 {
+            let _ = free_tx.send(vec![0u8; chunk]);
+        }
+        std::thread::scope(|scope| -> Result<(), StoreError> {
+            // owned by this body, so an early error return unblocks a reader waiting for a buffer
+            let free_tx = free_tx;
+            scope.spawn(move || read_chunks(src, size, bsz, chunk, free_rx, full_tx));
+            for msg in full_rx {
+                let c = msg?;
+                match &c.data {
+                    None => {
+                        for _ in 0..c.blocks {
+                            builder.push(None)?;
+                        }
+                        stats.holes += c.blocks as u64;
+                    }
+                    Some(buf) => {
+                        for (i, h) in c.hashes.iter().enumerate() {
+                            match h {
+                                None => stats.holes += 1,
+                                Some(h) => {
+                                    if self.inner.locate(ObjKind::Block, h)?.is_some() {
+                                        stats.dedup_blocks += 1;
+                                    } else {
+                                        let block = &buf[i * bsz..(i + 1) * bsz];
+                                        self.inner.put_object(ObjKind::Block, h, block)?;
+                                        stats.new_blocks += 1;
+                                    }
+                                }
                             }
+                            builder.push(*h)?;
                         }
                     }
-                    builder.push(*h)?;
+                }
+                stats.done = c.end;
+                progress(&stats);
+                if let Some(buf) = c.data {
+                    // the reader may have stopped already; then the buffer is simply dropped
+                    let _ = free_tx.send(buf);
                 }
             }
-            off += want as u64;
-            stats.done = off;
-            progress(&stats);
+            Ok(())
+        })?;
+        if stats.done != size {
+            return Err(StoreError::BadSource {
+                path: "import".into(),
+                why: "reader stopped early".to_string(),
+            });
         }
         let root = builder.finish()?;
         let id = self.inner.commit_version(image, size, bs, &root)?;
@@ -125,7 +198,7 @@ impl Store {
             id,
             size,
             block_size: bs,
-            format: src.format(),
+            format,
             stats,
         })
     }

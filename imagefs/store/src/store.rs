@@ -24,8 +24,9 @@ pub const FORMAT: &str = "imagefs-store 1";
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Pack files roll over past this size.
 const PACK_ROLL: u64 = 1 << 30;
-/// Pending (unindexed) objects are made durable and indexed past this many bytes.
-const SYNC_EVERY: u64 = 256 << 20;
+/// Pending (unindexed) objects are made durable and indexed past this many objects (bounds
+/// the pending map to ~20 MiB; a byte bound would stall the pipeline on fsync needlessly).
+const SYNC_EVERY: u64 = 1 << 18;
 
 /// Checks a block size: a power of two from 4 KiB to 1 MiB.
 pub fn check_block_size(bs: u64) -> Result<u32, StoreError> {
@@ -224,7 +225,10 @@ impl Store {
         let mut next_pack = pack_ids.last().map_or(1, |id| id + 1);
         for kv in db.scan_prefix(b"s:pack:") {
             let (k, _) = kv?;
-            if let Some(id) = std::str::from_utf8(&k[7..]).ok().and_then(|s| s.parse::<u32>().ok()) {
+            if let Some(id) = std::str::from_utf8(&k[7..])
+                .ok()
+                .and_then(|s| s.parse::<u32>().ok())
+            {
                 next_pack = next_pack.max(id + 1);
             }
         }
@@ -536,7 +540,7 @@ impl Inner {
                 return Err(e);
             }
         };
-        w.unsynced += u64::from(loc.len);
+        w.unsynced += 1;
         self.pending
             .write()
             .unwrap_or_else(|p| p.into_inner())
