@@ -1,13 +1,12 @@
-//! The store handle: opening (format check, writer lock, index catch-up from the logs), the
-//! object layer (put/get of blocks and block-map nodes) and durable commits of refs records.
-//! Invariant: an index entry never points at bytes that are not durable, and every durable
-//! record of the logs is reflected in the index once `open` returns.
+//! The store handle: opening (format check, writer lock, index catch-up from the logs) and
+//! the name-level queries (images, versions, tags, resolve). Objects and commits: objects.rs.
+//! Invariant: every durable record of the logs is reflected in the index once `open` returns.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::StoreError;
@@ -23,10 +22,10 @@ pub const FORMAT: &str = "imagefs-store 1";
 /// Default block size of a new image.
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 * 1024;
 /// Pack files roll over past this size.
-const PACK_ROLL: u64 = 1 << 30;
+pub(crate) const PACK_ROLL: u64 = 1 << 30;
 /// Pending (unindexed) objects are made durable and indexed past this many objects (bounds
 /// the pending map to ~20 MiB; a byte bound would stall the pipeline on fsync needlessly).
-const SYNC_EVERY: u64 = 1 << 18;
+pub(crate) const SYNC_EVERY: u64 = 1 << 18;
 
 /// Checks a block size: a power of two from 4 KiB to 1 MiB.
 pub fn check_block_size(bs: u64) -> Result<u32, StoreError> {
@@ -44,17 +43,17 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn obj_key(kind: ObjKind, hash: &[u8; 32]) -> [u8; 33] {
+pub(crate) fn obj_key(kind: ObjKind, hash: &[u8; 32]) -> [u8; 33] {
     let mut k = [0u8; 33];
     k[0] = kind.key_prefix();
     k[1..].copy_from_slice(hash);
     k
 }
 
-fn pack_state_key(id: u32) -> Vec<u8> {
+pub(crate) fn pack_state_key(id: u32) -> Vec<u8> {
     format!("s:pack:{id:08}").into_bytes()
 }
-const REFS_STATE_KEY: &[u8] = b"s:refs";
+pub(crate) const REFS_STATE_KEY: &[u8] = b"s:refs";
 
 fn u64_of(v: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(v.try_into().ok()?))
@@ -446,180 +445,4 @@ fn info_of(id: VersionId, v: &[u8]) -> Result<VersionInfo, StoreError> {
 pub fn is_zero(data: &[u8]) -> bool {
     data.chunks(4096)
         .all(|c| c.iter().fold(0u8, |acc, &b| acc | b) == 0)
-}
-
-impl Inner {
-    pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
-        // A panic while holding the writer leaves only pending objects, which are re-scanned.
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub(crate) fn locate(&self, kind: ObjKind, hash: &[u8; 32]) -> Result<Option<Loc>, StoreError> {
-        let key = obj_key(kind, hash);
-        if let Some(v) = self.db.get(key)? {
-            return Loc::decode(&v)
-                .map(Some)
-                .ok_or_else(|| StoreError::IndexInconsistent("bad object location".to_string()));
-        }
-        let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
-        Ok(pending.get(&key).copied())
-    }
-
-    pub(crate) fn read_object(
-        &self,
-        kind: ObjKind,
-        hash: &[u8; 32],
-        buf: &mut [u8],
-    ) -> Result<(), StoreError> {
-        let missing = || StoreError::MissingObject {
-            what: kind.name(),
-            hash: crate::ids::to_hex(hash),
-        };
-        let loc = self.locate(kind, hash)?.ok_or_else(missing)?;
-        match self.readers.read(kind, hash, loc, buf) {
-            // gc may have moved it between the lookup and the read: look again once
-            Err(StoreError::Io { .. }) => {
-                let loc = self.locate(kind, hash)?.ok_or_else(missing)?;
-                self.readers.read(kind, hash, loc, buf)
-            }
-            r => r,
-        }
-    }
-
-    pub(crate) fn object_len(
-        &self,
-        kind: ObjKind,
-        hash: &[u8; 32],
-    ) -> Result<Option<u32>, StoreError> {
-        Ok(self.locate(kind, hash)?.map(|l| l.len))
-    }
-
-    /// Stores an object under its (already computed) hash unless present.
-    pub(crate) fn put_object(
-        &self,
-        kind: ObjKind,
-        hash: &[u8; 32],
-        data: &[u8],
-    ) -> Result<(), StoreError> {
-        if self.locate(kind, hash)?.is_some() {
-            return Ok(());
-        }
-        let mut w = self.lock_writer();
-        self.append_locked(&mut w, kind, hash, data)?;
-        if w.unsynced >= SYNC_EVERY {
-            self.sync_objects(&mut w)?;
-        }
-        Ok(())
-    }
-
-    pub(crate) fn append_locked(
-        &self,
-        w: &mut Writer,
-        kind: ObjKind,
-        hash: &[u8; 32],
-        data: &[u8],
-    ) -> Result<Loc, StoreError> {
-        if w.pack.as_ref().is_some_and(|p| p.len >= PACK_ROLL) {
-            self.sync_objects(w)?;
-            w.pack = None;
-        }
-        let pack = match w.pack.as_mut() {
-            Some(p) => p,
-            None => {
-                let id = w.next_pack;
-                w.next_pack += 1;
-                w.pack
-                    .insert(PackWriter::create(&self.dir.join("packs"), id)?)
-            }
-        };
-        let loc = match pack.append(kind, hash, data) {
-            Ok(loc) => loc,
-            Err(e) => {
-                // never append past a failed write: later records would be unreachable
-                w.pack = None;
-                return Err(e);
-            }
-        };
-        w.unsynced += 1;
-        self.pending
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(obj_key(kind, hash), loc);
-        Ok(loc)
-    }
-
-    /// fsyncs the current pack, then indexes the objects pending in it.
-    pub(crate) fn sync_objects(&self, w: &mut Writer) -> Result<(), StoreError> {
-        let Some(pack) = w.pack.as_ref() else {
-            return Ok(());
-        };
-        pack.sync()?;
-        let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
-        let mut batch = sled::Batch::default();
-        for (k, loc) in pending.iter() {
-            batch.insert(&k[..], &loc.encode()[..]);
-        }
-        batch.insert(pack_state_key(pack.id), &pack.len.to_le_bytes()[..]);
-        self.db.apply_batch(batch)?;
-        pending.clear();
-        w.unsynced = 0;
-        Ok(())
-    }
-
-    /// Durably records refs changes: objects first, then the log, then the index.
-    pub(crate) fn commit(&self, records: &[RefRecord]) -> Result<(), StoreError> {
-        let mut w = self.lock_writer();
-        self.commit_locked(&mut w, records)
-    }
-
-    pub(crate) fn commit_locked(
-        &self,
-        w: &mut Writer,
-        records: &[RefRecord],
-    ) -> Result<(), StoreError> {
-        self.sync_objects(w)?;
-        let mut batch = sled::Batch::default();
-        for r in records {
-            r.apply(&mut batch)?;
-            w.refs.append(REF_KIND, &r.encode())?;
-        }
-        w.refs.sync()?;
-        batch.insert(REFS_STATE_KEY, &w.refs.len().to_le_bytes()[..]);
-        self.db.apply_batch(batch)?;
-        self.db.flush()?;
-        Ok(())
-    }
-
-    /// Commits a version (and its image, if new) whose block map root is `root`.
-    pub(crate) fn commit_version(
-        &self,
-        image: &ImageName,
-        size: u64,
-        block_size: u32,
-        root: &[u8; 32],
-    ) -> Result<VersionId, StoreError> {
-        let id = refs::version_id(image, size, block_size, root);
-        let mut records = Vec::new();
-        if self.db.get(refs::image_key(image.as_str()))?.is_none() {
-            records.push(RefRecord::Image {
-                name: image.to_string(),
-                block_size,
-            });
-        }
-        if self.db.get(refs::version_key(&id))?.is_none() {
-            records.push(RefRecord::Version {
-                id: id.to_string(),
-                meta: VersionMeta {
-                    image: image.to_string(),
-                    size,
-                    block_size,
-                    root: crate::ids::to_hex(root),
-                    created: now_secs(),
-                },
-            });
-        }
-        let mut w = self.lock_writer();
-        self.commit_locked(&mut w, &records)?;
-        Ok(id)
-    }
 }
