@@ -272,6 +272,15 @@ pub(crate) fn nested_vmm(
     extra_files: &[(PathBuf, &str)],
 ) -> anyhow::Result<nested::Outcome> {
     let initrd = inner_initramfs(dir, guest_script)?;
+    nested_vmm_with(&initrd, outer, extra_files)
+}
+
+/// Like `nested_vmm`, with an inner initramfs built by the caller.
+fn nested_vmm_with(
+    initrd: &Path,
+    outer: &str,
+    extra_files: &[(PathBuf, &str)],
+) -> anyhow::Result<nested::Outcome> {
     let script = format!(
         "VMM_BASE=\"/bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio --memory 256M\"\n\
          VMM=\"$VMM_BASE --console /tmp/console.log\"\nCMDLINE='{INNER_CMDLINE}'\n{outer}\n\
@@ -280,7 +289,7 @@ pub(crate) fn nested_vmm(
     let mut sc = Scenario::new(&script)
         .file(bin("vmm"), "/bin/vmm")
         .file(nested::kernel(), "/work/vmlinuz")
-        .file(&initrd, "/work/inner.cpio")
+        .file(initrd, "/work/inner.cpio")
         .timeout(Duration::from_secs(300));
     for (host, guest) in extra_files {
         sc = sc.file(host, guest);
@@ -500,6 +509,57 @@ fn agent_on_mount(initramfs: &Path) -> anyhow::Result<()> {
     ensure!(
         written.trim() == "guest-wrote-this",
         "the instance holds {written:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_presses_the_acpi_power_button_and_a_listening_guest_powers_off() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    power_button().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn power_button() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The guest waits for one input event from the "Power Button" device, then powers off.
+    let guest = "insmod /lib/modules/button.ko; insmod /lib/modules/evdev.ko\n\
+        ev=''; i=0\n\
+        while [ -z \"$ev\" ] && [ $i -lt 100 ]; do\n\
+          for d in /sys/class/input/event*; do\n\
+            [ \"$(cat $d/device/name 2>/dev/null)\" = 'Power Button' ] && ev=/dev/input/${d##*/}\n\
+          done; i=$((i+1)); sleep 0.1\n\
+        done\n\
+        echo \"WAITING-ON=$ev\"\n\
+        head -c 1 \"$ev\" > /dev/null && echo POWER-BUTTON-PRESSED";
+    let files = [
+        (module("drivers/acpi/button.ko"), "/lib/modules/button.ko"),
+        (module("drivers/input/evdev.ko"), "/lib/modules/evdev.ko"),
+    ];
+    let initrd = inner_initramfs_with(dir.path(), guest, &VIRTIO_MODULES, &files)?;
+    let outer = "$VMM --term-timeout 120 --cmdline \"$CMDLINE\" 2>/tmp/vmm.err & pid=$!\n\
+        i=0; until grep -q 'WAITING-ON=/dev' /tmp/console.log 2>/dev/null; do\n\
+          i=$((i+1)); [ $i -gt 1200 ] && break; sleep 0.1; done\n\
+        kill -TERM $pid; wait $pid; echo VMM-RC=$?\n\
+        cat /tmp/vmm.err";
+    let o = nested_vmm_with(&initrd, outer, &[])?;
+    let out = &o.output;
+    ensure!(
+        out.contains("WAITING-ON=/dev/input/event"),
+        "no power button device:\n{out}"
+    );
+    ensure!(
+        out.contains("POWER-BUTTON-PRESSED"),
+        "the guest saw no press:\n{out}"
+    );
+    ensure!(
+        out.contains("VMM-RC=0"),
+        "the vmm did not exit 0 after a clean poweroff:\n{out}"
+    );
+    ensure!(
+        out.contains("pressed the ACPI power button"),
+        "no message:\n{out}"
     );
     Ok(())
 }

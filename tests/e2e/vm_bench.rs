@@ -64,21 +64,7 @@ fn bench_boot() -> anyhow::Result<()> {
            m=$(watch $pid < /tmp/f); wait $pid; e=$(up); echo \"RUN qemu $s $m $e\"\n\
          done"
     );
-    let mut files: Vec<(PathBuf, &str)> = vec![(
-        PathBuf::from("/usr/bin/qemu-system-x86_64"),
-        "/bin/qemu-system-x86_64",
-    )];
-    for (src, dst) in [
-        ("/usr/share/seabios/bios-256k.bin", "/qemu-fw/bios-256k.bin"),
-        (
-            "/usr/share/qemu/linuxboot_dma.bin",
-            "/qemu-fw/linuxboot_dma.bin",
-        ),
-        ("/usr/share/qemu/kvmvapic.bin", "/qemu-fw/kvmvapic.bin"),
-    ] {
-        files.push((PathBuf::from(src), dst));
-    }
-    let o = nested_vmm(dir.path(), "echo BOOT-MARK; sleep 1", &outer, &files)?;
+    let o = nested_vmm(dir.path(), "echo BOOT-MARK; sleep 1", &outer, &qemu_files())?;
     let mut init = std::collections::HashMap::<String, Vec<f64>>::new();
     let mut total = std::collections::HashMap::<String, Vec<f64>>::new();
     let mut rss = std::collections::HashMap::<String, Vec<f64>>::new();

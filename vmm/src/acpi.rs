@@ -1,6 +1,7 @@
 //! ACPI tables that describe the machine to the guest: RSDP -> XSDT -> {FADT (hardware-reduced,
 //! sleep and reset registers on one I/O port), MADT}, FADT -> DSDT (COM1, COM2, `\_S5_`,
-//! one LNRO0005 virtio-mmio node per disk in disk order). Tables are built as plain bytes first
+//! one LNRO0005 virtio-mmio node per disk in disk order, and a power button (PNP0C0C) signalled
+//! through a Generic Event Device (ACPI0013) on GED_GSI, which the vmm raises on SIGTERM). Tables are built as plain bytes first
 //! (tested without KVM) and then copied into [RSDP_ADDR, ACPI_END), which the e820 map reserves.
 //!
 //! No PNP0303 (i8042) node: our i8042 only implements the reset line, and a declared controller
@@ -14,7 +15,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{
     virtio_gsi, virtio_mmio_base, ACPI_END, ACPI_PM_PORT, ACPI_RESET_VALUE, ACPI_S5_SLP_TYP,
-    COM1_GSI, COM1_PORT, COM2_GSI, COM2_PORT, IOAPIC_ADDR, LAPIC_ADDR, RSDP_ADDR, VIRTIO_MMIO_SIZE,
+    COM1_GSI, COM1_PORT, COM2_GSI, COM2_PORT, GED_GSI, IOAPIC_ADDR, LAPIC_ADDR, RSDP_ADDR,
+    VIRTIO_MMIO_SIZE,
 };
 
 const OEM_ID: [u8; 6] = *b"IMGFS ";
@@ -154,6 +156,8 @@ fn dsdt(virtio_devices: usize) -> Result<Sdt, AcpiError> {
     legacy_uart("_SB_.COM1", 0, COM1_PORT, COM1_GSI).to_aml(&mut body);
     legacy_uart("_SB_.COM2", 1, COM2_PORT, COM2_GSI).to_aml(&mut body);
 
+    power_button(&mut body);
+
     let typ = ACPI_S5_SLP_TYP;
     let s5 = aml::Package::new(vec![&typ, &typ, &0u8, &0u8]);
     aml::Name::new("_S5_".into(), &s5).to_aml_bytes(&mut body);
@@ -167,6 +171,28 @@ fn dsdt(virtio_devices: usize) -> Result<Sdt, AcpiError> {
     let mut d = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     d.append_slice(&body);
     Ok(d)
+}
+
+/// `\_SB_.PWRB` (PNP0C0C) and `\_SB_.GED_` (ACPI0013) whose `_EVT` notifies the button with
+/// 0x80 (pressed): Linux's button driver turns that into KEY_POWER, which init systems (or an
+/// agent watching /dev/input) answer with a clean poweroff.
+fn power_button(body: &mut Vec<u8>) {
+    let pwrb_hid = aml::EISAName::new("PNP0C0C");
+    let pwrb_hid_name = aml::Name::new("_HID".into(), &pwrb_hid);
+    let pwrb_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    aml::Device::new("_SB_.PWRB".into(), vec![&pwrb_hid_name, &pwrb_uid]).to_aml_bytes(body);
+
+    let ged_hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let ged_uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, true, false, false, GED_GSI);
+    let crs = aml::ResourceTemplate::new(vec![&irq]);
+    let ged_crs = aml::Name::new("_CRS".into(), &crs);
+    let button = aml::Path::new("\\_SB_.PWRB");
+    let pressed = 0x80u8;
+    let notify = aml::Notify::new(&button, &pressed);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&notify]);
+    aml::Device::new("_SB_.GED_".into(), vec![&ged_hid, &ged_uid, &ged_crs, &evt])
+        .to_aml_bytes(body);
 }
 
 /// A device node: path, _HID, _UID, _CRS (and _CCA for DMA-capable virtio devices).
@@ -372,9 +398,15 @@ mod tests {
         for needle in [&b"COM1"[..], b"COM2", b"_S5_"] {
             assert!(dsdt.windows(4).any(|w| w == needle), "{needle:?}");
         }
+        // The power button and its event device.
+        assert!(dsdt.windows(8).any(|w| w == b"ACPI0013"));
+        for needle in [&b"PWRB"[..], b"GED_", b"_EVT"] {
+            assert!(dsdt.windows(4).any(|w| w == needle), "{needle:?}");
+        }
         // No keyboard controller node: Linux would stall probing it.
         assert!(!dsdt.windows(4).any(|w| w == b"PS2_"));
-        assert!(build(1, 20).is_err());
+        assert!(build(1, 19).is_err());
+        assert!(build(1, 18).is_ok());
         Ok(())
     }
 }

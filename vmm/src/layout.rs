@@ -35,8 +35,10 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xc000_1000;
 pub const VIRTIO_MMIO_SIZE: u64 = 0x1000;
 /// GSI of the first virtio device: 0-4 are timer, keyboard, cascade, COM2, COM1.
 pub const VIRTIO_FIRST_GSI: u32 = 5;
-/// The in-kernel IOAPIC has 24 pins, so legacy-routed devices get GSIs 5..=23.
-pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// The in-kernel IOAPIC has 24 pins: virtio devices get GSIs 5..=22, the GED gets 23.
+pub const MAX_VIRTIO_DEVICES: usize = 18;
+/// GSI of the ACPI Generic Event Device that carries the power-button event.
+pub const GED_GSI: u32 = 23;
 /// Local APIC and IOAPIC addresses (emulated in the kernel).
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;

@@ -23,9 +23,9 @@ use crate::config::{ConsoleConfig, VmmConfig};
 use crate::devices::agent::{self, AgentOut, AgentUart, Client};
 use crate::devices::irq::IrqLine;
 use crate::devices::legacy::{console_out, spawn_stdin_feeder, Keyboard, PmPort, ResetLine, Uart};
-use crate::devices::virtio::{FileDisk, VirtioMmioBlock};
+use crate::devices::virtio::{FileDisk, IrqTrigger, VirtioMmioBlock};
 use crate::exit::{ExitSender, GuestExit};
-use crate::layout::{virtio_gsi, virtio_mmio_base, COM1_GSI, COM2_GSI, KVM_TSS_ADDR};
+use crate::layout::{virtio_gsi, virtio_mmio_base, COM1_GSI, COM2_GSI, GED_GSI, KVM_TSS_ADDR};
 use crate::{acpi, boot, cpu};
 
 /// virtio-mmio QueueNotify register offset; its ioeventfd matches the queue index.
@@ -78,6 +78,8 @@ pub struct Vmm {
     /// (queue ioeventfd, device, queue index) per virtio queue.
     queues: Vec<(EventFd, Arc<Mutex<VirtioMmioBlock>>, u16)>,
     agent: Option<(UnixListener, Arc<Mutex<AgentUart>>, Client, PathBuf)>,
+    /// The GED line: raising it presses the ACPI power button.
+    power_button: Arc<IrqLine>,
     /// Whether the console is on stdio (then stdin feeds COM1).
     console_stdio: bool,
 }
@@ -178,6 +180,8 @@ impl TryFrom<VmmConfig> for Vmm {
             virtio.push((base, dev));
         }
 
+        let power_button = irq_line(GED_GSI)?;
+
         let rsdp = acpi::write(&mem, config.cpus, config.disks.len())?;
         let info = boot::load(
             &mem,
@@ -220,6 +224,7 @@ impl TryFrom<VmmConfig> for Vmm {
             queues,
             agent,
             console_stdio: config.console == ConsoleConfig::Stdio,
+            power_button,
         })
     }
 }
@@ -250,7 +255,7 @@ fn install_sigterm_handler() {
 
 impl Vmm {
     /// Runs the VM until the guest powers off or reboots, a vCPU fails, or SIGTERM's grace
-    /// period (`term_grace`) runs out. Returns how it ended; the vCPU threads are left parked in
+    /// period (`term_grace`) runs out. SIGTERM presses the ACPI power button first. Returns how it ended; the vCPU threads are left parked in
     /// KVM_RUN, so the caller is expected to exit the process soon after.
     pub fn run(self, term_grace: Duration) -> Result<GuestExit, VmmError> {
         install_sigterm_handler();
@@ -309,8 +314,14 @@ impl Vmm {
             }
             if TERM_REQUESTED.load(Ordering::SeqCst) {
                 let deadline = *term_deadline.get_or_insert_with(|| {
+                    let pressed = IrqTrigger::trigger(self.power_button.as_ref()).is_ok();
                     eprintln!(
-                        "vmm: SIGTERM: waiting up to {}s for the guest to power off",
+                        "vmm: SIGTERM: {}waiting up to {}s for the guest to power off",
+                        if pressed {
+                            "pressed the ACPI power button; "
+                        } else {
+                            ""
+                        },
                         term_grace.as_secs()
                     );
                     Instant::now() + term_grace
