@@ -5,8 +5,12 @@
 
 mod bundle;
 mod error;
+pub mod ext4;
 mod ids;
 mod import;
+pub mod instance;
+pub mod instance_log;
+mod instance_sub;
 pub mod log;
 mod maint;
 mod objects;
