@@ -5,7 +5,6 @@
 
 mod bundle;
 mod error;
-pub mod ext4;
 mod ids;
 mod import;
 pub mod instance;
@@ -30,7 +29,7 @@ pub use ids::{parse_name_tag, BlockHash, IdError, ImageName, Tag, VersionId};
 pub use store::{
     check_block_size, is_zero, ImageInfo, Store, VersionInfo, DEFAULT_BLOCK_SIZE, FORMAT,
 };
-pub use maint::{FsckReport, GcReport, Problem};
+pub use maint::{FsckReport, GcReport, GcRoots, Problem};
 pub use import::{ImportProgress, ImportReport};
 pub use source::{open_image, ImageSource};
 pub use version::Version;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::error::StoreError;
-use crate::ids::{ImageName, VersionId};
+use crate::ids::{BlockHash, ImageName, VersionId};
 use crate::log::RecordLog;
 use crate::pack::{self, Loc, ObjKind};
 use crate::refs::{RefRecord, REF_KIND};
@@ -59,7 +59,94 @@ fn key(kind: ObjKind, h: &[u8; 32]) -> Key {
     k
 }
 
+/// Something outside the refs log that still uses versions or blocks: live instances with
+/// writes not yet in their log, running rollouts. Register with [`Store::add_gc_roots`].
+pub trait GcRoots: Send + Sync {
+    /// Versions and blocks gc must keep.
+    fn gc_roots(&self) -> Result<(Vec<VersionId>, Vec<BlockHash>), StoreError>;
+}
+
+/// Versions and blocks the instance logs under `dir/instances` refer to. Read-only and
+/// conservative: every base an instance ever had and every block it ever wrote is kept.
+fn instance_log_roots(
+    dir: &std::path::Path,
+) -> Result<(Vec<VersionId>, Vec<BlockHash>), StoreError> {
+    use crate::instance_log::{Record, RecordLog as InstanceLog};
+    let mut versions = Vec::new();
+    let mut blocks = Vec::new();
+    let idir = dir.join("instances");
+    let entries = match std::fs::read_dir(&idir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((versions, blocks)),
+        Err(e) => return Err(StoreError::io("read dir", &idir)(e)),
+    };
+    let bad = |path: &std::path::Path, why: String| {
+        StoreError::IndexInconsistent(format!(
+            "instance log {}: {why}; gc stopped so nothing it uses is freed",
+            path.display()
+        ))
+    };
+    for entry in entries {
+        let path = entry.map_err(StoreError::io("read dir", &idir))?.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("log") {
+            continue;
+        }
+        let records = InstanceLog::read(&path).map_err(|e| bad(&path, e.to_string()))?;
+        let id = |s: &str| {
+            s.parse::<VersionId>()
+                .map_err(|e| bad(&path, e.to_string()))
+        };
+        for r in records {
+            match r {
+                Record::Created { base, .. } => versions.push(id(&base)?),
+                Record::Rebased { from, to, .. } => {
+                    versions.push(id(&from)?);
+                    versions.push(id(&to)?);
+                }
+                Record::Committed { version, .. } => versions.push(id(&version)?),
+                Record::Writes { changes } => {
+                    for c in changes {
+                        if let Some(h) = c.hash {
+                            blocks.push(BlockHash(id(&h)?.0));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Ok((versions, blocks))
+}
+
 impl Store {
+    /// Registers extra gc roots (held weakly: dropping the provider unregisters it).
+    pub fn add_gc_roots(&self, roots: std::sync::Weak<dyn GcRoots>) {
+        self.inner
+            .gc_roots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(roots);
+    }
+
+    /// Every root outside tags and pins: instance logs on disk and registered providers.
+    fn extra_roots(&self) -> Result<(Vec<VersionId>, Vec<BlockHash>), StoreError> {
+        let (mut versions, mut blocks) = instance_log_roots(&self.inner.dir)?;
+        let providers: Vec<_> = {
+            let mut list = self
+                .inner
+                .gc_roots
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            list.retain(|w| w.strong_count() > 0);
+            list.iter().filter_map(|w| w.upgrade()).collect()
+        };
+        for p in providers {
+            let (v, b) = p.gc_roots()?;
+            versions.extend(v);
+            blocks.extend(b);
+        }
+        Ok((versions, blocks))
+    }
+
     /// Keeps version `id` (and its blocks) from gc under `owner`/`key` (e.g. an instance id).
     pub fn pin(&self, owner: &str, key: &str, id: &VersionId) -> Result<(), StoreError> {
         ImageName::new(owner)?;
@@ -113,7 +200,10 @@ impl Store {
         inner.sync_objects(&mut w)?;
         w.pack = None;
         let mut report = GcReport::default();
-        let live = self.live_versions()?;
+        let (extra_versions, extra_blocks) = self.extra_roots()?;
+        let mut live = self.live_versions()?;
+        // a root naming a version this store lacks keeps nothing (and must not stop gc)
+        live.extend(extra_versions);
         let mut drops = Vec::new();
         for v in self.versions()? {
             if !live.contains(&v.id) {
@@ -126,7 +216,10 @@ impl Store {
         if !drops.is_empty() {
             inner.commit_locked(&mut w, &drops)?;
         }
-        let mut live_objs: HashSet<Key> = HashSet::new();
+        let mut live_objs: HashSet<Key> = extra_blocks
+            .iter()
+            .map(|h| key(ObjKind::Block, &h.0))
+            .collect();
         for id in &live {
             let Ok(v) = self.version(id) else { continue };
             let mut blocks: Vec<Key> = Vec::new();

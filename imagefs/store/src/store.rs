@@ -76,6 +76,8 @@ pub(crate) struct Inner {
     pub pending: RwLock<HashMap<[u8; 33], Loc>>,
     pub writer: Mutex<Writer>,
     pub node_cache: RwLock<HashMap<[u8; 32], Arc<Node>>>,
+    /// Extra gc roots (live instances, rollouts), held weakly.
+    pub gc_roots: Mutex<Vec<std::sync::Weak<dyn crate::maint::GcRoots>>>,
     _lock: File,
 }
 
@@ -244,6 +246,7 @@ impl Store {
                     unsynced: 0,
                 }),
                 node_cache: RwLock::new(HashMap::new()),
+                gc_roots: Mutex::new(Vec::new()),
                 _lock: lock,
             }),
         })

@@ -356,3 +356,29 @@ fn qcow2_import_matches_raw() {
         .unwrap();
     assert_eq!(open_image(&c).err().unwrap().kind(), ErrorKind::BadInput);
 }
+
+#[test]
+fn gc_keeps_what_instances_use() {
+    use crate::instance::{InstanceId, Instances};
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("s");
+    let store = Store::init(&s).unwrap();
+    let bytes = image_bytes(1 << 20, 9);
+    // an untagged version: only the instance refers to it
+    let base = import_bytes(&store, "web", &bytes, None).id;
+    let instances = Instances::new(&store);
+    let id = InstanceId::parse("vm1").unwrap();
+    let inst = instances.create(&store, &id, &base, "web").unwrap();
+    let written = vec![0x5au8; 65536];
+    inst.write_at(&store, 0, &written).unwrap();
+    inst.flush(&store).unwrap();
+    drop(inst);
+    drop(instances);
+    let r = store.gc().unwrap();
+    assert!(r.versions_removed.is_empty(), "{r:?}");
+    assert_eq!(read_all(&store, &base), bytes);
+    let h = BlockHash(*blake3::hash(&written).as_bytes());
+    let mut buf = vec![0u8; 65536];
+    store.read_block(&h, &mut buf).unwrap();
+    assert_eq!(buf, written);
+}
