@@ -257,15 +257,18 @@ fn serve_one(stream: UnixStream, handler: Handler) {
         let _ = send(&stream, &Answer::Exit(2));
         return;
     };
-    let mut out = AnswerWriter {
+    // Line-buffered: one answer per line of output, not one per formatting fragment.
+    let mut out = io::LineWriter::new(AnswerWriter {
         stream: stream.clone(),
         to_err: false,
-    };
-    let mut err = AnswerWriter {
+    });
+    let mut err = io::LineWriter::new(AnswerWriter {
         stream: stream.clone(),
         to_err: true,
-    };
+    });
     let code = handler(req.argv, &mut out, &mut err);
+    let _ = out.flush();
+    let _ = err.flush();
     let _ = send(&stream, &Answer::Exit(code));
 }
 

@@ -1,6 +1,7 @@
-//! Kernel page-cache invalidation, sent from one dedicated thread. Invariant: no request-serving
+//! Kernel page-cache invalidation, sent from dedicated threads. Invariant: no request-serving
 //! thread ever sends a notification (the kernel may wait, inside `inval_inode`, on pages that an
-//! in-flight read holds locked, and that read needs a worker to finish).
+//! in-flight read holds locked, and that read needs a worker to finish). A job is split across
+//! the threads (each range costs a syscall and a page-cache walk) and waited for as a whole.
 
 use std::time::{Duration, Instant};
 
@@ -33,30 +34,37 @@ impl Notify for fuser::Notifier {
     }
 }
 
+/// Threads sending notifications.
+const THREADS: usize = 2;
+
 impl Invalidator {
-    /// Starts the invalidation thread over `notifier`.
-    pub fn start(notifier: impl Notify) -> std::io::Result<Invalidator> {
+    /// Starts the invalidation threads over `notifier`.
+    pub fn start(notifier: impl Notify + Clone) -> std::io::Result<Invalidator> {
         let (tx, rx): (Sender<Job>, Receiver<Job>) = crossbeam_channel::unbounded();
-        std::thread::Builder::new()
-            .name("fuse-inval".into())
-            .spawn(move || {
-                while let Ok(job) = rx.recv() {
-                    let t = Instant::now();
-                    for r in &job.ranges {
-                        let (Ok(off), Ok(len)) = (i64::try_from(r.offset), i64::try_from(r.len))
-                        else {
-                            continue;
-                        };
-                        // ENOENT: the kernel holds nothing of this inode; nothing to drop.
-                        if let Err(e) = notifier.inval_inode(job.ino, off, len) {
-                            if e.raw_os_error() != Some(libc::ENOENT) {
-                                tracing::warn!(ino = job.ino, error = %e, "inval_inode failed");
+        for n in 0..THREADS {
+            let (rx, notifier) = (rx.clone(), notifier.clone());
+            std::thread::Builder::new()
+                .name(format!("fuse-inval-{n}"))
+                .spawn(move || {
+                    while let Ok(job) = rx.recv() {
+                        let t = Instant::now();
+                        for r in &job.ranges {
+                            let (Ok(off), Ok(len)) =
+                                (i64::try_from(r.offset), i64::try_from(r.len))
+                            else {
+                                continue;
+                            };
+                            // ENOENT: the kernel holds nothing of this inode; nothing to drop.
+                            if let Err(e) = notifier.inval_inode(job.ino, off, len) {
+                                if e.raw_os_error() != Some(libc::ENOENT) {
+                                    tracing::warn!(ino = job.ino, error = %e, "inval_inode failed");
+                                }
                             }
                         }
+                        let _ = job.done.send(t.elapsed());
                     }
-                    let _ = job.done.send(t.elapsed());
-                }
-            })?;
+                })?;
+        }
         Ok(Invalidator { tx })
     }
 
@@ -66,8 +74,23 @@ impl Invalidator {
         if ranges.is_empty() {
             return Some(Duration::ZERO);
         }
-        let (done, wait) = bounded(1);
-        self.tx.send(Job { ino, ranges, done }).ok()?;
-        wait.recv_timeout(timeout).ok()
+        let t = Instant::now();
+        let per = ranges.len().div_ceil(THREADS);
+        let (done, wait) = bounded(THREADS);
+        let mut parts = 0;
+        for chunk in ranges.chunks(per) {
+            let job = Job {
+                ino,
+                ranges: chunk.to_vec(),
+                done: done.clone(),
+            };
+            self.tx.send(job).ok()?;
+            parts += 1;
+        }
+        let deadline = t + timeout;
+        for _ in 0..parts {
+            wait.recv_deadline(deadline).ok()?;
+        }
+        Some(t.elapsed())
     }
 }
