@@ -63,7 +63,29 @@ fn key(kind: ObjKind, h: &[u8; 32]) -> Key {
 /// writes not yet in their log, running rollouts. Register with [`Store::add_gc_roots`].
 pub trait GcRoots: Send + Sync {
     /// Versions and blocks gc must keep.
-    fn gc_roots(&self) -> Result<(Vec<VersionId>, Vec<BlockHash>), StoreError>;
+    fn gc_roots(&self, store: &Store) -> Result<(Vec<VersionId>, Vec<BlockHash>), StoreError>;
+}
+
+/// Live instances keep their current base and every overlay block, flushed or not. Register
+/// the daemon's registry: `store.add_gc_roots(Arc::downgrade(&instances) as Weak<dyn GcRoots>)`.
+impl GcRoots for crate::instance::Instances {
+    fn gc_roots(&self, store: &Store) -> Result<(Vec<VersionId>, Vec<BlockHash>), StoreError> {
+        let mut versions = Vec::new();
+        let mut blocks = Vec::new();
+        let ids = self
+            .list()
+            .map_err(|e| StoreError::IndexInconsistent(format!("instances: {e}")))?;
+        for id in ids {
+            let Ok(inst) = self.get(store, &id) else {
+                // unreadable instance: its log roots were already taken from disk
+                continue;
+            };
+            let view = inst.view();
+            versions.push(view.base().id());
+            blocks.extend(view.overlay_entries().into_iter().filter_map(|(_, h)| h));
+        }
+        Ok((versions, blocks))
+    }
 }
 
 /// Versions and blocks the instance logs under `dir/instances` refer to. Read-only and
@@ -140,7 +162,7 @@ impl Store {
             list.iter().filter_map(|w| w.upgrade()).collect()
         };
         for p in providers {
-            let (v, b) = p.gc_roots()?;
+            let (v, b) = p.gc_roots(self)?;
             versions.extend(v);
             blocks.extend(b);
         }

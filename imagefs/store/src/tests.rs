@@ -382,3 +382,33 @@ fn gc_keeps_what_instances_use() {
     store.read_block(&h, &mut buf).unwrap();
     assert_eq!(buf, written);
 }
+
+#[test]
+fn gc_keeps_unflushed_writes_of_registered_live_instances() {
+    use crate::instance::{InstanceId, Instances};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::init(&dir.path().join("s")).unwrap();
+    let base = import_bytes(&store, "web", &image_bytes(1 << 20, 10), None).id;
+    store
+        .set_tag(
+            &ImageName::new("web").unwrap(),
+            &Tag::new("v1").unwrap(),
+            &base,
+        )
+        .unwrap();
+    let instances = std::sync::Arc::new(Instances::new(&store));
+    let weak: std::sync::Weak<dyn GcRoots> = std::sync::Arc::downgrade(&instances) as _;
+    store.add_gc_roots(weak);
+    let inst = instances
+        .create(&store, &InstanceId::parse("vm1").unwrap(), &base, "web:v1")
+        .unwrap();
+    let written = vec![0x77u8; 65536];
+    inst.write_at(&store, 65536, &written).unwrap();
+    // not flushed: only the live registry knows this block
+    store.gc().unwrap();
+    let mut buf = vec![0u8; 65536];
+    let n = inst.read_at(&store, 65536, &mut buf).unwrap();
+    assert_eq!(n, 65536);
+    assert_eq!(buf, written);
+    inst.flush(&store).unwrap();
+}
