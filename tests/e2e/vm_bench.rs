@@ -48,7 +48,7 @@ fn bench_boot_to_init_vmm_vs_qemu() {
 
 fn bench_boot() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let runs = 3;
+    let runs = 5;
     let outer = format!(
         "up() {{ cut -d' ' -f1 /proc/uptime; }}\n\
          watch() {{ while IFS= read -r l; do case \"$l\" in *BOOT-MARK*) \
