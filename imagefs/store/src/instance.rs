@@ -21,6 +21,10 @@ pub use crate::instance_sub::{
 /// guest that never flushes still has its writes on disk eventually.
 const AUTO_FLUSH_CHANGES: usize = 4096;
 
+/// After this many write records the log is compacted (events kept, the overlay written as
+/// one record), so replay stays proportional to the overlay, not to the guest's history.
+const COMPACT_AFTER: usize = 1024;
+
 /// The name of an instance: 1-64 of `[A-Za-z0-9._-]`, not starting with `.` or `-`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InstanceId(String);
@@ -174,6 +178,8 @@ impl View {
 pub(crate) struct Writer {
     pub(crate) log: RecordLog,
     pub(crate) pending: Vec<BlockChange>,
+    /// Write records in the log since it was last compacted.
+    pub(crate) write_records: usize,
 }
 
 /// A live copy-on-write instance.
@@ -215,10 +221,12 @@ impl Instance {
         let (log, records) = RecordLog::open(&path)?;
         let mut base: Option<VersionId> = None;
         let mut overlay = HashMap::new();
+        let mut write_records = 0;
         for r in records {
             match r {
                 Record::Created { base: b, .. } => base = Some(parse_version(&id, &b)?),
                 Record::Writes { changes } => {
+                    write_records += 1;
                     for c in changes {
                         let hash = match c.hash {
                             Some(h) => Some(parse_hash(&id, &h)?),
@@ -238,7 +246,7 @@ impl Instance {
         }
         let base = base.ok_or_else(|| LogError::NoHeader(path.clone()))?;
         let base = store.version(&base)?;
-        Ok(Instance {
+        let inst = Instance {
             id,
             view: ArcSwap::from_pointee(View {
                 base,
@@ -247,8 +255,42 @@ impl Instance {
             writer: Mutex::new(Writer {
                 log,
                 pending: Vec::new(),
+                write_records,
             }),
-        })
+        };
+        if write_records > COMPACT_AFTER {
+            inst.compact()?;
+        }
+        Ok(inst)
+    }
+
+    /// Rewrites the log as its events plus one record of the whole overlay (after making
+    /// pending writes durable, so the record names only synced blocks).
+    pub fn compact(&self) -> Result<(), InstanceError> {
+        let mut writer = self.lock_writer();
+        if !writer.pending.is_empty() {
+            return Ok(()); // only right after a flush; the next flush retries
+        }
+        let path = writer.log.path().to_path_buf();
+        let mut records: Vec<Record> = RecordLog::read(&path)?
+            .into_iter()
+            .filter(|r| !matches!(r, Record::Writes { .. }))
+            .collect();
+        let mut changes = self.view().overlay_entries();
+        changes.sort_by_key(|&(i, _)| i);
+        // Last, so that replay applies it after every rebase's dropped entries.
+        records.push(Record::Writes {
+            changes: changes
+                .into_iter()
+                .map(|(index, hash)| BlockChange {
+                    index,
+                    hash: hash.map(|h| h.to_string()),
+                })
+                .collect(),
+        });
+        writer.log = RecordLog::rewrite(&path, &records)?;
+        writer.write_records = 1;
+        Ok(())
     }
 
     /// The instance's name.
@@ -379,7 +421,13 @@ impl Instance {
     /// Makes every write so far durable (blocks synced, then the log record fsynced).
     pub fn flush(&self, store: &Store) -> Result<(), InstanceError> {
         let mut writer = self.lock_writer();
-        flush_writer(store, &mut writer)
+        flush_writer(store, &mut writer)?;
+        let compact = writer.write_records > COMPACT_AFTER;
+        drop(writer);
+        if compact {
+            self.compact()?;
+        }
+        Ok(())
     }
 }
 
@@ -396,6 +444,7 @@ pub(crate) fn flush_writer(store: &Store, writer: &mut Writer) -> Result<(), Ins
         writer.pending = changes;
         return Err(e.into());
     }
+    writer.write_records += 1;
     Ok(())
 }
 

@@ -141,6 +141,27 @@ impl RecordLog {
         Ok(RecordLog::open(path)?.0)
     }
 
+    /// Replaces the log at `path` with `records`, atomically: a crash leaves the old log or the
+    /// new one (written aside, fsynced, renamed over, directory fsynced).
+    pub fn rewrite(path: &Path, records: &[Record]) -> Result<RecordLog, LogError> {
+        let tmp = path.with_extension("log.compact");
+        let _ = std::fs::remove_file(&tmp);
+        {
+            let (mut log, _) = crate::log::RecordLog::open(&tmp)?;
+            for r in records {
+                let payload = serde_json::to_vec(r).map_err(LogError::Encode)?;
+                log.append(KIND_INSTANCE, &payload)?;
+            }
+            log.sync()?;
+        }
+        std::fs::rename(&tmp, path).map_err(|source| LogError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        sync_dir(path)?;
+        Ok(RecordLog::open(path)?.0)
+    }
+
     /// Opens an existing log, replays it (a torn tail is cut off by the record log).
     pub fn open(path: &Path) -> Result<(RecordLog, Vec<Record>), LogError> {
         if !path.exists() {

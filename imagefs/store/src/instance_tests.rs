@@ -92,7 +92,11 @@ fn writes_are_copy_on_write_partial_and_durable_after_flush() {
         Err(InstanceError::PastEnd { .. })
     ));
     let mut tail = [0u8; 10];
-    assert_eq!(inst.read_at(&f.store, want.len() as u64 - 3, &mut tail).unwrap(), 3);
+    assert_eq!(
+        inst.read_at(&f.store, want.len() as u64 - 3, &mut tail)
+            .unwrap(),
+        3
+    );
     inst.flush(&f.store).unwrap();
     assert_eq!(f.read_all(&f.reopen("vm1")), want);
 }
@@ -103,10 +107,15 @@ fn punch_hole_reads_zeros_and_survives_reopen() {
     let v1 = f.import(&image(8, 0), "v1");
     let inst = f.create(&v1, "vm1");
     let mut want = image(8, 0);
-    inst.punch_hole(&f.store, BS as u64 + 10, 2 * BS as u64).unwrap();
+    inst.punch_hole(&f.store, BS as u64 + 10, 2 * BS as u64)
+        .unwrap();
     want[BS + 10..3 * BS + 10].fill(0);
     assert_eq!(f.read_all(&inst), want);
-    assert_eq!(inst.view().block(2).unwrap(), None, "a whole block became a hole");
+    assert_eq!(
+        inst.view().block(2).unwrap(),
+        None,
+        "a whole block became a hole"
+    );
     inst.flush(&f.store).unwrap();
     assert_eq!(f.read_all(&f.reopen("vm1")), want);
 }
@@ -240,6 +249,43 @@ fn names_are_validated_and_duplicates_refused() {
     );
     assert!(matches!(again, Err(InstanceError::Exists(_))));
     assert_eq!(f.instances.list().unwrap().len(), 1);
-    f.instances.remove(&InstanceId::parse("vm1").unwrap()).unwrap();
+    f.instances
+        .remove(&InstanceId::parse("vm1").unwrap())
+        .unwrap();
     assert!(f.instances.list().unwrap().is_empty());
+}
+
+#[test]
+fn compaction_keeps_contents_and_events() {
+    let f = fixture();
+    let v1_bytes = image(8, 0);
+    let v1 = f.import(&v1_bytes, "v1");
+    let mut v2_bytes = v1_bytes.clone();
+    v2_bytes[..BS].fill(0x55);
+    let v2 = f.import(&v2_bytes, "v2");
+    let inst = f.create(&v1, "vm1");
+    for i in 0..6u64 {
+        inst.write_at(&f.store, i * BS as u64 + 1, &[i as u8 + 1; 3])
+            .unwrap();
+        inst.flush(&f.store).unwrap();
+    }
+    inst.punch_hole(&f.store, 7 * BS as u64, BS as u64).unwrap();
+    sub(&f, &inst, &v2, ConflictPolicy::Force, false).unwrap();
+    inst.write_at(&f.store, 2 * BS as u64, &[9; 10]).unwrap();
+    inst.flush(&f.store).unwrap();
+    let before = f.read_all(&inst);
+    let path = f.store.dir().join("instances/vm1.log");
+    let len_before = std::fs::metadata(&path).unwrap().len();
+    inst.compact().unwrap();
+    assert!(std::fs::metadata(&path).unwrap().len() < len_before);
+    assert_eq!(f.read_all(&f.reopen("vm1")), before);
+    let events = f
+        .instances
+        .events(&InstanceId::parse("vm1").unwrap())
+        .unwrap();
+    assert_eq!(
+        events.len(),
+        2,
+        "created + the substitution survive: {events:?}"
+    );
 }
