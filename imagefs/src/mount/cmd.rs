@@ -379,7 +379,7 @@ pub fn log(ctx: &Ctx, a: &LogArgs, json: bool, out: &mut dyn Write) -> Result<()
         }
         let line = match &r {
             Record::Created { base, source, at } => {
-                format!("{at} created on {source} ({})", short(base))
+                format!("{} created on {source} ({})", utc(*at), short(base))
             }
             Record::Rebased {
                 from,
@@ -391,19 +391,40 @@ pub fn log(ctx: &Ctx, a: &LogArgs, json: bool, out: &mut dyn Write) -> Result<()
                 at,
                 ..
             } => format!(
-                "{at} substituted {} -> {} ({target}): {changed_blocks} block(s) changed, \
+                "{} substituted {} -> {} ({target}): {changed_blocks} block(s) changed, \
                  {conflicts} conflict(s), policy {policy}",
+                utc(*at),
                 short(from),
                 short(to)
             ),
             Record::Committed { version, tag, at } => {
-                format!("{at} committed as {tag} ({})", short(version))
+                format!("{} committed as {tag} ({})", utc(*at), short(version))
             }
             Record::Writes { .. } => continue,
         };
         writeln!(out, "{line}").map_err(io_err)?;
     }
     Ok(())
+}
+
+/// Unix seconds as `YYYY-MM-DDTHH:MM:SSZ` (civil-from-days, proleptic Gregorian).
+fn utc(secs: u64) -> String {
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
 fn short(id: &str) -> &str {
@@ -458,4 +479,16 @@ pub fn unmount_path(path: &std::path::Path, lazy: bool) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn event_times_print_as_utc() {
+        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(utc(1_795_564_609), "2026-11-24T23:56:49Z");
+    }
 }
