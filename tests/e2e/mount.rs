@@ -577,3 +577,34 @@ fn kill9_mid_substitution_leaves_wholly_old_or_wholly_new() {
         m.stop();
     }
 }
+
+#[test]
+fn daemon_mode_detaches_and_owns_the_store_through_a_private_socket() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let m = Mounted::new();
+    let a = source_image(512, "d");
+    m.import("a.img", &a, "web:v1");
+    let mnt = m.mnt.to_string_lossy().into_owned();
+    // Returns only once the mount is up, leaving the daemon in the background.
+    m.ok(&["mount", &mnt, "--daemon"]);
+    assert!(is_mounted(&m.mnt));
+    let sock = m.store.join("control.sock");
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the control socket is private");
+    // Commands go through the daemon (it holds the store's lock).
+    let ls = m.ok(&["ls"]);
+    assert!(ls.contains("web"), "{ls}");
+    assert_eq!(m.read("images/web/v1.raw"), a);
+    // A second daemon on the same store is refused with a clear error.
+    let other = m.dir.path().join("mnt2");
+    std::fs::create_dir(&other).unwrap();
+    let again = m.cli(&["mount", &other.to_string_lossy(), "--daemon"]);
+    assert_eq!(again.status.code(), Some(4));
+    m.ok(&["umount", &mnt]);
+    assert!(!is_mounted(&m.mnt));
+    assert!(!sock.exists());
+    // The store is free again for a process of its own.
+    m.ok(&["ls"]);
+}
