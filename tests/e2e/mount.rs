@@ -350,6 +350,15 @@ fn instances_are_private_partial_durable_and_committable() {
         log.contains("created") && log.contains("committed as web:v3"),
         "{log}"
     );
+    // Removed and re-created under the same name: the new instance shows its own bytes, not
+    // what the kernel cached of the old one.
+    m.ok(&["instance", "rm", "vm1"]);
+    assert!(!m.path("instances/vm1.raw").exists());
+    m.ok(&["instance", "create", "web:v3", "vm1"]);
+    assert_eq!(m.read("instances/vm1.raw"), want);
+    m.ok(&["instance", "rm", "vm1"]);
+    m.ok(&["instance", "create", "web:v1", "vm1"]);
+    assert_eq!(m.read("instances/vm1.raw"), a);
 
     // Clear errors for unknown names and a target of another size.
     assert_eq!(
@@ -369,6 +378,13 @@ fn instances_are_private_partial_durable_and_committable() {
     );
 
     // Everything fsynced is there after a clean restart too (SIGTERM stops the daemon cleanly).
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path("instances/vm1.raw"))
+        .unwrap();
+    pwrite_all(&f, &want, 0);
+    f.sync_all().unwrap();
+    drop(f);
     m.term();
     m.start();
     assert_eq!(m.read("instances/vm1.raw"), want);

@@ -196,6 +196,16 @@ pub fn instance(
             let id = instance_id(id)?;
             let base = store.resolve(source)?;
             let inst = ctx.instances.create(store, &id, &base, source)?;
+            // The kernel may still cache pages of an earlier instance of this name.
+            if let Some(live) = &ctx.live {
+                if let Some(ino) = live.model.known_instance_ino(&id) {
+                    let all = vec![imagefs_store::instance::Range {
+                        offset: 0,
+                        len: inst.size(),
+                    }];
+                    live.inval.invalidate(ino, all, Duration::from_secs(10));
+                }
+            }
             if json {
                 let v = json!({"type": "result", "instance": id.to_string(),
                     "base": base.to_string(), "size": inst.size()});
