@@ -1,7 +1,7 @@
 //! Scenario module: store. Drives the real `imagefs` binary on real ext4 images (mkfs.ext4 -d,
 //! patched with debugfs) and qcow2 files made by qemu-img: the user story end to end, bad
 //! inputs that must change nothing, corruption that must be caught with exit 5, index loss
-//! repaired from the logs, and kill -9 at random points of import, apply and gc.
+//! repaired from the logs, and kill -9 at random points of import, apply, tag and gc.
 
 // Test code: a failed unwrap is a failed test with its reason.
 #![allow(clippy::unwrap_used)]
@@ -474,7 +474,7 @@ impl Lcg {
 }
 
 #[test]
-fn kill_9_during_import_apply_gc_leaves_a_consistent_store() {
+fn kill_9_during_import_apply_tag_gc_leaves_a_consistent_store() {
     if !prerequisites() {
         skip!("needs mkfs.ext4, debugfs and a built imagefs binary");
     }
@@ -529,7 +529,15 @@ fn kill_9_during_import_apply_gc_leaves_a_consistent_store() {
                 ];
                 (&st, argv, 900)
             }
-            3 => (&st2, vec!["apply".into(), s(&bundle).into()], 60),
+            3 if i % 2 == 0 => (&st2, vec!["apply".into(), s(&bundle).into()], 60),
+            3 => {
+                let target = ["a:v1", "a:v2"][rng.next(2) as usize];
+                (
+                    &st,
+                    vec!["tag".into(), "a:moving".into(), target.into()],
+                    40,
+                )
+            }
             _ => {
                 // give gc something to free
                 for _ in 0..2 {
