@@ -346,6 +346,22 @@ fn qcow2_import_matches_raw() {
             .id,
         r.id
     );
+    // version 2 (compat=0.10) reads the same
+    let q2 = dir.path().join("a2.qcow2");
+    std::process::Command::new("qemu-img")
+        .args(["convert", "-O", "qcow2", "-o", "compat=0.10"])
+        .arg(&raw)
+        .arg(&q2)
+        .status()
+        .unwrap();
+    let mut src = open_image(&q2).unwrap();
+    assert_eq!(
+        store
+            .import(&web, None, src.as_mut(), &mut |_| {})
+            .unwrap()
+            .id,
+        r.id
+    );
     // compressed images are refused before anything is stored
     let c = dir.path().join("c.qcow2");
     std::process::Command::new("qemu-img")
@@ -411,4 +427,27 @@ fn gc_keeps_unflushed_writes_of_registered_live_instances() {
     assert_eq!(n, 65536);
     assert_eq!(buf, written);
     inst.flush(&store).unwrap();
+}
+
+#[test]
+fn bundle_between_versions_of_different_sizes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::init(&dir.path().join("s")).unwrap();
+    let t = Store::init(&dir.path().join("t")).unwrap();
+    let v1 = image_bytes(3 * 65536 + 100, 11);
+    let mut v2 = image_bytes(300 * 65536 + 7, 11);
+    v2[..v1.len()].copy_from_slice(&v1);
+    v2[10] ^= 1;
+    let i1 = import_bytes(&s, "web", &v1, None).id;
+    let i2 = import_bytes(&s, "web", &v2, None).id;
+    import_bytes(&t, "web", &v1, None);
+    let b = dir.path().join("grow.bundle");
+    s.write_bundle(&i1, "web:v1", &i2, None, &b).unwrap();
+    assert_eq!(t.apply_bundle(&b).unwrap().target, i2);
+    assert_eq!(read_all(&t, &i2), v2);
+    // and back down
+    let b = dir.path().join("shrink.bundle");
+    s.write_bundle(&i2, "web:v2", &i1, None, &b).unwrap();
+    assert_eq!(t.apply_bundle(&b).unwrap().target, i1);
+    assert_eq!(read_all(&t, &i1), v1);
 }
