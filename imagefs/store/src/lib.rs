@@ -5,6 +5,7 @@
 
 mod bundle;
 mod error;
+pub mod ext4;
 mod ids;
 mod import;
 pub mod instance;

@@ -1,0 +1,207 @@
+//! A read-only ext2/3/4 reader that maps changed image blocks to the guest files, directories
+//! and filesystem metadata living in them (for `imagefs diff --files` and the agent's notice).
+//! Invariant: everything read from the image is untrusted; a corrupt or unsupported filesystem
+//! gives an `Ext4Error`, never a panic or an unbounded walk, and an image without an ext
+//! superblock gives `Ok(None)` so callers fall back to block ranges.
+
+mod dir;
+mod error;
+mod index;
+mod inode;
+mod layout;
+mod source;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_corrupt;
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+pub use error::Ext4Error;
+pub use index::{FsIndex, Limits};
+pub use source::{ReadAt, VersionReader};
+
+/// A kind of filesystem metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Metadata {
+    /// A superblock (or a backup copy, or the boot block before it).
+    Superblock,
+    /// A group descriptor table (or a backup copy).
+    GroupDescriptors,
+    /// Blocks reserved for growing the group descriptor table.
+    ReservedGdt,
+    /// A block allocation bitmap.
+    BlockBitmap,
+    /// An inode allocation bitmap.
+    InodeBitmap,
+    /// An inode table.
+    InodeTable,
+    /// Directory entries.
+    Directory,
+    /// Extent tree nodes or indirect blocks.
+    ExtentTree,
+    /// An extended-attribute block.
+    Xattr,
+    /// The journal.
+    Journal,
+    /// Quota files or the orphan file.
+    SpecialInode,
+}
+
+/// What lives in one changed image block.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct BlockFiles {
+    /// The image block's index.
+    pub block: u64,
+    /// Files whose data (or extent tree, or xattr block) lives here.
+    pub files: BTreeSet<String>,
+    /// Directories whose entries live here.
+    pub directories: BTreeSet<String>,
+    /// Files whose inode records live here (and changed, when compared against another version).
+    pub inodes: BTreeSet<String>,
+    /// Kinds of metadata living here.
+    pub metadata: BTreeSet<Metadata>,
+    /// Fs blocks here that neither a reachable file nor known metadata owns (free space,
+    /// unlinked inodes' data, or space past the filesystem).
+    pub unowned_fs_blocks: u64,
+}
+
+/// Owners of a set of changed image blocks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FileMap {
+    /// The filesystem's block size.
+    pub fs_block_size: u64,
+    /// One entry per changed image block, in the order asked.
+    pub blocks: Vec<BlockFiles>,
+}
+
+impl FileMap {
+    /// Every guest path named: files, directories and files whose inodes changed.
+    pub fn files(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        for b in &self.blocks {
+            out.extend(b.files.iter().cloned());
+            out.extend(b.directories.iter().cloned());
+            out.extend(b.inodes.iter().cloned());
+        }
+        out
+    }
+
+    /// Every kind of metadata touched.
+    pub fn metadata(&self) -> BTreeSet<Metadata> {
+        self.blocks
+            .iter()
+            .flat_map(|b| b.metadata.iter().copied())
+            .collect()
+    }
+
+    /// Whether any changed block holds filesystem metadata.
+    pub fn metadata_changed(&self) -> bool {
+        self.blocks.iter().any(|b| !b.metadata.is_empty())
+    }
+
+    /// Adds `other`'s owners of the same blocks (both maps list the same blocks in order).
+    pub fn merge(&mut self, other: FileMap) {
+        for (x, y) in self.blocks.iter_mut().zip(other.blocks) {
+            x.files.extend(y.files);
+            x.directories.extend(y.directories);
+            x.inodes.extend(y.inodes);
+            x.metadata.extend(y.metadata);
+            x.unowned_fs_blocks = x.unowned_fs_blocks.min(y.unowned_fs_blocks);
+        }
+    }
+}
+
+/// Maps each changed image block (of `image_block_size` bytes) of `src` to what lives there.
+/// `Ok(None)` when `src` holds no ext2/3/4 filesystem at offset 0.
+pub fn map_blocks(
+    src: &dyn ReadAt,
+    image_block_size: u64,
+    changed: &[u64],
+) -> Result<Option<FileMap>, Ext4Error> {
+    match FsIndex::build(src, Limits::default())? {
+        Some(ix) => ix.lookup(image_block_size, changed, None).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Maps the blocks that differ between images `a` and `b`: what lived there in `a` (deleted or
+/// moved files) and what lives there in `b` (new files, new names). Only the fs blocks whose
+/// bytes differ inside each changed image block are attributed, and changed inode-table blocks
+/// name only the inodes whose records differ. `Ok(None)` when neither is ext2/3/4.
+pub fn map_diff(
+    a: &dyn ReadAt,
+    b: &dyn ReadAt,
+    image_block_size: u64,
+    changed: &[u64],
+) -> Result<Option<FileMap>, Ext4Error> {
+    let ia = FsIndex::build(a, Limits::default())?;
+    let ib = FsIndex::build(b, Limits::default())?;
+    let (x, y) = match (ia, ib) {
+        (None, None) => return Ok(None),
+        (Some(x), None) => return x.lookup(image_block_size, changed, None).map(Some),
+        (None, Some(y)) => return y.lookup(image_block_size, changed, None).map(Some),
+        (Some(x), Some(y)) => (x, y),
+    };
+    if !x.same_geometry(&y) {
+        let mut m = y.lookup(image_block_size, changed, None)?;
+        m.merge(x.lookup(image_block_size, changed, None)?);
+        return Ok(Some(m));
+    }
+    let fbs = y.fs_block_size();
+    let mut out = FileMap {
+        fs_block_size: fbs,
+        blocks: Vec::with_capacity(changed.len()),
+    };
+    let len = usize::try_from(image_block_size).map_err(|_| Ext4Error::Budget("block size"))?;
+    let (mut p, mut q) = (vec![0u8; len], vec![0u8; len]);
+    for &blk in changed {
+        let ranges = differing_fs_blocks(a, b, blk, image_block_size, fbs, &mut p, &mut q);
+        let mut bf = y.owners(blk, &ranges, Some((b, a)))?;
+        let old = x.owners(blk, &ranges, Some((a, b)))?;
+        bf.files.extend(old.files);
+        bf.directories.extend(old.directories);
+        bf.inodes.extend(old.inodes);
+        bf.metadata.extend(old.metadata);
+        bf.unowned_fs_blocks = bf.unowned_fs_blocks.min(old.unowned_fs_blocks);
+        out.blocks.push(bf);
+    }
+    Ok(Some(out))
+}
+
+/// The fs-block ranges `[lo, hi)` inside image block `blk` whose bytes differ between `a` and
+/// `b`; the whole image block when either cannot be read in full (e.g. past one image's end).
+fn differing_fs_blocks(
+    a: &dyn ReadAt,
+    b: &dyn ReadAt,
+    blk: u64,
+    ibs: u64,
+    fbs: u64,
+    p: &mut [u8],
+    q: &mut [u8],
+) -> Vec<(u64, u64)> {
+    let start = blk.saturating_mul(ibs);
+    let whole = vec![(start / fbs, start.saturating_add(ibs).div_ceil(fbs))];
+    if fbs > ibs || a.read_exact_at(start, p).is_err() || b.read_exact_at(start, q).is_err() {
+        return whole;
+    }
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (i, (x, y)) in p
+        .chunks(fbs as usize)
+        .zip(q.chunks(fbs as usize))
+        .enumerate()
+    {
+        if x == y {
+            continue;
+        }
+        let fb = start / fbs + i as u64;
+        match out.last_mut() {
+            Some(last) if last.1 == fb => last.1 += 1,
+            _ => out.push((fb, fb + 1)),
+        }
+    }
+    out
+}
