@@ -34,7 +34,11 @@ test: guest build
 clean-guest:
 	rm -rf target/guest
 
-# Benchmarks, side by side in one run (root: FUSE mounts, drop_caches).
+# Benchmarks, side by side in one run (root: FUSE mounts, drop_caches): one BENCH line per metric
+# (medians, ours/peer ratio), raw samples in target/bench/results.json. BENCH_ARGS passes options
+# (e.g. BENCH_ARGS="--runs 3 --only import,mount"). scripts/bench-mount.sh stays as a quick check.
+BENCH_ARGS ?=
 bench:
-	$(CARGO) build --release -p imagefs
-	bash scripts/bench-mount.sh target/release/imagefs
+	bash scripts/setup.sh --bench
+	$(CARGO) build --release -p imagefs -p imagefs-bench
+	target/release/imagefs-bench --imagefs target/release/imagefs --out target/bench $(BENCH_ARGS)

@@ -1,0 +1,134 @@
+//! `imagefs-bench`: runs imagefs and its peers side by side in one run, prints one `BENCH` (or
+//! `BENCH-SKIP`) line per metric with medians and the ratio, and writes every raw sample plus the
+//! machine's facts to OUT/results.json. Invariant: the scratch area is removed at the end; only
+//! the cached fixture image and the results stay under OUT.
+//!
+//! Usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only GROUP,...]
+//! Groups, in priority order: import, chain, mount, vm.
+
+mod chain;
+mod fixture;
+mod import;
+mod mount;
+mod report;
+mod sys;
+mod vm;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+/// What every bench needs: the binary under test, the scratch dir, the fixture and the run count.
+#[derive(Debug)]
+pub struct Env {
+    pub bin: PathBuf,
+    pub work: PathBuf,
+    pub base: PathBuf,
+    pub runs: usize,
+    pub block_size: u64,
+}
+
+impl Env {
+    /// `imagefs --store STORE` (the rest of the arguments are the caller's).
+    pub fn imagefs(&self, store: &Path) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("--store").arg(store);
+        c
+    }
+}
+
+#[derive(Debug)]
+struct Opts {
+    bin: PathBuf,
+    out: PathBuf,
+    runs: usize,
+    only: Vec<String>,
+}
+
+const GROUPS: [&str; 4] = ["import", "chain", "mount", "vm"];
+
+fn parse_args() -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        bin: PathBuf::from("target/release/imagefs"),
+        out: PathBuf::from("target/bench"),
+        runs: 5,
+        only: GROUPS.iter().map(|s| s.to_string()).collect(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--imagefs" => o.bin = PathBuf::from(val()?),
+            "--out" => o.out = PathBuf::from(val()?),
+            "--runs" => o.runs = val()?.parse().context("--runs takes a number")?,
+            "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
+            "-h" | "--help" => {
+                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,vm]");
+                std::process::exit(0);
+            }
+            _ => bail!("unknown argument {a:?} (try --help)"),
+        }
+    }
+    if let Some(g) = o.only.iter().find(|g| !GROUPS.contains(&g.as_str())) {
+        bail!("unknown group {g:?}: the groups are {}", GROUPS.join(","));
+    }
+    if o.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    Ok(o)
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = parse_args()?;
+    let bin = std::path::absolute(&o.bin)?;
+    if !bin.is_file() {
+        bail!(
+            "{} is not built (cargo build --release -p imagefs)",
+            bin.display()
+        );
+    }
+    let out = std::path::absolute(&o.out)?;
+    let work = out.join("work");
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(work.join("mnt"))
+        .stderr(std::process::Stdio::null())
+        .status();
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).with_context(|| format!("mkdir {}", work.display()))?;
+    let base = fixture::base_image(&out.join("cache")).context("building the ext4 fixture")?;
+    let env = Env {
+        bin,
+        work,
+        base,
+        runs: o.runs,
+        block_size: 65536,
+    };
+    let machine = sys::machine();
+    println!("bench: {machine}");
+    let mut rep = report::Report::default();
+    let t = std::time::Instant::now();
+    for g in GROUPS.iter().filter(|g| o.only.iter().any(|x| x == *g)) {
+        eprintln!("bench: {g} ({:.0} s so far)", t.elapsed().as_secs_f64());
+        match *g {
+            "import" => import::run(&env, &mut rep),
+            "chain" => chain::run(&env, &mut rep),
+            "mount" => mount::run(&env, &mut rep),
+            _ => vm::run(&mut rep),
+        }
+    }
+    let _ = std::fs::remove_dir_all(&env.work);
+    let results = out.join("results.json");
+    let json = serde_json::to_string_pretty(&rep.json(machine))?;
+    std::fs::write(&results, json + "\n")
+        .with_context(|| format!("write {}", results.display()))?;
+    println!(
+        "bench: {} metrics, {} skipped, {:.0} s; results in {}",
+        rep.metrics.len(),
+        rep.skipped.len(),
+        t.elapsed().as_secs_f64(),
+        results.display()
+    );
+    Ok(())
+}
