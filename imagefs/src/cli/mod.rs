@@ -86,6 +86,9 @@ pub struct DiffArgs {
     pub a: String,
     /// NAME:TAG or version id
     pub b: String,
+    /// Also name the guest files (and ext4 metadata) in the changed blocks
+    #[arg(long)]
+    pub files: bool,
 }
 
 #[derive(Debug, Clone, Args)]
