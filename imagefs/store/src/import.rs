@@ -65,7 +65,8 @@ fn read_chunks(
         let blocks = want.div_ceil(bsz);
         let end = off + want as u64;
         let msg = (|| -> Result<Chunk, StoreError> {
-            if src.is_hole(off, want as u64)? {
+            let ranges = src.data_ranges(off, want as u64)?;
+            if ranges.is_empty() {
                 return Ok(Chunk {
                     data: None,
                     hashes: Vec::new(),
@@ -74,17 +75,39 @@ fn read_chunks(
                 });
             }
             let mut buf = free.recv().unwrap_or_else(|_| vec![0u8; chunk]);
-            let data = &mut buf[..blocks * bsz];
-            // the image tail is zero-padded to a whole block
-            data[want..].fill(0);
-            src.read_at(off, &mut data[..want])?;
+            // which blocks may hold data; the others are holes, never read or hashed
+            let mut maybe = vec![false; blocks];
+            for &(a, b) in &ranges {
+                let first = (a.saturating_sub(off) / bsz as u64) as usize;
+                let last = ((b.saturating_sub(off)).div_ceil(bsz as u64) as usize).min(blocks);
+                for m in maybe.iter_mut().take(last).skip(first) {
+                    *m = true;
+                }
+            }
+            // read each run of data blocks in one call; the image tail is zero-padded
+            let mut i = 0;
+            while i < blocks {
+                if !maybe[i] {
+                    i += 1;
+                    continue;
+                }
+                let mut j = i;
+                while j < blocks && maybe[j] {
+                    j += 1;
+                }
+                let (a, b) = (i * bsz, (j * bsz).min(want));
+                buf[b..j * bsz].fill(0);
+                src.read_at(off + a as u64, &mut buf[a..b])?;
+                i = j;
+            }
             let mut hashes = vec![None; blocks];
             let half = blocks / 2;
             let (h1, h2) = hashes.split_at_mut(half);
+            let (m1, m2) = maybe.split_at(half);
             let (d1, d2) = buf[..blocks * bsz].split_at(half * bsz);
             std::thread::scope(|s| {
-                s.spawn(|| hash_blocks(d1, bsz, h1));
-                hash_blocks(d2, bsz, h2);
+                s.spawn(|| hash_blocks(d1, bsz, m1, h1));
+                hash_blocks(d2, bsz, m2, h2);
             });
             Ok(Chunk {
                 data: Some(buf),
@@ -101,9 +124,9 @@ fn read_chunks(
     }
 }
 
-fn hash_blocks(data: &[u8], bs: usize, out: &mut [Option<[u8; 32]>]) {
-    for (block, slot) in data.chunks(bs).zip(out.iter_mut()) {
-        *slot = (!is_zero(block)).then(|| *blake3::hash(block).as_bytes());
+fn hash_blocks(data: &[u8], bs: usize, maybe: &[bool], out: &mut [Option<[u8; 32]>]) {
+    for ((block, slot), &m) in data.chunks(bs).zip(out.iter_mut()).zip(maybe) {
+        *slot = (m && !is_zero(block)).then(|| *blake3::hash(block).as_bytes());
     }
 }
 

@@ -197,4 +197,22 @@ impl ImageSource for Qcow2 {
     fn format(&self) -> &'static str {
         "qcow2"
     }
+
+    fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let cs = 1u64 << self.cluster_bits;
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut pos = offset - offset % cs;
+        while pos < end {
+            if self.map(pos)?.is_some() {
+                let (a, b) = (pos.max(offset), (pos + cs).min(end));
+                match out.last_mut() {
+                    Some(last) if last.1 == a => last.1 = b,
+                    _ => out.push((a, b)),
+                }
+            }
+            pos += cs;
+        }
+        Ok(out)
+    }
 }

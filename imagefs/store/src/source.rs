@@ -19,6 +19,24 @@ pub trait ImageSource: Send {
     fn is_hole(&mut self, offset: u64, len: u64) -> Result<bool, StoreError>;
     /// "raw" or "qcow2".
     fn format(&self) -> &'static str;
+    /// The sub-ranges of `[offset, offset + len)` that may hold data, ascending; everything
+    /// outside them reads as zeros. The default asks `is_hole` about the whole range.
+    fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        if self.is_hole(offset, len)? {
+            Ok(Vec::new())
+        } else {
+            Ok(vec![(offset, offset.saturating_add(len))])
+        }
+    }
+}
+
+/// lseek(SEEK_DATA / SEEK_HOLE) from `pos`; `None` when there is no such offset or the file
+/// system cannot tell (then the caller treats everything as data).
+fn seek(file: &File, pos: u64, whence: libc::c_int) -> Option<u64> {
+    let off = libc::off_t::try_from(pos).ok()?;
+    // SAFETY: lseek on a descriptor we own; no memory is involved.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    u64::try_from(r).ok()
 }
 
 /// Opens `path` as qcow2 when it starts with the qcow2 magic, else as raw.
@@ -101,5 +119,29 @@ impl ImageSource for Raw {
 
     fn format(&self) -> &'static str {
         "raw"
+    }
+
+    fn data_ranges(&mut self, offset: u64, len: u64) -> Result<Vec<(u64, u64)>, StoreError> {
+        let end = offset.saturating_add(len);
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let Some(data) = seek(&self.file, pos, libc::SEEK_DATA) else {
+                // ENXIO: only holes from here; other errors: no hole support, read it all
+                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
+                    out.push((pos, end));
+                }
+                break;
+            };
+            if data >= end {
+                break;
+            }
+            let hole = seek(&self.file, data, libc::SEEK_HOLE)
+                .unwrap_or(end)
+                .min(end);
+            out.push((data, hole.max(data + 1)));
+            pos = hole.max(data + 1);
+        }
+        Ok(out)
     }
 }
