@@ -40,5 +40,5 @@ clean-guest:
 BENCH_ARGS ?=
 bench:
 	bash scripts/setup.sh --bench
-	$(CARGO) build --release -p imagefs -p imagefs-bench
+	CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) build --release -p imagefs -p imagefs-bench
 	target/release/imagefs-bench --imagefs target/release/imagefs --out target/bench $(BENCH_ARGS)
