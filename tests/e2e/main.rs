@@ -1,6 +1,7 @@
 //! End-to-end scenarios, one module each: real binaries, real FUSE mounts, real guests.
 
 mod agent;
+mod ext4;
 mod mount;
 mod store;
 mod vm;
