@@ -157,6 +157,7 @@ impl FsIndex {
         let fbs = self.fs_block_size();
         let mut out = FileMap {
             fs_block_size: fbs,
+            fs_offset: 0,
             blocks: Vec::with_capacity(changed.len()),
         };
         for &b in changed {

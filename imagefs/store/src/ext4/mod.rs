@@ -9,6 +9,7 @@ mod error;
 mod index;
 mod inode;
 mod layout;
+mod partition;
 mod source;
 #[cfg(test)]
 mod tests;
@@ -21,6 +22,7 @@ use serde::Serialize;
 
 pub use error::Ext4Error;
 pub use index::{FsIndex, Limits};
+pub use partition::{locate, Offset};
 pub use source::{ReadAt, VersionReader};
 
 /// A kind of filesystem metadata.
@@ -74,6 +76,8 @@ pub struct BlockFiles {
 pub struct FileMap {
     /// The filesystem's block size.
     pub fs_block_size: u64,
+    /// Where the filesystem starts in the image (0, or its partition's offset).
+    pub fs_offset: u64,
     /// One entry per changed image block, in the order asked.
     pub blocks: Vec<BlockFiles>,
 }
@@ -115,15 +119,65 @@ impl FileMap {
     }
 }
 
+/// A filesystem found in an image: its window of the image and its index.
+struct Found<'a> {
+    view: Offset<'a>,
+    start: u64,
+    len: u64,
+    index: FsIndex,
+}
+
+impl<'a> Found<'a> {
+    fn find(src: &'a dyn ReadAt) -> Result<Option<Found<'a>>, Ext4Error> {
+        let Some((start, len)) = partition::locate(src)? else {
+            return Ok(None);
+        };
+        let view = Offset::new(src, start, len);
+        Ok(
+            FsIndex::build(&view, Limits::default())?.map(|index| Found {
+                view,
+                start,
+                len,
+                index,
+            }),
+        )
+    }
+
+    /// The fs blocks `[lo, hi)` that image block `blk` overlaps, if any.
+    fn fs_range(&self, blk: u64, ibs: u64) -> Option<(u64, u64)> {
+        let fbs = self.index.fs_block_size();
+        let s = blk.saturating_mul(ibs).max(self.start);
+        let e = blk
+            .saturating_mul(ibs)
+            .saturating_add(ibs)
+            .min(self.start.saturating_add(self.len));
+        (s < e).then(|| ((s - self.start) / fbs, (e - self.start).div_ceil(fbs)))
+    }
+
+    fn lookup(&self, ibs: u64, changed: &[u64]) -> Result<FileMap, Ext4Error> {
+        let mut out = FileMap {
+            fs_block_size: self.index.fs_block_size(),
+            fs_offset: self.start,
+            blocks: Vec::with_capacity(changed.len()),
+        };
+        for &blk in changed {
+            let ranges: Vec<(u64, u64)> = self.fs_range(blk, ibs).into_iter().collect();
+            out.blocks.push(self.index.owners(blk, &ranges, None)?);
+        }
+        Ok(out)
+    }
+}
+
 /// Maps each changed image block (of `image_block_size` bytes) of `src` to what lives there.
-/// `Ok(None)` when `src` holds no ext2/3/4 filesystem at offset 0.
+/// The filesystem may start at offset 0 or inside an MBR/GPT partition. `Ok(None)` when
+/// `src` holds no ext2/3/4 filesystem.
 pub fn map_blocks(
     src: &dyn ReadAt,
     image_block_size: u64,
     changed: &[u64],
 ) -> Result<Option<FileMap>, Ext4Error> {
-    match FsIndex::build(src, Limits::default())? {
-        Some(ix) => ix.lookup(image_block_size, changed, None).map(Some),
+    match Found::find(src)? {
+        Some(f) => f.lookup(image_block_size, changed).map(Some),
         None => Ok(None),
     }
 }
@@ -138,30 +192,28 @@ pub fn map_diff(
     image_block_size: u64,
     changed: &[u64],
 ) -> Result<Option<FileMap>, Ext4Error> {
-    let ia = FsIndex::build(a, Limits::default())?;
-    let ib = FsIndex::build(b, Limits::default())?;
-    let (x, y) = match (ia, ib) {
+    let (x, y) = match (Found::find(a)?, Found::find(b)?) {
         (None, None) => return Ok(None),
-        (Some(x), None) => return x.lookup(image_block_size, changed, None).map(Some),
-        (None, Some(y)) => return y.lookup(image_block_size, changed, None).map(Some),
+        (Some(x), None) => return x.lookup(image_block_size, changed).map(Some),
+        (None, Some(y)) => return y.lookup(image_block_size, changed).map(Some),
         (Some(x), Some(y)) => (x, y),
     };
-    if !x.same_geometry(&y) {
-        let mut m = y.lookup(image_block_size, changed, None)?;
-        m.merge(x.lookup(image_block_size, changed, None)?);
+    if !x.index.same_geometry(&y.index) || x.start != y.start {
+        let mut m = y.lookup(image_block_size, changed)?;
+        m.merge(x.lookup(image_block_size, changed)?);
         return Ok(Some(m));
     }
-    let fbs = y.fs_block_size();
     let mut out = FileMap {
-        fs_block_size: fbs,
+        fs_block_size: y.index.fs_block_size(),
+        fs_offset: y.start,
         blocks: Vec::with_capacity(changed.len()),
     };
     let len = usize::try_from(image_block_size).map_err(|_| Ext4Error::Budget("block size"))?;
     let (mut p, mut q) = (vec![0u8; len], vec![0u8; len]);
     for &blk in changed {
-        let ranges = differing_fs_blocks(a, b, blk, image_block_size, fbs, &mut p, &mut q);
-        let mut bf = y.owners(blk, &ranges, Some((b, a)))?;
-        let old = x.owners(blk, &ranges, Some((a, b)))?;
+        let ranges = differing_fs_blocks(&y, a, b, blk, image_block_size, &mut p, &mut q);
+        let mut bf = y.index.owners(blk, &ranges, Some((&y.view, &x.view)))?;
+        let old = x.index.owners(blk, &ranges, Some((&x.view, &y.view)))?;
         bf.files.extend(old.files);
         bf.directories.extend(old.directories);
         bf.inodes.extend(old.inodes);
@@ -173,34 +225,39 @@ pub fn map_diff(
 }
 
 /// The fs-block ranges `[lo, hi)` inside image block `blk` whose bytes differ between `a` and
-/// `b`; the whole image block when either cannot be read in full (e.g. past one image's end).
+/// `b` (whole images); all of the block's fs blocks when either cannot be read in full.
 fn differing_fs_blocks(
+    f: &Found<'_>,
     a: &dyn ReadAt,
     b: &dyn ReadAt,
     blk: u64,
     ibs: u64,
-    fbs: u64,
     p: &mut [u8],
     q: &mut [u8],
 ) -> Vec<(u64, u64)> {
-    let start = blk.saturating_mul(ibs);
-    let whole = vec![(start / fbs, start.saturating_add(ibs).div_ceil(fbs))];
-    if fbs > ibs || a.read_exact_at(start, p).is_err() || b.read_exact_at(start, q).is_err() {
-        return whole;
+    let Some((lo, hi)) = f.fs_range(blk, ibs) else {
+        return Vec::new();
+    };
+    let s = blk.saturating_mul(ibs);
+    if a.read_exact_at(s, p).is_err() || b.read_exact_at(s, q).is_err() {
+        return vec![(lo, hi)];
     }
+    let fbs = f.index.fs_block_size();
     let mut out: Vec<(u64, u64)> = Vec::new();
-    for (i, (x, y)) in p
-        .chunks(fbs as usize)
-        .zip(q.chunks(fbs as usize))
-        .enumerate()
-    {
-        if x == y {
+    for k in lo..hi {
+        // image bytes of fs block k, clipped to this image block
+        let x0 = f.start.saturating_add(k.saturating_mul(fbs)).max(s);
+        let x1 = f
+            .start
+            .saturating_add(k.saturating_add(1).saturating_mul(fbs))
+            .min(s.saturating_add(ibs));
+        let (i0, i1) = ((x0 - s) as usize, (x1.max(x0) - s) as usize);
+        if p.get(i0..i1) == q.get(i0..i1) {
             continue;
         }
-        let fb = start / fbs + i as u64;
         match out.last_mut() {
-            Some(last) if last.1 == fb => last.1 += 1,
-            _ => out.push((fb, fb + 1)),
+            Some(last) if last.1 == k => last.1 += 1,
+            _ => out.push((k, k + 1)),
         }
     }
     out

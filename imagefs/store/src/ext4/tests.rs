@@ -497,3 +497,76 @@ fn walking_many_files_is_fast() {
     let o = ix.owners(0, &[(b, b + 1)], None).unwrap();
     assert_eq!(o.files, set(&["/d57/file-9"]));
 }
+
+/// `fs` placed at 1 MiB behind an MBR (`gpt` false) or a GPT (`gpt` true) partition table.
+fn partitioned(fs: &Path, out: &Path, gpt: bool) {
+    let body = std::fs::read(fs).unwrap();
+    let mut img = vec![0u8; 1 << 20];
+    let sectors = (body.len() / 512) as u64;
+    img[510] = 0x55;
+    img[511] = 0xAA;
+    if gpt {
+        img[446 + 4] = 0xEE;
+        img[512..520].copy_from_slice(b"EFI PART");
+        img[512 + 72..512 + 80].copy_from_slice(&2u64.to_le_bytes());
+        img[512 + 80..512 + 84].copy_from_slice(&128u32.to_le_bytes());
+        img[512 + 84..512 + 88].copy_from_slice(&128u32.to_le_bytes());
+        // entry 0 (at LBA 2): an EFI system partition first, with no filesystem of ours
+        img[1024..1040].copy_from_slice(&[0x28; 16]);
+        img[1024 + 32..1024 + 40].copy_from_slice(&40u64.to_le_bytes());
+        img[1024 + 40..1024 + 48].copy_from_slice(&100u64.to_le_bytes());
+        // entry 1: the Linux root filesystem
+        img[1152..1168].copy_from_slice(&[0xAF; 16]);
+        img[1152 + 32..1152 + 40].copy_from_slice(&2048u64.to_le_bytes());
+        img[1152 + 40..1152 + 48].copy_from_slice(&(2048 + sectors - 1).to_le_bytes());
+    } else {
+        img[446 + 4] = 0x83;
+        img[446 + 8..446 + 12].copy_from_slice(&2048u32.to_le_bytes());
+        img[446 + 12..446 + 16].copy_from_slice(&(sectors as u32).to_le_bytes());
+    }
+    img.extend_from_slice(&body);
+    std::fs::write(out, img).unwrap();
+}
+
+#[test]
+fn filesystems_inside_mbr_and_gpt_partitions_are_found() {
+    if !have_e2fsprogs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    base_tree(&dir.path().join("root"));
+    let bare = dir.path().join("bare.img");
+    mkfs(
+        "mkfs.ext4",
+        &["-b", "4096"],
+        &dir.path().join("root"),
+        &bare,
+        "32M",
+    );
+    let fb = lone_block(&bare, "/usr/bin/tool5");
+    for gpt in [false, true] {
+        let a = dir.path().join("a.img");
+        partitioned(&bare, &a, gpt);
+        assert_eq!(
+            locate(&File::open(&a).unwrap()).unwrap(),
+            Some((1 << 20, 32 << 20))
+        );
+        let b = copy(&a, "b.img");
+        let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+        f.write_all_at(&noise("p", 4096), (1 << 20) + (fb + 5) * 4096)
+            .unwrap();
+        let m = diff(&a, &b, 65536);
+        assert_eq!(m.files(), set(&["/usr/bin/tool5"]), "gpt {gpt}");
+        assert_eq!(m.fs_offset, 1 << 20);
+        assert!(!m.metadata_changed());
+        // the image block holding the partition's superblock is metadata
+        let one = map_blocks(&File::open(&a).unwrap(), 65536, &[0, 16])
+            .unwrap()
+            .unwrap();
+        assert!(
+            one.blocks[0].metadata.is_empty(),
+            "the partition table is not ext4"
+        );
+        assert!(one.blocks[1].metadata.contains(&Metadata::Superblock));
+    }
+}

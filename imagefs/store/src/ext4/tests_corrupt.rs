@@ -256,6 +256,40 @@ proptest! {
     }
 
     #[test]
+    fn mutated_partition_tables_never_panic(
+        edits in prop::collection::vec((0u64..2048, any::<u8>()), 1..16),
+        gpt in any::<bool>(),
+    ) {
+        if let Some(f) = fixture() {
+            let mut img = vec![0u8; 1 << 20];
+            img[510] = 0x55;
+            img[511] = 0xAA;
+            if gpt {
+                img[446 + 4] = 0xEE;
+                img[512..520].copy_from_slice(b"EFI PART");
+                img[512 + 72] = 2;
+                img[512 + 80] = 128;
+                img[512 + 84] = 128;
+                img[1024] = 1;
+                img[1024 + 32..1024 + 34].copy_from_slice(&2048u16.to_le_bytes());
+                img[1024 + 40..1024 + 42].copy_from_slice(&(2048u16 + 4095).to_le_bytes());
+            } else {
+                img[446 + 4] = 0x83;
+                img[446 + 9] = 8; // LBA 2048
+                img[446 + 13] = 16; // 4096 sectors
+            }
+            img.extend_from_slice(&f.ext4);
+            for &(at, byte) in &edits {
+                img[at as usize] = byte;
+            }
+            let src = Mem(img);
+            if let Ok(Some(m)) = map_blocks(&src, 65536, &[0, 16, 17, 1000]) {
+                prop_assert_eq!(m.blocks.len(), 4);
+            }
+        }
+    }
+
+    #[test]
     fn mutated_ext2_never_panics(edits in prop::collection::vec((0u64..300_000, any::<u8>()), 1..8)) {
         if let Some(f) = fixture() {
             mutate_and_walk(&f.ext2, &edits);
