@@ -9,7 +9,7 @@ use thiserror::Error;
 /// Why a name, tag or id was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum IdError {
-    /// not a valid name (want [A-Za-z0-9][A-Za-z0-9._-]{0,127})
+    /// not a valid name (want `[A-Za-z0-9][A-Za-z0-9._-]{0,127}`)
     #[error("{0:?} is not a valid name (want [A-Za-z0-9][A-Za-z0-9._-]{{0,127}})")]
     BadName(String),
     /// not a 64-digit hex id

@@ -2,6 +2,39 @@
 //! Block data and block-map nodes live in append-only pack files, names in a checksummed refs
 //! log; sled is only an index that `Store::open_rebuilding_index` can rebuild from those files.
 //! No FUSE, no CLI, no VMs here.
+//!
+//! # On disk (format "imagefs-store 1", in `FORMAT`)
+//! - `packs/NNNNNNNN.pack`: records `magic | kind | len | hash | header check | data` of two
+//!   kinds of objects: blocks (named by blake3 of the full block; the image tail is
+//!   zero-padded, the exact size is kept in the version) and block-map nodes (named by a
+//!   derive-key blake3, so they never collide with blocks). All-zero blocks are holes and are
+//!   never stored. A session appends to a new pack; old packs are only rewritten by gc.
+//! - `refs.log`: a [`log::RecordLog`] of JSON records (image, version, tag, untag, drop,
+//!   pin, unpin). Replaying it in order gives every name in the store.
+//! - `index/`: sled, an index only (object -> pack location, names, versions, and how far
+//!   each pack and the refs log are indexed). `Store::open` catches it up from the tails of
+//!   the packs and the log; `open_rebuilding_index` deletes and rebuilds it.
+//! - `lock`: flock'ed by the one writer (`Busy` for a second one).
+//!
+//! # Block maps
+//! A Merkle tree of canonical shape (fanout 32, 1 KiB nodes; the shape depends only on the
+//! block count; an all-hole subtree is the zero hash and not stored). A version id hashes the
+//! image name, size, block size and root, so equal bytes give equal ids. A version made from
+//! another with the same block count rewrites only the nodes on changed paths, and a diff
+//! descends only into differing subtrees: both O(changed blocks x height).
+//!
+//! # Durability and crashes
+//! Objects are appended, then the pack is fsynced, then the index learns their locations; a
+//! refs record is appended and fsynced before the index shows it. So after kill -9 or power
+//! loss the index never points at missing bytes and no partial version is visible; torn pack
+//! tails are ignored, torn log tails truncated. gc drops versions (a logged record) before it
+//! copies live objects to a new pack, and deletes old packs only after the index points at
+//! the copies. Roots: tags, pins, instance logs and registered [`GcRoots`] providers.
+//!
+//! # Reads
+//! No global lock: an index lookup, an `ArcSwap`ped pack handle, `pread`, and a blake3 check
+//! (a mismatch is `Corrupt`, never wrong bytes). Leaves are cached per `Version`, interior
+//! nodes per store.
 
 mod bundle;
 mod error;
