@@ -9,6 +9,8 @@ use super::Metadata;
 
 pub(crate) const MAGIC: u16 = 0xEF53;
 const SB_OFFSET: u64 = 1024;
+/// Largest descriptor table read (a 64 TiB filesystem of 4 KiB blocks needs 32 MiB).
+const MAX_GDT_BYTES: u64 = 64 << 20;
 
 // incompat features
 const INCOMPAT_COMPRESSION: u32 = 0x1;
@@ -258,6 +260,9 @@ impl Layout {
             .groups
             .checked_mul(sb.desc_size)
             .ok_or(Ext4Error::BadSuperblock("too many groups"))?;
+        if table_bytes > MAX_GDT_BYTES {
+            return Err(Ext4Error::Budget("group descriptor table size"));
+        }
         let gdt_blocks = table_bytes.div_ceil(bs);
         let mut raw =
             vec![0u8; usize::try_from(table_bytes).map_err(|_| Ext4Error::Budget("groups"))?];

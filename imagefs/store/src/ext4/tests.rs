@@ -55,15 +55,8 @@ pub(super) fn mkfs(mkfs: &str, opts: &[&str], root: &Path, img: &Path, size: &st
     );
 }
 
+/// Runs debugfs commands on `img` (one -R takes one command, so a script file is used).
 pub(super) fn debugfs(img: &Path, write: bool, cmds: &[&str]) -> String {
-    let mut c = Command::new("/usr/sbin/debugfs");
-    if write {
-        c.arg("-w");
-    }
-    for cmd in cmds {
-        c.args(["-R", cmd]);
-    }
-    // debugfs takes one -R; run several commands through -f instead
     let script = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(script.path(), cmds.join("\n") + "\n").unwrap();
     let mut c = Command::new("/usr/sbin/debugfs");
