@@ -89,7 +89,7 @@ fn files(
             ));
             (
                 json!({"fs": "ext4", "files": files, "metadata_changed": m.metadata_changed(),
-                    "metadata": m.metadata(), "file_blocks": m.blocks}),
+                    "metadata": m.metadata(), "fs_offset": m.fs_offset, "file_blocks": m.blocks}),
                 t,
             )
         }
