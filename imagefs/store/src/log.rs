@@ -234,7 +234,36 @@ impl Write for RecordLog {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        // Any bytes: parsing never panics, and valid records before damage are kept.
+        #[test]
+        fn parse_never_panics(
+            records in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..8),
+            noise in proptest::collection::vec(any::<u8>(), 0..64),
+            flip in any::<usize>(),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("l");
+            let (mut log, _) = RecordLog::open(&p).unwrap();
+            for r in &records {
+                log.append(7, r).unwrap();
+            }
+            drop(log);
+            let mut bytes = std::fs::read(&p).unwrap();
+            let clean = RecordLog::read(&p).unwrap();
+            prop_assert_eq!(clean.len(), records.len());
+            if !bytes.is_empty() {
+                let i = flip % bytes.len();
+                bytes[i] ^= 0x20;
+            }
+            bytes.extend_from_slice(&noise);
+            let _ = parse(&p, &bytes);
+        }
+    }
 
     #[test]
     fn torn_tail_is_truncated_and_appends_continue() {

@@ -81,7 +81,7 @@ impl Qcow2 {
         let l1_offset = be64(&h, 40);
         let l2_entries = 1u64 << (cluster_bits - 3);
         let need = size.div_ceil(l2_entries << cluster_bits);
-        if l1_size < need || l1_size > (1 << 24) {
+        if l1_size < need || l1_size > (1 << 22) {
             return Err(bad("L1 table size does not match the virtual size"));
         }
         let mut raw = vec![0u8; (need * 8) as usize];
@@ -214,5 +214,50 @@ impl ImageSource for Qcow2 {
             pos += cs;
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use crate::source::{open_image, ImageSource};
+
+    fn header(version: u32, cluster_bits: u32, size: u64, l1_size: u32, l1_off: u64) -> Vec<u8> {
+        let mut h = vec![0u8; 112];
+        h[..4].copy_from_slice(b"QFI\xfb");
+        h[4..8].copy_from_slice(&version.to_be_bytes());
+        h[20..24].copy_from_slice(&cluster_bits.to_be_bytes());
+        h[24..32].copy_from_slice(&size.to_be_bytes());
+        h[36..40].copy_from_slice(&l1_size.to_be_bytes());
+        h[40..48].copy_from_slice(&l1_off.to_be_bytes());
+        h[100..104].copy_from_slice(&104u32.to_be_bytes());
+        h
+    }
+
+    proptest! {
+        // Untrusted headers and tables: open and read either work or fail cleanly, never panic.
+        #[test]
+        fn arbitrary_qcow2_files_never_panic(
+            version in 1u32..5,
+            cluster_bits in 0u32..32,
+            size in prop_oneof![0u64..(1 << 24), any::<u64>()],
+            l1_size in prop_oneof![0u32..64, any::<u32>()],
+            l1_off in prop_oneof![0u64..4096, any::<u64>()],
+            tail in proptest::collection::vec(any::<u8>(), 0..8192),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("x.qcow2");
+            let mut bytes = header(version, cluster_bits, size, l1_size, l1_off);
+            bytes.extend_from_slice(&tail);
+            std::fs::write(&p, &bytes).unwrap();
+            if let Ok(mut src) = open_image(&p) {
+                let total = src.size();
+                let mut buf = vec![0u8; 4096];
+                let _ = src.read_at(0, &mut buf);
+                let _ = src.read_at(total.saturating_sub(100), &mut buf);
+                let _ = src.data_ranges(0, total.min(1 << 30));
+            }
+        }
     }
 }

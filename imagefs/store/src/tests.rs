@@ -451,3 +451,49 @@ fn bundle_between_versions_of_different_sizes() {
     assert_eq!(t.apply_bundle(&b).unwrap().target, i1);
     assert_eq!(read_all(&t, &i1), v1);
 }
+
+mod bundle_props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        // A damaged bundle is refused (never a panic, never a wrong version), or, when the
+        // damage missed everything that matters, applies to exactly the right version.
+        #[test]
+        fn mutated_bundles_are_refused_or_exact(
+            flips in proptest::collection::vec((any::<usize>(), 1u8..=255), 1..4),
+            cut in proptest::option::of(any::<usize>()),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let s = Store::init(&dir.path().join("s")).unwrap();
+            let t = Store::init(&dir.path().join("t")).unwrap();
+            let v1 = image_bytes(8 * 4096, 12);
+            let mut v2 = v1.clone();
+            v2[5000] ^= 1;
+            v2[20_000] ^= 1;
+            let i1 = import_bytes(&s, "web", &v1, Some(4096)).id;
+            let i2 = import_bytes(&s, "web", &v2, Some(4096)).id;
+            import_bytes(&t, "web", &v1, Some(4096));
+            let b = dir.path().join("b");
+            s.write_bundle(&i1, "web:v1", &i2, Some(&Tag::new("v2").unwrap()), &b).unwrap();
+            let mut bytes = std::fs::read(&b).unwrap();
+            for (at, x) in flips {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c % bytes.len());
+            }
+            std::fs::write(&b, &bytes).unwrap();
+            match t.apply_bundle(&b) {
+                Ok(r) => {
+                    prop_assert_eq!(r.target, i2);
+                    prop_assert_eq!(read_all(&t, &i2), v2);
+                }
+                Err(_) => prop_assert!(t.resolve("web:v2").is_err()),
+            }
+        }
+    }
+}
