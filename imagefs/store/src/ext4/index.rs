@@ -200,7 +200,7 @@ impl FsIndex {
             }
             bf.unowned_fs_blocks = bf
                 .unowned_fs_blocks
-                .saturating_add((hi - lo).saturating_sub(covered));
+                .saturating_add(hi.saturating_sub(lo).saturating_sub(covered));
         }
         Ok(bf)
     }
