@@ -221,7 +221,7 @@ impl ImageSource for Qcow2 {
 mod tests {
     use proptest::prelude::*;
 
-    use crate::source::{open_image, ImageSource};
+    use crate::source::open_image;
 
     fn header(version: u32, cluster_bits: u32, size: u64, l1_size: u32, l1_off: u64) -> Vec<u8> {
         let mut h = vec![0u8; 112];
