@@ -60,10 +60,10 @@ mod version;
 pub use bundle::BundleReport;
 pub use error::{ErrorKind, StoreError};
 pub use ids::{parse_name_tag, BlockHash, IdError, ImageName, Tag, VersionId};
+pub use import::{ImportProgress, ImportReport};
+pub use maint::{FsckReport, GcReport, GcRoots, Problem};
+pub use source::{open_image, ImageSource};
 pub use store::{
     check_block_size, is_zero, ImageInfo, Store, VersionInfo, DEFAULT_BLOCK_SIZE, FORMAT,
 };
-pub use maint::{FsckReport, GcReport, GcRoots, Problem};
-pub use import::{ImportProgress, ImportReport};
-pub use source::{open_image, ImageSource};
 pub use version::Version;
