@@ -229,12 +229,20 @@ fn serve(
 
     life.on(Event::Mounted);
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "mounted");
-    if let Some(r) = ready {
-        r.ok();
+    match ready {
+        Some(r) => r.ok(),
+        None => eprintln!(
+            "imagefs: serving {} at {} (Ctrl-C or `imagefs umount {}` to stop)",
+            cfg.store_dir.display(),
+            cfg.mountpoint.display(),
+            cfg.mountpoint.display()
+        ),
     }
     let served = session.run();
     life.on(Event::SessionEnded);
-    drop(session);
+    // The kernel has already dropped the mount; fuser's drop would try to unmount again and
+    // log a spurious EINVAL. The fd and the model go with the process a moment later.
+    std::mem::forget(session);
     let flushed = instances.flush_all(&store);
     let _ = std::fs::remove_file(control::socket_path(&cfg.store_dir));
     life.on(Event::Closed);

@@ -52,9 +52,16 @@ pub fn run_dir(
                 daemonize: a.daemon,
             };
             crate::daemon::run(cfg, dispatch).map_err(|e| {
+                use crate::daemon::DaemonError;
                 let code = match &e {
-                    crate::daemon::DaemonError::Store(s) => exit_code(s.kind()),
-                    crate::daemon::DaemonError::Control(_) => 4,
+                    DaemonError::Store(s) => exit_code(s.kind()),
+                    DaemonError::Control(_) => 4,
+                    DaemonError::Mount { source, .. } => match source.raw_os_error() {
+                        Some(libc::ENOENT) => 3,
+                        Some(libc::ENOTDIR) | Some(libc::EINVAL) => 2,
+                        Some(libc::EBUSY) => 4,
+                        _ => 1,
+                    },
                     _ => 1,
                 };
                 CliError::new(code, e.to_string())
