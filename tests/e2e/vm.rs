@@ -272,11 +272,12 @@ pub(crate) fn nested_vmm(
     extra_files: &[(PathBuf, &str)],
 ) -> anyhow::Result<nested::Outcome> {
     let initrd = inner_initramfs(dir, guest_script)?;
-    nested_vmm_with(&initrd, outer, extra_files)
+    nested_vmm_with(&bin("vmm"), &initrd, outer, extra_files)
 }
 
 /// Like `nested_vmm`, with an inner initramfs built by the caller.
-fn nested_vmm_with(
+pub(crate) fn nested_vmm_with(
+    vmm: &Path,
     initrd: &Path,
     outer: &str,
     extra_files: &[(PathBuf, &str)],
@@ -287,7 +288,7 @@ fn nested_vmm_with(
          echo ---console---; cat /tmp/console.log\n"
     );
     let mut sc = Scenario::new(&script)
-        .file(bin("vmm"), "/bin/vmm")
+        .file(vmm, "/bin/vmm")
         .file(nested::kernel(), "/work/vmlinuz")
         .file(initrd, "/work/inner.cpio")
         .timeout(Duration::from_secs(300));
@@ -359,7 +360,8 @@ fn agent_and_sigterm() -> anyhow::Result<()> {
 fn agent_socket_client() {
     use std::io::{Read, Write};
     let Some(path) = std::env::var_os("VMM_TEST_AGENT_SOCKET") else {
-        panic!("run only by the nested agent scenario");
+        eprintln!("agent_socket_client is a helper run inside the nested VM; nothing to do");
+        return;
     };
     let mut s = std::os::unix::net::UnixStream::connect(path)
         .unwrap_or_else(|e| panic!("AGENT-CONNECT-FAILED {e}"));
@@ -543,7 +545,7 @@ fn power_button() -> anyhow::Result<()> {
           i=$((i+1)); [ $i -gt 1200 ] && break; sleep 0.1; done\n\
         kill -TERM $pid; wait $pid; echo VMM-RC=$?\n\
         cat /tmp/vmm.err";
-    let o = nested_vmm_with(&initrd, outer, &[])?;
+    let o = nested_vmm_with(&bin("vmm"), &initrd, outer, &[])?;
     let out = &o.output;
     ensure!(
         out.contains("WAITING-ON=/dev/input/event"),

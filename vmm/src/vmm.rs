@@ -110,8 +110,9 @@ impl TryFrom<VmmConfig> for Vmm {
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
             };
-            // SAFETY: the region is a live mmap owned by `mem`, which `mem`'s clones held by
-            // the devices keep alive; the VM fd never outlives the process that owns the map.
+            // SAFETY: the region is a live mmap owned by `mem`; the Vmm keeps `mem` for as long
+            // as the VM fd, and each vCPU thread holds a clone, so the map outlives every
+            // KVM_RUN that could touch it.
             unsafe { vm.set_user_memory_region(region_desc) }
                 .map_err(|e| VmmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
@@ -255,8 +256,9 @@ fn install_sigterm_handler() {
 
 impl Vmm {
     /// Runs the VM until the guest powers off or reboots, a vCPU fails, or SIGTERM's grace
-    /// period (`term_grace`) runs out. SIGTERM presses the ACPI power button first. Returns how it ended; the vCPU threads are left parked in
-    /// KVM_RUN, so the caller is expected to exit the process soon after.
+    /// period (`term_grace`) runs out. SIGTERM presses the ACPI power button first. Returns how
+    /// it ended. vCPUs still in KVM_RUN are not interrupted (each keeps its own handle on guest
+    /// RAM), so the caller is expected to exit the process soon after.
     pub fn run(self, term_grace: Duration) -> Result<GuestExit, VmmError> {
         install_sigterm_handler();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
@@ -295,9 +297,14 @@ impl Vmm {
         for (id, vcpu) in self.vcpus.into_iter().enumerate() {
             let bus = self.bus.clone();
             let exit = self.exit_tx.clone();
+            // The thread's own handle on guest RAM: the map must outlive its last KVM_RUN.
+            let mem = self._mem.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
-                .spawn(move || run_vcpu(id, vcpu, &bus, &exit))
+                .spawn(move || {
+                    run_vcpu(id, vcpu, &bus, &exit);
+                    drop(mem);
+                })
                 .map_err(|e| VmmError::Io("starting a vCPU thread", e))?;
             threads.push(t);
         }
