@@ -189,6 +189,7 @@ fn serve(
     let signals = signals::block_stop_signals().map_err(DaemonError::Setup)?;
     let store = Arc::new(Store::open(&cfg.store_dir)?);
     let instances = Arc::new(Instances::new(&store));
+    crate::mount::register_gc_roots(&store, &instances);
     let listener = control::bind(&cfg.store_dir)?;
     let model = Arc::new(Model::new(store.clone(), instances.clone()));
     let pool = Pool::new(cfg.threads).map_err(DaemonError::Setup)?;

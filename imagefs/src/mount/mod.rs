@@ -29,12 +29,20 @@ impl Ctx {
     /// A context over a store opened by the CLI itself (no daemon).
     pub fn offline(store: Store) -> Ctx {
         let instances = Arc::new(Instances::new(&store));
+        register_gc_roots(&store, &instances);
         Ctx {
             store: Arc::new(store),
             instances,
             live: None,
         }
     }
+}
+
+/// Makes gc keep what live instances use (their base, and overlay blocks not yet in a log).
+pub fn register_gc_roots(store: &Store, instances: &Arc<Instances>) {
+    let weak: std::sync::Weak<Instances> = Arc::downgrade(instances);
+    let weak: std::sync::Weak<dyn imagefs_store::GcRoots> = weak;
+    store.add_gc_roots(weak);
 }
 
 /// The running mount, as commands see it.
