@@ -37,6 +37,7 @@
 //! nodes per store.
 
 mod bundle;
+mod cache;
 mod error;
 pub mod ext4;
 mod ids;

@@ -51,6 +51,35 @@ impl Inner {
         }
     }
 
+    /// Copies `out.len()` bytes at `within` of the block `hash` (of `bs` bytes), through the
+    /// cache of verified blocks, so a run of small reads of one block hashes it once.
+    pub(crate) fn read_block_part(
+        &self,
+        hash: &[u8; 32],
+        bs: usize,
+        within: usize,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let block = match self.block_cache.get(hash) {
+            Some(b) => b,
+            None => {
+                let mut b = vec![0u8; bs];
+                self.read_object(ObjKind::Block, hash, &mut b)?;
+                let b = std::sync::Arc::new(b);
+                self.block_cache.insert(*hash, b.clone());
+                b
+            }
+        };
+        let src = block
+            .get(within..within + out.len())
+            .ok_or(StoreError::BadBuffer {
+                expected: bs as u64,
+                got: (within + out.len()) as u64,
+            })?;
+        out.copy_from_slice(src);
+        Ok(())
+    }
+
     pub(crate) fn object_len(
         &self,
         kind: ObjKind,

@@ -76,6 +76,8 @@ pub(crate) struct Inner {
     pub pending: RwLock<HashMap<[u8; 33], Loc>>,
     pub writer: Mutex<Writer>,
     pub node_cache: RwLock<HashMap<[u8; 32], Arc<Node>>>,
+    /// Verified blocks for reads smaller than a block.
+    pub block_cache: crate::cache::BlockCache,
     /// Extra gc roots (live instances, rollouts), held weakly.
     pub gc_roots: Mutex<Vec<std::sync::Weak<dyn crate::maint::GcRoots>>>,
     _lock: File,
@@ -168,7 +170,17 @@ impl Store {
         }
         let index_dir = dir.join("index");
         if rebuild && index_dir.exists() {
-            std::fs::remove_dir_all(&index_dir).map_err(StoreError::io("remove", &index_dir))?;
+            // rename first: a background thread of a just-dropped index may still write there
+            let old = dir.join(format!("index.old-{}-{}", std::process::id(), now_secs()));
+            std::fs::rename(&index_dir, &old).map_err(StoreError::io("rename", &index_dir))?;
+        }
+        // best effort: old indexes are garbage once renamed
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with("index.old-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
         }
         let db = sled::Config::new()
             .path(&index_dir)
@@ -247,6 +259,7 @@ impl Store {
                 }),
                 node_cache: RwLock::new(HashMap::new()),
                 gc_roots: Mutex::new(Vec::new()),
+                block_cache: crate::cache::BlockCache::new(),
                 _lock: lock,
             }),
         })
@@ -369,6 +382,26 @@ impl Store {
     /// hash: `Corrupt` if it does not match, `MissingObject` if the store lacks it.
     pub fn read_block(&self, hash: &BlockHash, buf: &mut [u8]) -> Result<(), StoreError> {
         self.inner.read_object(ObjKind::Block, &hash.0, buf)
+    }
+
+    /// Copies part of the block `hash` (`out.len()` bytes at `offset` within it) after checking
+    /// the whole block against its hash; recently read blocks are kept verified in memory, so
+    /// a run of small reads of one block reads and hashes it once.
+    pub fn read_block_part(
+        &self,
+        hash: &BlockHash,
+        offset: usize,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
+        let len = self
+            .inner
+            .object_len(ObjKind::Block, &hash.0)?
+            .ok_or_else(|| StoreError::MissingObject {
+                what: ObjKind::Block.name(),
+                hash: hash.to_hex(),
+            })?;
+        self.inner
+            .read_block_part(&hash.0, len as usize, offset, out)
     }
 
     /// Stores a block (deduplicated); `None` for an all-zero block, which is a hole. Durable

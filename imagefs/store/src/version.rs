@@ -2,7 +2,6 @@
 //! new versions are made from old ones (O(changed blocks) when the block count is unchanged).
 //! Invariant: a `Version` never changes; leaves are loaded once, verified, and cached.
 
-use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 
 use crate::error::StoreError;
@@ -29,10 +28,6 @@ struct VersionInner {
     block_count: u64,
     /// Loaded leaves; `None` inside means an all-hole leaf.
     leaves: Vec<OnceLock<Option<Arc<Node>>>>,
-}
-
-thread_local! {
-    static SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl Version {
@@ -172,14 +167,7 @@ impl Version {
                     v.store
                         .read_object(crate::pack::ObjKind::Block, &h.0, out)?
                 }
-                Some(h) => SCRATCH.with(|s| -> Result<(), StoreError> {
-                    let mut s = s.borrow_mut();
-                    s.resize(bs as usize, 0);
-                    v.store
-                        .read_object(crate::pack::ObjKind::Block, &h.0, &mut s)?;
-                    out.copy_from_slice(&s[within..within + take]);
-                    Ok(())
-                })?,
+                Some(h) => v.store.read_block_part(&h.0, bs as usize, within, out)?,
             }
             pos += take as u64;
         }
