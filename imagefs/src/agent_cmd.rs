@@ -22,8 +22,11 @@ pub struct AgentArgs {
 #[derive(Debug, Args)]
 pub struct Conn {
     /// The VM's agent socket (vmm --agent-socket, or QEMU's socket chardev on COM2).
+    #[arg(long, required_unless_present = "vm", conflicts_with = "vm")]
+    pub socket: Option<PathBuf>,
+    /// A VM started by `imagefs vm start` (its socket comes from the store's registry).
     #[arg(long)]
-    pub socket: PathBuf,
+    pub vm: Option<String>,
     /// Deadline for the call, in milliseconds (exec adds the command's own timeout).
     #[arg(long, default_value_t = 10_000)]
     pub timeout_ms: u64,
@@ -115,7 +118,20 @@ pub fn exec_status(r: &ExecReply) -> i32 {
 }
 
 fn client(conn: &Conn) -> AgentClient {
-    AgentClient::new(&conn.socket).with_timeout(Duration::from_millis(conn.timeout_ms))
+    let socket = conn.socket.clone().unwrap_or_default();
+    AgentClient::new(socket).with_timeout(Duration::from_millis(conn.timeout_ms))
+}
+
+/// Fills in the socket of `--vm NAME` from the registry of the store in `dir`.
+fn resolve(conn: &mut Conn, dir: &std::path::Path) -> Result<(), Failure> {
+    if let (None, Some(vm)) = (&conn.socket, &conn.vm) {
+        let sock = crate::vm::registry::agent_socket(dir, vm).map_err(|e| match e {
+            crate::vm::registry::RegistryError::NotFound(_) => Failure::NotFound(e.to_string()),
+            e => Failure::Usage(e.to_string()),
+        })?;
+        conn.socket = Some(sock);
+    }
+    Ok(())
 }
 
 fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
@@ -125,8 +141,15 @@ fn print_json(v: &impl serde::Serialize) -> anyhow::Result<()> {
 
 /// Runs one agent subcommand. Call failures are printed as one line on stderr and turned into
 /// the exit code; only local failures (stdout closed) are returned as errors.
-pub fn run(args: AgentArgs) -> anyhow::Result<i32> {
-    match call(args) {
+pub fn run(mut args: AgentArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
+    let conn = match &mut args.command {
+        AgentCommand::Ping(c) | AgentCommand::Shutdown(c) => c,
+        AgentCommand::Hash { conn, .. }
+        | AgentCommand::Exec { conn, .. }
+        | AgentCommand::Notice { conn, .. } => conn,
+    };
+    let resolved = resolve(conn, dir);
+    match resolved.and_then(|()| call(args)) {
         Ok(code) => Ok(code),
         Err(Failure::Client(e)) => {
             let mut msg = e.to_string();
@@ -142,6 +165,10 @@ pub fn run(args: AgentArgs) -> anyhow::Result<i32> {
             eprintln!("imagefs agent: {msg}");
             Ok(2)
         }
+        Err(Failure::NotFound(msg)) => {
+            eprintln!("imagefs agent: {msg}");
+            Ok(3)
+        }
         Err(Failure::Local(e)) => Err(e),
     }
 }
@@ -149,6 +176,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<i32> {
 enum Failure {
     Client(ClientError),
     Usage(String),
+    NotFound(String),
     Local(anyhow::Error),
 }
 
@@ -297,7 +325,7 @@ mod tests {
         match cli.agent {
             AgentCommand::Exec { argv, conn, .. } => {
                 assert_eq!(argv, ["/bin/check", "--quick"]);
-                assert_eq!(conn.socket, PathBuf::from("/tmp/vm1.agent"));
+                assert_eq!(conn.socket, Some(PathBuf::from("/tmp/vm1.agent")));
             }
             other => panic!("{other:?}"),
         }
@@ -364,11 +392,12 @@ mod tests {
     fn unreachable_agent_is_a_one_line_failure_with_exit_1() {
         let args = AgentArgs {
             command: AgentCommand::Ping(Conn {
-                socket: PathBuf::from("/nonexistent/vm.agent"),
+                socket: Some(PathBuf::from("/nonexistent/vm.agent")),
+                vm: None,
                 timeout_ms: 100,
                 json: false,
             }),
         };
-        assert_eq!(run(args).unwrap(), 1);
+        assert_eq!(run(args, std::path::Path::new("/nonexistent")).unwrap(), 1);
     }
 }

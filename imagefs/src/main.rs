@@ -5,6 +5,8 @@ mod agent_cmd;
 mod cli;
 mod daemon;
 mod mount;
+mod rollout;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -29,6 +31,11 @@ enum Command {
     Mount(mount::cmd::MountCommand),
     /// Talk to a guest's agent: ping, hash a file, run a command, send a notice
     Agent(agent_cmd::AgentArgs),
+    /// VMs on instances of the mount, run by the mount daemon
+    #[command(subcommand)]
+    Vm(vm::VmCommand),
+    /// Substitute a version into running VMs wave by wave, with health checks
+    Rollout(rollout::RolloutArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,10 +49,18 @@ fn main() -> ExitCode {
     let args = Args::parse();
     // The agent is reached through its own socket, never through the store or its daemon.
     let args = match args.command {
-        Command::Agent(agent) => return agent_exit(agent_cmd::run(agent)),
+        Command::Agent(agent) => {
+            let dir = cli::store_dir(args.global.store.as_deref());
+            return agent_exit(agent_cmd::run(agent, &dir));
+        }
         command => Args { command, ..args },
     };
     let dir = cli::store_dir(args.global.store.as_deref());
+    // A rollout drives the daemon from this process, so its state outlives a kill of either.
+    if let Command::Rollout(r) = &args.command {
+        let code = rollout::run(&dir, r, args.global.json);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let json = args.global.json;
     // A daemon holding the store runs the command itself (mount/daemon/client.rs).
     if let Some(code) =
@@ -58,7 +73,10 @@ fn main() -> ExitCode {
     let result = match &args.command {
         Command::Store(cmd) => cli::run_dir(&dir, cmd, json, &mut out),
         Command::Mount(cmd) => mount::cmd::run_dir(&dir, cmd, json, &mut out, run_forwarded),
-        Command::Agent(_) => return ExitCode::from(2),
+        Command::Vm(cmd) => imagefs_store::Store::open(&dir)
+            .map_err(cli::CliError::from)
+            .and_then(|s| vm::run(&mount::Ctx::offline(s), cmd, json, &mut out)),
+        Command::Agent(_) | Command::Rollout(_) => return ExitCode::from(2),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,8 +105,12 @@ fn run_forwarded(
     let result = match &args.command {
         Command::Store(cmd) => cli::run(&ctx.store, cmd, json, out),
         Command::Mount(cmd) => mount::cmd::run(ctx, cmd, json, out),
-        Command::Agent(_) => {
-            let _ = writeln!(err, "the agent command is not run by the daemon");
+        Command::Vm(cmd) => vm::run(ctx, cmd, json, out),
+        Command::Agent(_) | Command::Rollout(_) => {
+            let _ = writeln!(
+                err,
+                "the agent and rollout commands are not run by the daemon"
+            );
             return 2;
         }
     };

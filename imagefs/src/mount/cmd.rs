@@ -350,6 +350,11 @@ pub fn substitute(
             }
         }
     }
+    // Then the guest of a live VM on this instance drops what it cached (vm/notify.rs).
+    let guest = match (&ctx.live, a.dry_run) {
+        (Some(_), false) => crate::vm::notify::tell_guest(store, &outcome),
+        _ => json!({"guest": "not told"}),
+    };
     let total_us = t.elapsed().as_micros() as u64;
     if json {
         let mut v = serde_json::to_value(&outcome).map_err(|e| io_err(e.into()))?;
@@ -357,8 +362,12 @@ pub fn substitute(
             obj.insert("type".into(), json!("result"));
             if let Some(times) = obj.get_mut("times").and_then(|t| t.as_object_mut()) {
                 times.insert("invalidate_us".into(), json!(invalidate_us));
+                for k in ["files_us", "notify_us"] {
+                    times.insert(k.into(), guest.get(k).cloned().unwrap_or(json!(0)));
+                }
                 times.insert("total_us".into(), json!(total_us));
             }
+            obj.insert("guest".into(), guest);
         }
         writeln!(out, "{v}").map_err(io_err)?;
     } else {
@@ -381,6 +390,7 @@ pub fn substitute(
         for r in &outcome.conflicts {
             writeln!(out, "  conflict: bytes {} +{}", r.offset, r.len).map_err(io_err)?;
         }
+        crate::vm::notify::describe(&guest, out).map_err(io_err)?;
     }
     Ok(())
 }

@@ -1,0 +1,360 @@
+//! A rollout's durable state: one checksummed append-only record log per rollout
+//! (STORE/rollouts/ID.log, the store's `RecordLog`), one JSON record per step, synced before the
+//! step is reported. Replaying the records gives where the rollout stands, so a rollout killed
+//! at any point resumes or rolls back from its last recorded step.
+//! Invariant: a step is recorded only after it happened (a substitution is recorded after the
+//! daemon confirmed it); redoing an unrecorded step is harmless (substituting onto the version an
+//! instance already has changes nothing).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use imagefs_store::log::{LogError, RecordLog};
+use serde::{Deserialize, Serialize};
+
+/// Record kind in the log.
+const KIND: u8 = 1;
+
+/// What to do when a wave fails its health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnFailure {
+    /// Roll back the failing wave only.
+    RollbackWave,
+    /// Roll back every wave done so far.
+    RollbackAll,
+    /// Leave everything as it is.
+    Stop,
+}
+
+/// The plan, written first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub id: String,
+    /// What the user asked for (NAME:TAG).
+    pub target: String,
+    /// The version it resolved to when the rollout began (resume goes to the same one).
+    pub target_id: String,
+    /// Each chosen instance's version before the rollout (rollback goes there).
+    pub from: BTreeMap<String, String>,
+    pub waves: Vec<Vec<String>>,
+    pub health_cmd: Option<String>,
+    pub health_timeout_ms: u64,
+    pub on_failure: OnFailure,
+    /// "force", "keep-local" or none.
+    pub policy: Option<String>,
+    /// Changed guest files with their blake3 in the target version (the hash check).
+    pub expected: BTreeMap<String, String>,
+    pub created_at: u64,
+}
+
+/// How a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    Completed,
+    Failed,
+    Aborted,
+}
+
+/// One step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "rec", rename_all = "snake_case")]
+pub enum Rec {
+    Plan(Plan),
+    /// The process driving the rollout now (a resume writes its own).
+    Driver {
+        pid: u32,
+    },
+    Substituted {
+        wave: usize,
+        instance: String,
+    },
+    Conflict {
+        wave: usize,
+        instance: String,
+    },
+    Healthy {
+        wave: usize,
+    },
+    Unhealthy {
+        wave: usize,
+        failures: Vec<String>,
+    },
+    RolledBack {
+        instance: String,
+    },
+    Finished {
+        outcome: Outcome,
+        exit: i32,
+    },
+}
+
+/// Where a rollout stands, from its records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rollout {
+    pub plan: Plan,
+    pub driver: Option<u32>,
+    /// Instances on the target version, with their wave.
+    pub done: BTreeMap<String, usize>,
+    pub conflicts: BTreeSet<String>,
+    pub healthy: BTreeSet<usize>,
+    pub unhealthy: BTreeMap<usize, Vec<String>>,
+    pub rolled_back: BTreeSet<String>,
+    pub finished: Option<(Outcome, i32)>,
+}
+
+/// Errors of rollout state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The log failed
+    #[error(transparent)]
+    Log(#[from] LogError),
+    /// A record does not parse
+    #[error("rollout log {0}: a record does not parse")]
+    Record(PathBuf),
+    /// The log does not start with a plan
+    #[error("rollout log {0} has no plan")]
+    NoPlan(PathBuf),
+    /// No such rollout
+    #[error("no rollout {0:?}")]
+    NotFound(String),
+    /// Listing the rollouts failed
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl Rollout {
+    fn new(plan: Plan) -> Rollout {
+        Rollout {
+            plan,
+            driver: None,
+            done: BTreeMap::new(),
+            conflicts: BTreeSet::new(),
+            healthy: BTreeSet::new(),
+            unhealthy: BTreeMap::new(),
+            rolled_back: BTreeSet::new(),
+            finished: None,
+        }
+    }
+
+    /// Applies one record (every transition in one match).
+    pub fn apply(&mut self, r: &Rec) {
+        match r {
+            Rec::Plan(p) => self.plan = p.clone(),
+            Rec::Driver { pid } => self.driver = Some(*pid),
+            Rec::Substituted { wave, instance } => {
+                self.done.insert(instance.clone(), *wave);
+                self.rolled_back.remove(instance);
+            }
+            Rec::Conflict { instance, .. } => {
+                self.conflicts.insert(instance.clone());
+            }
+            Rec::Healthy { wave } => {
+                self.healthy.insert(*wave);
+            }
+            Rec::Unhealthy { wave, failures } => {
+                self.unhealthy.insert(*wave, failures.clone());
+            }
+            Rec::RolledBack { instance } => {
+                self.done.remove(instance);
+                self.rolled_back.insert(instance.clone());
+            }
+            Rec::Finished { outcome, exit } => self.finished = Some((*outcome, *exit)),
+        }
+    }
+
+    /// A one-word state for listings.
+    pub fn state(&self) -> &'static str {
+        match self.finished {
+            Some((Outcome::Completed, 0)) => "completed",
+            Some((Outcome::Completed, _)) => "completed-with-conflicts",
+            Some((Outcome::Failed, _)) => "failed",
+            Some((Outcome::Aborted, _)) => "aborted",
+            None if self.driver.is_some_and(alive) => "running",
+            None => "interrupted",
+        }
+    }
+}
+
+/// Whether process `pid` runs (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| !r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+fn dir(store: &Path) -> PathBuf {
+    store.join("rollouts")
+}
+
+fn path(store: &Path, id: &str) -> PathBuf {
+    dir(store).join(format!("{id}.log"))
+}
+
+/// An open rollout log with its replayed state.
+pub struct Journal {
+    log: RecordLog,
+    pub state: Rollout,
+}
+
+impl Journal {
+    /// Creates the log of a new rollout with its plan.
+    pub fn create(store: &Path, plan: Plan) -> Result<Journal, StateError> {
+        let d = dir(store);
+        std::fs::create_dir_all(&d).map_err(|source| StateError::Io { path: d, source })?;
+        let (log, _) = RecordLog::open(&path(store, &plan.id))?;
+        let mut j = Journal {
+            log,
+            state: Rollout::new(plan.clone()),
+        };
+        j.append(Rec::Plan(plan))?;
+        Ok(j)
+    }
+
+    /// Opens rollout `id` and replays it.
+    pub fn open(store: &Path, id: &str) -> Result<Journal, StateError> {
+        let p = path(store, id);
+        if !valid_id(id) || !p.exists() {
+            return Err(StateError::NotFound(id.to_string()));
+        }
+        let (log, records) = RecordLog::open(&p)?;
+        let state = replay(&p, records.iter().map(|r| r.payload.as_slice()))?;
+        Ok(Journal { log, state })
+    }
+
+    /// Records a step durably, then applies it.
+    pub fn append(&mut self, r: Rec) -> Result<(), StateError> {
+        let bytes =
+            serde_json::to_vec(&r).map_err(|_| StateError::Record(self.log.path().into()))?;
+        self.log.append(KIND, &bytes)?;
+        self.log.sync()?;
+        self.state.apply(&r);
+        Ok(())
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+fn replay<'a>(p: &Path, payloads: impl Iterator<Item = &'a [u8]>) -> Result<Rollout, StateError> {
+    let mut st: Option<Rollout> = None;
+    for bytes in payloads {
+        let r: Rec = serde_json::from_slice(bytes).map_err(|_| StateError::Record(p.into()))?;
+        match (&mut st, &r) {
+            (None, Rec::Plan(plan)) => st = Some(Rollout::new(plan.clone())),
+            (None, _) => return Err(StateError::NoPlan(p.into())),
+            (Some(s), r) => s.apply(r),
+        }
+    }
+    st.ok_or_else(|| StateError::NoPlan(p.into()))
+}
+
+/// Every rollout in the store, oldest first.
+pub fn list(store: &Path) -> Result<Vec<Rollout>, StateError> {
+    let d = dir(store);
+    let entries = match std::fs::read_dir(&d) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(StateError::Io { path: d, source }),
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_some_and(|x| x == "log") {
+            let records = RecordLog::read(&p)?;
+            out.push(replay(&p, records.iter().map(|r| r.payload.as_slice()))?);
+        }
+    }
+    out.sort_by(|a, b| (a.plan.created_at, &a.plan.id).cmp(&(b.plan.created_at, &b.plan.id)));
+    Ok(out)
+}
+
+/// A new rollout id: UTC-ish seconds plus the pid, readable and unique per host.
+pub fn new_id() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("r{secs}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(id: &str) -> Plan {
+        Plan {
+            id: id.into(),
+            target: "app:v2".into(),
+            target_id: "b".repeat(64),
+            from: [("a".to_string(), "a".repeat(64))].into(),
+            waves: vec![vec!["a".into()], vec!["b".into()]],
+            health_cmd: Some("true".into()),
+            health_timeout_ms: 1000,
+            on_failure: OnFailure::RollbackWave,
+            policy: None,
+            expected: BTreeMap::new(),
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn steps_survive_reopen_and_replay_to_the_same_state() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(d.path(), plan("r1-1")).unwrap();
+        j.append(Rec::Substituted {
+            wave: 0,
+            instance: "a".into(),
+        })
+        .unwrap();
+        j.append(Rec::Healthy { wave: 0 }).unwrap();
+        j.append(Rec::Substituted {
+            wave: 1,
+            instance: "b".into(),
+        })
+        .unwrap();
+        j.append(Rec::RolledBack {
+            instance: "b".into(),
+        })
+        .unwrap();
+        let before = j.state.clone();
+        drop(j);
+        let again = Journal::open(d.path(), "r1-1").unwrap();
+        assert_eq!(again.state, before);
+        assert_eq!(again.state.done.keys().collect::<Vec<_>>(), ["a"]);
+        assert!(again.state.rolled_back.contains("b"));
+        assert_eq!(again.state.state(), "interrupted");
+        assert_eq!(list(d.path()).unwrap().len(), 1);
+        assert!(matches!(
+            Journal::open(d.path(), "../x"),
+            Err(StateError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn a_torn_last_record_is_dropped_not_fatal() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(d.path(), plan("r2-1")).unwrap();
+        j.append(Rec::Substituted {
+            wave: 0,
+            instance: "a".into(),
+        })
+        .unwrap();
+        drop(j);
+        let p = path(d.path(), "r2-1");
+        let len = std::fs::metadata(&p).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        f.set_len(len - 3).unwrap();
+        let again = Journal::open(d.path(), "r2-1").unwrap();
+        assert!(again.state.done.is_empty());
+    }
+}

@@ -1,0 +1,399 @@
+//! `imagefs vm start|stop|ls|logs|config`: VMs on instances of the mount, run by the mount daemon
+//! as its supervised children and known to the store (registry.rs). Also tells a live guest
+//! about a substitution (notify.rs). Invariant: `start` runs only inside the daemon (the VM must
+//! read its disk through the live mount); the rest also works from the registry alone.
+
+pub mod launch;
+pub mod notify;
+pub mod registry;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent_proto::{AgentClient, AgentLink};
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use crate::cli::CliError;
+use crate::mount::cmd::InstanceCmd;
+use crate::mount::Ctx;
+use launch::{Hypervisor, LaunchSpec};
+use registry::{GuestConfig, RegistryError};
+
+/// `imagefs vm ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum VmCommand {
+    /// Start VMs on instances of IMAGE:TAG (created if new), run by the mount daemon
+    Start(StartArgs),
+    /// Stop VMs: agent shutdown, then SIGTERM, then SIGKILL
+    Stop(StopArgs),
+    /// List VMs: state, hypervisor, the version each runs, its agent's state
+    Ls,
+    /// Print a VM's console log
+    Logs {
+        /// VM name.
+        name: String,
+    },
+    /// Set the guest defaults vm start uses (kernel, initramfs, memory, cpus)
+    Config(ConfigArgs),
+    /// Forget a stopped VM (its instance stays)
+    Rm {
+        /// VM name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+    #[arg(long)]
+    pub memory: Option<String>,
+    #[arg(long)]
+    pub cpus: Option<u32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StartArgs {
+    /// IMAGE:TAG (or version id) new instances start from.
+    pub source: String,
+    /// VM names (each runs on the instance of the same name).
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub hypervisor: Hypervisor,
+    #[command(flatten)]
+    pub guest: ConfigArgs,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Wait until each agent answers (seconds; 0 = do not wait).
+    #[arg(long, default_value_t = 0)]
+    pub wait: u64,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StopArgs {
+    #[arg(required = true)]
+    pub names: Vec<String>,
+    /// Seconds to wait after each step before the next.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
+}
+
+impl From<RegistryError> for CliError {
+    fn from(e: RegistryError) -> CliError {
+        let code = match e {
+            RegistryError::NotFound(_) => 3,
+            RegistryError::BadName(_) => 2,
+            _ => 1,
+        };
+        CliError::new(code, e.to_string())
+    }
+}
+
+impl From<launch::LaunchError> for CliError {
+    fn from(e: launch::LaunchError) -> CliError {
+        CliError::new(1, e.to_string())
+    }
+}
+
+fn io_err(e: std::io::Error) -> CliError {
+    CliError::new(1, format!("output: {e}"))
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() >= timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The guest kernel and initramfs a checkout built (`make guest`), found from this executable
+/// (target*/PROFILE/imagefs -> target/guest), as the last fallback.
+fn built_guest() -> GuestConfig {
+    let exe = std::env::current_exe().unwrap_or_default();
+    for dir in exe.ancestors().skip(1) {
+        let g = dir.join("target/guest");
+        let (k, i) = (g.join("kernel/vmlinuz"), g.join("initramfs.cpio.gz"));
+        if k.exists() && i.exists() {
+            return GuestConfig {
+                kernel: Some(k),
+                initrd: Some(i),
+                ..GuestConfig::default()
+            };
+        }
+    }
+    GuestConfig::default()
+}
+
+/// Runs a `vm` command. `start` needs the daemon (`ctx.live`).
+pub fn run(ctx: &Ctx, cmd: &VmCommand, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let store = ctx.store.dir().to_path_buf();
+    match cmd {
+        VmCommand::Start(a) => start(ctx, &store, a, json, out),
+        VmCommand::Stop(a) => {
+            for name in &a.names {
+                let rec = registry::load(&store, name)?;
+                let how = launch::stop(&store, &rec, Duration::from_secs(a.timeout))?;
+                line(
+                    out,
+                    json,
+                    json!({"vm": name, "stopped": how}),
+                    &format!("{name}: stopped ({how})"),
+                )?;
+            }
+            Ok(())
+        }
+        VmCommand::Ls => ls(ctx, &store, json, out),
+        VmCommand::Logs { name } => {
+            let rec = registry::load(&store, name)?;
+            let text = std::fs::read(&rec.console_log).unwrap_or_default();
+            out.write_all(&text).map_err(io_err)
+        }
+        VmCommand::Config(c) => {
+            let mut cfg = registry::config(&store);
+            merge(&mut cfg, c);
+            registry::save_config(&store, &cfg)?;
+            let v = serde_json::to_value(&cfg).map_err(|e| io_err(e.into()))?;
+            line(out, json, v.clone(), &v.to_string())
+        }
+        VmCommand::Rm { name } => {
+            let rec = registry::load(&store, name)?;
+            if registry::is_live(&rec) {
+                return Err(CliError::new(
+                    4,
+                    format!("VM {name} is running: stop it first"),
+                ));
+            }
+            registry::remove(&store, name)?;
+            line(
+                out,
+                json,
+                json!({"vm": name, "removed": true}),
+                &format!("removed VM {name}"),
+            )
+        }
+    }
+}
+
+fn line(out: &mut dyn Write, json: bool, v: serde_json::Value, text: &str) -> Result<(), CliError> {
+    if json {
+        writeln!(out, "{v}")
+    } else {
+        writeln!(out, "{text}")
+    }
+    .map_err(io_err)
+}
+
+fn merge(cfg: &mut GuestConfig, c: &ConfigArgs) {
+    let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    if let Some(k) = &c.kernel {
+        cfg.kernel = Some(abs(k));
+    }
+    if let Some(i) = &c.initrd {
+        cfg.initrd = Some(abs(i));
+    }
+    if let Some(m) = &c.memory {
+        cfg.memory = Some(m.clone());
+    }
+    if let Some(n) = c.cpus {
+        cfg.cpus = Some(n);
+    }
+}
+
+fn start(
+    ctx: &Ctx,
+    store: &Path,
+    a: &StartArgs,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    let Some(live) = &ctx.live else {
+        return Err(CliError::new(
+            1,
+            "vm start needs the mount daemon: run `imagefs mount MOUNTPOINT --daemon` first",
+        ));
+    };
+    // Flags given are remembered as the store's defaults.
+    let mut cfg = registry::config(store);
+    if a.guest.kernel.is_some() || a.guest.initrd.is_some() {
+        merge(&mut cfg, &a.guest);
+        registry::save_config(store, &cfg)?;
+    }
+    let built = built_guest();
+    let pick = |flag: &Option<PathBuf>, cfg: &Option<PathBuf>, built: &Option<PathBuf>, what| {
+        flag.clone()
+            .or_else(|| cfg.clone())
+            .or_else(|| built.clone())
+            .ok_or_else(|| {
+                CliError::new(
+                    2,
+                    format!(
+                        "no guest {what}: pass --{what} or run `imagefs vm config --{what} FILE`"
+                    ),
+                )
+            })
+    };
+    let kernel = pick(&a.guest.kernel, &cfg.kernel, &built.kernel, "kernel")?;
+    let initrd = pick(&a.guest.initrd, &cfg.initrd, &built.initrd, "initrd")?;
+    let memory = a
+        .guest
+        .memory
+        .clone()
+        .or(cfg.memory.clone())
+        .unwrap_or_else(|| "512M".into());
+    let cpus = a.guest.cpus.or(cfg.cpus).unwrap_or(1);
+    let engine = launch::pick(a.hypervisor);
+    let mut started = Vec::new();
+    for name in &a.names {
+        registry::check_name(name)?;
+        if let Ok(old) = registry::load(store, name) {
+            if registry::is_live(&old) {
+                return Err(CliError::new(
+                    4,
+                    format!("VM {name} is already running (pid {:?})", old.pid),
+                ));
+            }
+        }
+        let id = imagefs_store::instance::InstanceId::parse(name)?;
+        if !ctx.instances.exists(&id) {
+            let create = InstanceCmd::Create {
+                source: a.source.clone(),
+                id: name.clone(),
+            };
+            crate::mount::cmd::instance(ctx, &create, false, &mut std::io::sink())?;
+        }
+        let spec = LaunchSpec {
+            name: name.clone(),
+            instance: name.clone(),
+            disk: live
+                .life
+                .mountpoint()
+                .join("instances")
+                .join(format!("{name}.raw")),
+            kernel: kernel.clone(),
+            initrd: initrd.clone(),
+            memory: memory.clone(),
+            cpus,
+            engine,
+            cmdline_extra: a.cmdline.clone(),
+        };
+        let rec = launch::spawn(store, &spec)?;
+        started.push(rec);
+    }
+    for rec in &started {
+        let ready =
+            a.wait == 0 || launch::wait_agent(&rec.agent_socket, Duration::from_secs(a.wait));
+        let v = json!({"vm": rec.name, "instance": rec.instance, "hypervisor": rec.hypervisor,
+            "pid": rec.pid, "agent_socket": rec.agent_socket, "console_log": rec.console_log,
+            "agent_ready": if a.wait == 0 { serde_json::Value::Null } else { json!(ready) }});
+        let text = format!(
+            "started {} on instance {} ({}, pid {}), agent {}",
+            rec.name,
+            rec.instance,
+            rec.hypervisor,
+            rec.pid.unwrap_or(0),
+            rec.agent_socket.display()
+        );
+        line(out, json, v, &text)?;
+        if !ready {
+            return Err(CliError::new(
+                1,
+                format!(
+                    "VM {}: the agent did not answer within {} s",
+                    rec.name, a.wait
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The version an instance runs, with the tags naming it.
+fn running_version(ctx: &Ctx, instance: &str) -> (String, Vec<String>) {
+    let Ok(id) = imagefs_store::instance::InstanceId::parse(instance) else {
+        return (String::new(), Vec::new());
+    };
+    let Ok(inst) = ctx.instances.get(&ctx.store, &id) else {
+        return (String::new(), Vec::new());
+    };
+    let base = inst.view().base().id();
+    let tags = ctx
+        .store
+        .images()
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|i| {
+            let name = i.name.to_string();
+            i.tags
+                .into_iter()
+                .filter(|(_, v)| *v == base)
+                .map(move |(t, _)| format!("{name}:{t}"))
+        })
+        .collect();
+    (base.to_string(), tags)
+}
+
+fn ls(ctx: &Ctx, store: &Path, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let recs = registry::list(store)?;
+    // Ping every live agent at once: a listing waits for the slowest, not the sum.
+    let pings: Vec<Option<String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = recs
+            .iter()
+            .map(|r| {
+                s.spawn(move || {
+                    if !registry::is_live(r) {
+                        return None;
+                    }
+                    Some(
+                        match AgentClient::new(&r.agent_socket)
+                            .with_timeout(Duration::from_millis(1500))
+                            .ping()
+                        {
+                            Ok(p) => format!("ok (up {:.0}s)", p.uptime_ms as f64 / 1000.0),
+                            Err(_) => "unreachable".into(),
+                        },
+                    )
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or(None))
+            .collect()
+    });
+    for (r, agent) in recs.iter().zip(pings) {
+        let live = registry::is_live(r);
+        let state = if live { "running" } else { "stopped" };
+        let (version, tags) = running_version(ctx, &r.instance);
+        let agent = agent.unwrap_or_else(|| "-".into());
+        let v = json!({"vm": r.name, "instance": r.instance, "state": state,
+            "hypervisor": r.hypervisor, "pid": if live { r.pid } else { None },
+            "version": version, "tags": tags, "agent": agent,
+            "agent_socket": r.agent_socket, "console_log": r.console_log, "exit": r.exit});
+        let text = format!(
+            "{}\t{state}\t{}\t{}\t{}\tagent {agent}",
+            r.name,
+            r.hypervisor,
+            r.instance,
+            if tags.is_empty() {
+                version.get(..12).unwrap_or(&version).to_string()
+            } else {
+                tags.join(",")
+            }
+        );
+        line(out, json, v, &text)?;
+    }
+    Ok(())
+}

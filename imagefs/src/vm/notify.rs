@@ -1,0 +1,130 @@
+//! Telling a live guest that its disk changed under it: after `substitute` has retargeted an
+//! instance and invalidated the host page cache, the VM running on it (if any) gets a
+//! `SubstitutionNotice` (device, merged changed ranges, the guest files in them) and we wait for
+//! its acknowledgement. Invariant: a substitution never fails because of the guest: no live VM,
+//! an unreadable filesystem or a silent agent become a warning in the report, not an error.
+
+use std::time::{Duration, Instant};
+
+use agent_proto::{AgentClient, AgentLink, Range, SubstitutionNotice};
+use imagefs_store::instance::SubstituteOutcome;
+use imagefs_store::{ext4, Store, VersionId};
+use serde_json::{json, Value};
+
+use super::registry;
+
+/// The guest's root disk, as both hypervisors present the instance.
+const DEVICE: &str = "/dev/vda";
+/// How long the guest gets to drop its caches and answer.
+const ACK_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Guest files (and whether fs metadata changed) in the blocks between `from` and `to`.
+/// `None` when the image is not ext4 or cannot be read.
+pub fn changed_files(
+    store: &Store,
+    from: &str,
+    to: &str,
+    changed: &[[u64; 2]],
+) -> Option<(Vec<String>, bool)> {
+    let (a, b) = (
+        from.parse::<VersionId>().ok()?,
+        to.parse::<VersionId>().ok()?,
+    );
+    let (va, vb) = (store.version(&a).ok()?, store.version(&b).ok()?);
+    let bs = u64::from(vb.block_size()).max(1);
+    let mut blocks: Vec<u64> = Vec::new();
+    for [off, len] in changed {
+        let end = off.saturating_add(*len).div_ceil(bs);
+        blocks.extend(off / bs..end);
+    }
+    blocks.dedup();
+    let ra = ext4::VersionReader {
+        store,
+        version: &va,
+    };
+    let rb = ext4::VersionReader {
+        store,
+        version: &vb,
+    };
+    let m = ext4::map_diff(&ra, &rb, bs, &blocks).ok()??;
+    Some((m.files().into_iter().collect(), m.metadata_changed()))
+}
+
+/// Sends the notice for `outcome` to the live VM on its instance and reports what happened as
+/// JSON (`guest`: "told" | "not told", with times, the agent's steps and affected processes).
+pub fn tell_guest(store: &Store, outcome: &SubstituteOutcome) -> Value {
+    let Some(vm) = registry::live_on_instance(store.dir(), &outcome.instance) else {
+        return json!({"guest": "not told", "warning": format!(
+            "no live VM runs on instance {}: the guest was not told", outcome.instance)});
+    };
+    if outcome.changed.is_empty() {
+        return json!({"guest": "not told", "vm": vm.name, "warning": "nothing changed"});
+    }
+    let t = Instant::now();
+    let ranges: Vec<[u64; 2]> = outcome.changed.iter().map(|r| [r.offset, r.len]).collect();
+    let (files, metadata) = match changed_files(store, &outcome.from, &outcome.to, &ranges) {
+        Some(f) => f,
+        // Unknown files: the guest drops everything it cached of the device.
+        None => (Vec::new(), true),
+    };
+    let files_us = t.elapsed().as_micros() as u64;
+    let notice = SubstitutionNotice::new(
+        DEVICE,
+        outcome
+            .changed
+            .iter()
+            .map(|r| Range {
+                offset: r.offset,
+                len: r.len,
+            })
+            .collect(),
+        files.clone(),
+        metadata,
+    );
+    let t = Instant::now();
+    let ack = AgentClient::new(&vm.agent_socket)
+        .with_timeout(ACK_TIMEOUT)
+        .notice(&notice);
+    let notify_us = t.elapsed().as_micros() as u64;
+    match ack {
+        Ok(ack) => json!({"guest": "told", "vm": vm.name, "files": notice.files,
+            "files_truncated": notice.files_truncated, "metadata_changed": metadata,
+            "files_us": files_us, "notify_us": notify_us, "ack": ack}),
+        Err(e) => json!({"guest": "not told", "vm": vm.name, "files": notice.files,
+            "files_us": files_us, "notify_us": notify_us,
+            "warning": format!("the agent of VM {} did not acknowledge: {e}", vm.name)}),
+    }
+}
+
+/// The human lines for a `tell_guest` report.
+pub fn describe(guest: &Value, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    if let Some(w) = guest.get("warning").and_then(Value::as_str) {
+        return writeln!(out, "warning: {w}");
+    }
+    let Some(vm) = guest.get("vm").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let ms = |k: &str| guest.get(k).and_then(Value::as_u64).unwrap_or(0) as f64 / 1000.0;
+    writeln!(
+        out,
+        "  guest {vm} told: files {:.1} ms, notice + ack {:.1} ms",
+        ms("files_us"),
+        ms("notify_us")
+    )?;
+    let ack = guest.get("ack");
+    for p in ack
+        .and_then(|a| a.get("processes"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        writeln!(
+            out,
+            "  process {} ({}) had {} open",
+            p.get("pid").unwrap_or(&Value::Null),
+            p.get("comm").and_then(Value::as_str).unwrap_or("?"),
+            p.get("file").and_then(Value::as_str).unwrap_or("?")
+        )?;
+    }
+    Ok(())
+}
