@@ -78,12 +78,35 @@ fn bench_boot() -> anyhow::Result<()> {
              -kernel /work/vmlinuz -initrd /work/inner.cpio \
              -append 'console=ttyS0 panic=-1 quiet' > /tmp/f & pid=$!\n\
            m=$(watch $pid < /tmp/f); wait $pid; e=$(up); echo \"RUN qemu $s $m $e\"\n\
-         done"
+         done\n\
+         ready() {{ while IFS= read -r l; do case \"$l\" in *'ready on'*) \
+           echo \"$(up)\"; kill -9 $1;; esac; done; }}\n\
+         if [ -f /work/agent.cpio.gz ]; then for i in $(seq {runs}); do\n\
+           rm -f /tmp/a.sock; s=$(up); /bin/vmm --kernel /work/vmlinuz --initrd /work/agent.cpio.gz \
+             --memory 256M --agent-socket /tmp/a.sock --console stdio \
+             --cmdline \"$CMDLINE quiet root=none\" > /tmp/f & pid=$!\n\
+           m=$(ready $pid < /tmp/f); wait $pid; echo \"READY vmm $s $m\"\n\
+           rm -f /tmp/q.sock; s=$(up); qemu-system-x86_64 -accel kvm -M q35 -cpu host -m 256 \
+             -nodefaults -no-user-config -nographic -no-reboot -L /qemu-fw -serial stdio \
+             -chardev socket,id=agent,path=/tmp/q.sock,server=on,wait=off \
+             -device isa-serial,chardev=agent -kernel /work/vmlinuz -initrd /work/agent.cpio.gz \
+             -append 'console=ttyS0 panic=-1 quiet root=none' > /tmp/f & pid=$!\n\
+           m=$(ready $pid < /tmp/f); wait $pid; echo \"READY qemu $s $m\"\n\
+         done; fi"
     );
     let initrd = inner_initramfs_with(dir.path(), "echo BOOT-MARK; sleep 1", &[], &[])?;
     let vmm = bench_bin("vmm");
     println!("BENCH boot: measuring {}", vmm.display());
-    let o = nested_vmm_with(&vmm, &initrd, &outer, &qemu_files())?;
+    let mut files = qemu_files();
+    let agent_initramfs = imagefs_tests::workspace_root().join("target/guest/initramfs.cpio.gz");
+    if agent_initramfs.is_file() {
+        files.push((agent_initramfs, "/work/agent.cpio.gz"));
+    } else {
+        println!(
+            "BENCH-SKIP boot to agent-ready: target/guest/initramfs.cpio.gz missing (make guest)"
+        );
+    }
+    let o = nested_vmm_with(&vmm, &initrd, &outer, &files)?;
     let mut init = std::collections::HashMap::<String, Vec<f64>>::new();
     let mut total = std::collections::HashMap::<String, Vec<f64>>::new();
     let mut rss = std::collections::HashMap::<String, Vec<f64>>::new();
@@ -108,6 +131,29 @@ fn bench_boot() -> anyhow::Result<()> {
     let ratio = median(init.get("qemu").map(Vec::as_slice).unwrap_or_default())
         / median(init.get("vmm").map(Vec::as_slice).unwrap_or_default());
     println!("BENCH boot ratio: vmm is {ratio:.2}x faster than QEMU to /init (nested VM, {runs} runs each)");
+    let mut ready = std::collections::HashMap::<String, Vec<f64>>::new();
+    for line in o.output.lines().filter(|l| l.starts_with("READY ")) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(who), Some(s), Some(m)) = (f.get(1), f.get(2), f.get(3)) else {
+            anyhow::bail!("a run did not reach agent-ready: {line}");
+        };
+        let (s, m): (f64, f64) = (s.parse()?, m.parse()?);
+        ready.entry(who.to_string()).or_default().push(m - s);
+    }
+    if !ready.is_empty() {
+        let med = |who: &str| ready.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
+        for who in ["vmm", "qemu"] {
+            println!(
+                "BENCH boot-agent {who}: start->agent-ready {:.2}s",
+                med(who)
+            );
+        }
+        println!(
+            "BENCH boot-agent ratio: vmm is {:.2}x faster than QEMU to agent-ready (guest-agent \
+             initramfs, root=none; nested VM, {runs} runs each)",
+            med("qemu") / med("vmm")
+        );
+    }
     ensure!(
         init.get("vmm").map(Vec::len) == Some(runs),
         "vmm runs missing"
