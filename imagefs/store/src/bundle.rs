@@ -5,14 +5,14 @@
 //! Layout (a record log): header (JSON), change lists (index u64 LE + hash, zero hash = hole),
 //! block data, trailer (JSON counts + blake3 of the header).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::StoreError;
 use crate::ids::{BlockHash, ImageName, Tag, VersionId};
-use crate::log::RecordLog;
+use crate::log::{RecordLog, RecordStream};
 
 const FORMAT: &str = "imagefs-bundle 1";
 const K_HEADER: u8 = 1;
@@ -175,14 +175,18 @@ impl Store {
             }
             Err(e) => return Err(StoreError::io("stat", path)(e)),
         };
-        let records = RecordLog::read(path).map_err(|e| match e {
+        // Pass 1 checks everything and keeps only the change list and the block hashes.
+        let damaged = |e: crate::log::LogError| match e {
             crate::log::LogError::Corrupt { offset, .. } => {
                 bad(path, format!("damaged at offset {offset}"))
             }
             e => StoreError::Log(e),
-        })?;
-        let (first, rest) = records
-            .split_first()
+        };
+        let mut stream = RecordStream::open(path).map_err(damaged)?;
+        let first = stream
+            .next()
+            .transpose()
+            .map_err(damaged)?
             .ok_or_else(|| bad(path, "empty or not a bundle"))?;
         if first.kind != K_HEADER {
             return Err(bad(path, "not a bundle"));
@@ -195,22 +199,6 @@ impl Store {
                 format!("unknown bundle format {:?}", header.format),
             ));
         }
-        let (last, body) = rest
-            .split_last()
-            .ok_or_else(|| bad(path, "truncated (no trailer)"))?;
-        if last.kind != K_TRAILER {
-            return Err(bad(path, "truncated (no trailer)"));
-        }
-        let trailer: Trailer = serde_json::from_slice(&last.payload)
-            .map_err(|_| bad(path, "truncated (bad trailer)"))?;
-        let want = Trailer {
-            changes: header.changes,
-            blocks: header.blocks,
-            header: blake3::hash(&first.payload).to_hex().to_string(),
-        };
-        if trailer != want {
-            return Err(bad(path, "trailer does not match the header"));
-        }
         let image = ImageName::new(&header.image)?;
         let tag = header.tag.as_deref().map(Tag::new).transpose()?;
         let parse_id = |s: &str| s.parse::<VersionId>().map_err(|e| bad(path, e.to_string()));
@@ -218,8 +206,16 @@ impl Store {
         let target = parse_id(&header.target)?;
         let bs = header.block_size;
         let mut changes: Vec<(u64, Option<BlockHash>)> = Vec::new();
-        let mut blocks: HashMap<BlockHash, &[u8]> = HashMap::new();
-        for rec in body {
+        let mut blocks: HashSet<BlockHash> = HashSet::new();
+        let mut trailer = None;
+        for rec in stream {
+            let rec = rec.map_err(damaged)?;
+            if trailer.is_some() {
+                return Err(bad(
+                    path,
+                    format!("data after the trailer at {}", rec.offset),
+                ));
+            }
             match rec.kind {
                 K_CHANGES => {
                     if rec.payload.len() % 40 != 0 {
@@ -240,13 +236,25 @@ impl Store {
                     if rec.payload.len() != bs as usize {
                         return Err(bad(path, "block of the wrong size"));
                     }
-                    blocks.insert(
-                        BlockHash(*blake3::hash(&rec.payload).as_bytes()),
-                        &rec.payload,
-                    );
+                    blocks.insert(BlockHash(*blake3::hash(&rec.payload).as_bytes()));
+                }
+                K_TRAILER => {
+                    let t: Trailer = serde_json::from_slice(&rec.payload)
+                        .map_err(|_| bad(path, "bad trailer"))?;
+                    trailer = Some(t);
                 }
                 _ => return Err(bad(path, format!("unexpected record at {}", rec.offset))),
             }
+        }
+        let want = Trailer {
+            changes: header.changes,
+            blocks: header.blocks,
+            header: blake3::hash(&first.payload).to_hex().to_string(),
+        };
+        match trailer {
+            None => return Err(bad(path, "truncated (no trailer)")),
+            Some(t) if t != want => return Err(bad(path, "trailer does not match the header")),
+            Some(_) => {}
         }
         if changes.len() as u64 != header.changes || blocks.len() as u64 != header.blocks {
             return Err(bad(path, "truncated (counts do not match)"));
@@ -267,7 +275,7 @@ impl Store {
         }
         for (i, h) in &changes {
             if let Some(h) = h {
-                if !blocks.contains_key(h) && !self.has_block(h)? {
+                if !blocks.contains(h) && !self.has_block(h)? {
                     return Err(bad(
                         path,
                         format!("block {i} ({}) is not in the bundle", h.short()),
@@ -291,10 +299,19 @@ impl Store {
                 }
             }
         }
+        // Pass 2 stores the blocks this store lacks (each re-hashed: the file may have changed).
         let mut new_blocks = 0;
-        for (h, data) in &blocks {
-            if !self.has_block(h)? {
-                self.put_block(data)?;
+        for rec in RecordStream::open(path).map_err(damaged)? {
+            let rec = rec.map_err(damaged)?;
+            if rec.kind != K_BLOCK {
+                continue;
+            }
+            let h = BlockHash(*blake3::hash(&rec.payload).as_bytes());
+            if !blocks.contains(&h) {
+                return Err(bad(path, "changed while being applied"));
+            }
+            if !self.has_block(&h)? {
+                self.put_block(&rec.payload)?;
                 new_blocks += 1;
             }
         }

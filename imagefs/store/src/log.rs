@@ -221,6 +221,95 @@ impl RecordLog {
     }
 }
 
+/// Reads a log's records one at a time with bounded memory (for large files read once, such
+/// as bundles). Ends at end of file or at an incomplete last record; any other damage is an
+/// error item, after which the stream ends.
+#[derive(Debug)]
+pub struct RecordStream {
+    path: PathBuf,
+    r: std::io::BufReader<File>,
+    pos: u64,
+    done: bool,
+}
+
+impl RecordStream {
+    /// Opens `path` for streaming from its start.
+    pub fn open(path: &Path) -> Result<RecordStream, LogError> {
+        let f = File::open(path).map_err(|source| LogError::Io {
+            op: "open",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(RecordStream {
+            path: path.to_path_buf(),
+            r: std::io::BufReader::with_capacity(1 << 20, f),
+            pos: 0,
+            done: false,
+        })
+    }
+
+    fn corrupt(&mut self) -> Option<Result<Record, LogError>> {
+        self.done = true;
+        Some(Err(LogError::Corrupt {
+            path: self.path.clone(),
+            offset: self.pos,
+        }))
+    }
+}
+
+impl Iterator for RecordStream {
+    type Item = Result<Record, LogError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let mut head = [0u8; HEADER];
+        if let Err(e) = self.r.read_exact(&mut head) {
+            self.done = true;
+            return match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => None,
+                _ => Some(Err(LogError::Io {
+                    op: "read",
+                    path: self.path.clone(),
+                    source: e,
+                })),
+            };
+        }
+        if &head[..4] != MAGIC {
+            return self.corrupt();
+        }
+        let kind = head[4];
+        let len = u32::from_le_bytes([head[5], head[6], head[7], head[8]]) as usize;
+        if len > MAX_PAYLOAD {
+            return self.corrupt();
+        }
+        let mut rest = vec![0u8; len + CHECK];
+        if let Err(e) = self.r.read_exact(&mut rest) {
+            self.done = true;
+            return match e.kind() {
+                std::io::ErrorKind::UnexpectedEof => None,
+                _ => Some(Err(LogError::Io {
+                    op: "read",
+                    path: self.path.clone(),
+                    source: e,
+                })),
+            };
+        }
+        if rest[len..] != check(kind, &rest[..len]) {
+            return self.corrupt();
+        }
+        rest.truncate(len);
+        let offset = self.pos;
+        self.pos += (HEADER + len + CHECK) as u64;
+        Some(Ok(Record {
+            offset,
+            kind,
+            payload: rest,
+        }))
+    }
+}
+
 impl Write for RecordLog {
     /// Writes `buf` as one record of kind 0 (convenience for line-ish event logs).
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
