@@ -68,3 +68,10 @@ pub use store::{
     check_block_size, is_zero, ImageInfo, Store, VersionInfo, DEFAULT_BLOCK_SIZE, FORMAT,
 };
 pub use version::Version;
+
+// The FUSE daemon shares these across its worker threads.
+const _: fn() = || {
+    fn shared<T: Send + Sync>() {}
+    shared::<Store>();
+    shared::<Version>();
+};
