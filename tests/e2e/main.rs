@@ -3,5 +3,6 @@
 mod agent;
 mod ext4;
 mod mount;
+mod rollout;
 mod store;
 mod vm;

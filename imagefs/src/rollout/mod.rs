@@ -245,19 +245,25 @@ fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, F
     let chosen = plan::select(spec, &names).map_err(|e| Fail::new(2, e))?;
     let sizes = plan::wave_sizes(a.waves.as_deref(), chosen.len()).map_err(|e| Fail::new(2, e))?;
     let waves = plan::split(&chosen, &sizes);
-    // The target version, and the files it changes (from one representative base).
-    let first_base = chosen
-        .first()
-        .and_then(|c| bases.get(c))
-        .cloned()
-        .unwrap_or_default();
-    let diff = daemon(dir, &["diff", &first_base, target, "--files", "--json"])?;
-    if diff.code != 0 {
-        return Err(Fail::new(diff.code, diff.err.trim().to_string()));
+    // The target version, and the files it changes from every base the chosen instances run.
+    let mut distinct: Vec<&String> = chosen.iter().filter_map(|c| bases.get(c)).collect();
+    distinct.sort();
+    distinct.dedup();
+    let (mut d, mut files, mut target_id) = (Value::Null, Vec::new(), String::new());
+    for base in distinct {
+        let diff = daemon(dir, &["diff", base, target, "--files", "--json"])?;
+        if diff.code != 0 {
+            return Err(Fail::new(diff.code, diff.err.trim().to_string()));
+        }
+        let r = diff.result().unwrap_or(Value::Null);
+        target_id = r["b"].as_str().unwrap_or_default().to_string();
+        files.extend(drive::data_files(&r));
+        if d.is_null() || r["changed_blocks"].as_u64() > d["changed_blocks"].as_u64() {
+            d = r;
+        }
     }
-    let d = diff.result().unwrap_or(Value::Null);
-    let target_id = d["b"].as_str().unwrap_or_default().to_string();
-    let files: Vec<String> = drive::data_files(&d);
+    files.sort();
+    files.dedup();
     let expected = drive::expected_hashes(dir, &target_id, &files);
     let from: BTreeMap<String, String> = chosen
         .iter()

@@ -142,11 +142,16 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
     }
 }
 
+/// Serializes writers in this process (the supervisor thread and `vm stop` may both mark a VM).
+static WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Writes `value` to `path` atomically.
 fn write_json(path: &Path, value: &impl Serialize) -> Result<(), RegistryError> {
+    let _guard = WRITE.lock().unwrap_or_else(|p| p.into_inner());
     let parent = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
-    let tmp = path.with_extension("json.tmp");
+    // Unique per process: a CLI and the daemon never share a temporary file.
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
     let bytes = serde_json::to_vec_pretty(value).map_err(|source| RegistryError::Parse {
         path: path.to_path_buf(),
         source,
