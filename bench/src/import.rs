@@ -97,7 +97,6 @@ fn fresh_vs_cp(env: &Env) -> Result<(Metric, Vec<f64>)> {
 
         sys::warm(&env.base)?;
         let _ = std::fs::remove_file(&copy);
-        sys::run(&mut Command::new("sync"))?;
         let (t, ()) = sys::timed(|| {
             fixture::sparse_copy(&env.base, &copy)?;
             sys::run(Command::new("sync").arg(&copy)).map(|_| ())

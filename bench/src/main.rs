@@ -3,7 +3,7 @@
 //! machine's facts to OUT/results.json. Invariant: the scratch area is removed at the end; only
 //! the cached fixture image and the results stay under OUT.
 //!
-//! Usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only GROUP,...]
+//! Usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only GROUP,...] [--cargo-target DIR]
 //! Groups, in priority order: import, chain, mount, vm.
 
 mod chain;
@@ -27,6 +27,8 @@ pub struct Env {
     pub base: PathBuf,
     pub runs: usize,
     pub block_size: u64,
+    /// Where `cargo test --release` builds the e2e benchmark tests (the VM group).
+    pub cargo_target: PathBuf,
 }
 
 impl Env {
@@ -44,6 +46,7 @@ struct Opts {
     out: PathBuf,
     runs: usize,
     only: Vec<String>,
+    cargo_target: PathBuf,
 }
 
 const GROUPS: [&str; 4] = ["import", "chain", "mount", "vm"];
@@ -54,6 +57,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         out: PathBuf::from("target/bench"),
         runs: 5,
         only: GROUPS.iter().map(|s| s.to_string()).collect(),
+        cargo_target: PathBuf::from("target"),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -62,9 +66,10 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--imagefs" => o.bin = PathBuf::from(val()?),
             "--out" => o.out = PathBuf::from(val()?),
             "--runs" => o.runs = val()?.parse().context("--runs takes a number")?,
+            "--cargo-target" => o.cargo_target = PathBuf::from(val()?),
             "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
-                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,vm]");
+                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,vm] [--cargo-target DIR]");
                 std::process::exit(0);
             }
             _ => bail!("unknown argument {a:?} (try --help)"),
@@ -104,6 +109,7 @@ fn main() -> anyhow::Result<()> {
         base,
         runs: o.runs,
         block_size: 65536,
+        cargo_target: std::path::absolute(&o.cargo_target)?,
     };
     let machine = sys::machine();
     println!("bench: {machine}");
@@ -115,7 +121,7 @@ fn main() -> anyhow::Result<()> {
             "import" => import::run(&env, &mut rep),
             "chain" => chain::run(&env, &mut rep),
             "mount" => mount::run(&env, &mut rep),
-            _ => vm::run(&mut rep),
+            _ => vm::run(&env, &mut rep),
         }
     }
     let _ = std::fs::remove_dir_all(&env.work);

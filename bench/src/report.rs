@@ -103,14 +103,39 @@ impl Skip {
 }
 
 /// Everything one run produced, printed as it arrives and written as JSON at the end.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Report {
     pub metrics: Vec<Metric>,
     pub skipped: Vec<Skip>,
+    /// Wall-clock seconds each metric took (set-up included), to keep the whole run in budget.
+    took: Vec<(String, f64)>,
+    last: std::time::Instant,
+}
+
+impl Default for Report {
+    fn default() -> Report {
+        Report {
+            metrics: Vec::new(),
+            skipped: Vec::new(),
+            took: Vec::new(),
+            last: std::time::Instant::now(),
+        }
+    }
 }
 
 impl Report {
+    /// Records how long the metric `name` took since the previous one was reported.
+    fn lap(&mut self, name: &str) {
+        let now = std::time::Instant::now();
+        self.took.push((
+            name.to_string(),
+            now.duration_since(self.last).as_secs_f64(),
+        ));
+        self.last = now;
+    }
+
     pub fn add(&mut self, m: Metric) {
+        self.lap(&m.name);
         println!("{}", m.line());
         if !m.goal.is_empty() || !m.peer_is.is_empty() {
             println!("      peer: {}; goal: {}", m.peer_is, m.goal);
@@ -123,6 +148,7 @@ impl Report {
             name: name.to_string(),
             reason: reason.into(),
         };
+        self.lap(name);
         println!("{}", s.line());
         self.skipped.push(s);
     }
@@ -132,6 +158,7 @@ impl Report {
             "machine": machine,
             "metrics": self.metrics.iter().map(Metric::json).collect::<Vec<_>>(),
             "skipped": self.skipped,
+            "seconds_taken": self.took.iter().map(|(n, t)| serde_json::json!({"name": n, "seconds": t})).collect::<Vec<_>>(),
         })
     }
 }
