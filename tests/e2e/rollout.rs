@@ -326,6 +326,57 @@ fn scenario(kernel: &Path, initrd: &Path) -> anyhow::Result<()> {
     ensure!(st["state"] == "completed", "{st}");
     ensure!(env.ok(&["rollout", "ls"])?.lines().count() == 5);
 
+    // 5. web-2's disk was written where the patch changes it (as a guest write would): the
+    // rollout skips it and exits 4, the dry run says so first; --abort puts web-1 back.
+    {
+        use std::os::unix::fs::FileExt;
+        let disk = env.mnt.join("instances/web-2.raw");
+        let f = std::fs::OpenOptions::new().write(true).open(&disk)?;
+        f.write_all_at(b"app 9.0\n", block * 4096)?;
+        f.sync_all()?;
+    }
+    let args = ["rollout", "app:v2", "--instances", "web-1,web-2", "--json"];
+    let o = env.run(&[&args[..], &["--dry-run"]].concat())?;
+    let dry = events(&String::from_utf8_lossy(&o.stdout));
+    ensure!(o.status.code() == Some(4), "dry run: {dry:?}");
+    ensure!(
+        dry.last()
+            .is_some_and(|d| d["conflicts"] == serde_json::json!(["web-2"])),
+        "{dry:?}"
+    );
+    ensure!(
+        env.guest_hash("web-1")? == hash(v1b),
+        "the dry run changed web-1"
+    );
+    let o = env.run(&args)?;
+    let ev = events(&String::from_utf8_lossy(&o.stdout));
+    ensure!(o.status.code() == Some(4), "conflicts must exit 4: {ev:?}");
+    ensure!(
+        ev.iter()
+            .any(|e| e["event"] == "conflict" && e["instance"] == "web-2"),
+        "{ev:?}"
+    );
+    ensure!(env.guest_hash("web-1")? == hash(v2b), "web-1 not on v2");
+    let id = ev
+        .last()
+        .and_then(|e| e["id"].as_str())
+        .context("no id")?
+        .to_string();
+    env.ok(&["rollout", "--abort", &id])?;
+    ensure!(
+        env.guest_hash("web-1")? == hash(v1b),
+        "web-1 not back on v1 after --abort"
+    );
+    env.ok(&["rollout", "app:v2", "--instances", "web-2", "--force"])?;
+    ensure!(
+        env.guest_hash("web-2")? == hash(v2b),
+        "--force did not take the patch's block"
+    );
+    ensure!(
+        env.ok(&["vm", "logs", "web-1"])?.contains("guest-agent"),
+        "no console log"
+    );
+
     // A VM that exits is shown stopped.
     env.ok(&["vm", "stop", "web-3"])?;
     ensure!(

@@ -395,7 +395,11 @@ pub fn dry_run(dir: &Path, plan: &Plan, diff: &Value, emit: &Emit) -> Result<i32
             args.push(f);
         }
         let a = daemon(dir, &args)?;
-        if a.code == 4 {
+        // A dry run lists the conflicts it would refuse rather than refusing.
+        let listed = a
+            .result()
+            .is_some_and(|r| r["conflicts"].as_array().is_some_and(|c| !c.is_empty()));
+        if a.code == 4 || (listed && plan.policy.is_none()) {
             conflicts.push(inst.clone());
         }
     }
