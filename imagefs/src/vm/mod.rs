@@ -292,6 +292,29 @@ fn start(
         let rec = launch::spawn(store, &spec)?;
         started.push(rec);
     }
+    // A hypervisor that refuses the host (or its arguments) exits at once: say so now.
+    std::thread::sleep(Duration::from_millis(300));
+    for rec in &started {
+        let now = registry::load(store, &rec.name)?;
+        if !registry::is_live(&now) {
+            let err = std::fs::read_to_string(rec.console_log.with_extension("stderr.log"))
+                .unwrap_or_default();
+            let last = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            return Err(CliError::new(
+                1,
+                format!(
+                    "VM {} ({}) exited at once ({}): {last}",
+                    rec.name,
+                    rec.hypervisor,
+                    now.exit.as_deref().unwrap_or("?")
+                ),
+            ));
+        }
+    }
     for rec in &started {
         let ready =
             a.wait == 0 || launch::wait_agent(&rec.agent_socket, Duration::from_secs(a.wait));
