@@ -86,12 +86,18 @@ fn substitute(dir: &Path, instance: &str, to: &str, policy: Option<&str>) -> Res
     }
 }
 
-/// Checks one instance's guest: the health command, then each changed file's hash.
+/// Checks one instance's guest (if a live VM runs on it).
 fn health(dir: &Path, plan: &Plan, instance: &str) -> Result<String, String> {
     let Some(vm) = registry::live_on_instance(dir, instance) else {
         return Ok("no live VM: not checked".into());
     };
     let agent = AgentClient::new(&vm.agent_socket).with_timeout(Duration::from_secs(15));
+    check(&agent, plan, instance)
+}
+
+/// The health verdict through `agent`: the health command exits 0 in time, then every changed
+/// file hashes to the target's bytes.
+pub fn check(agent: &dyn AgentLink, plan: &Plan, instance: &str) -> Result<String, String> {
     let t = Instant::now();
     if let Some(cmd) = &plan.health_cmd {
         let r = agent
@@ -426,4 +432,108 @@ pub fn dry_run(dir: &Path, plan: &Plan, diff: &Value, emit: &Emit) -> Result<i32
         }
     }
     Ok(if conflicts.is_empty() { 0 } else { 4 })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_proto::{ClientError, ExecReply, HashReply, NoticeAck, Pong, SubstitutionNotice};
+    use std::collections::BTreeMap;
+
+    /// An agent answering from fixed replies (the real one is exercised in tests/e2e/rollout.rs).
+    struct Canned {
+        exit: Option<i32>,
+        timed_out: bool,
+        hash: String,
+    }
+
+    impl AgentLink for Canned {
+        fn ping(&self) -> Result<Pong, ClientError> {
+            Err(ClientError::UnexpectedReply {
+                op: "ping",
+                kind: 0,
+            })
+        }
+        fn hash(&self, path: &str) -> Result<HashReply, ClientError> {
+            Ok(HashReply {
+                path: path.into(),
+                size: 8,
+                blake3: self.hash.clone(),
+            })
+        }
+        fn exec(&self, _: ExecRequest) -> Result<ExecReply, ClientError> {
+            Ok(ExecReply {
+                exit_code: self.exit,
+                signal: None,
+                timed_out: self.timed_out,
+                stdout: String::new(),
+                stderr: "bad\n".into(),
+                stdout_truncated: false,
+                stderr_truncated: false,
+                duration_ms: 1,
+            })
+        }
+        fn notice(&self, _: &SubstitutionNotice) -> Result<NoticeAck, ClientError> {
+            Err(ClientError::UnexpectedReply {
+                op: "notice",
+                kind: 0,
+            })
+        }
+    }
+
+    fn plan() -> Plan {
+        Plan {
+            id: "r1-1".into(),
+            target: "app:v2".into(),
+            target_id: "b".repeat(64),
+            from: BTreeMap::new(),
+            waves: vec![],
+            health_cmd: Some("/opt/app/check".into()),
+            health_timeout_ms: 1000,
+            on_failure: OnFailure::RollbackWave,
+            policy: None,
+            expected: [("/opt/app/version".to_string(), "a".repeat(64))].into(),
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn healthy_needs_exit_zero_in_time_and_every_hash_to_match() {
+        let good = Canned {
+            exit: Some(0),
+            timed_out: false,
+            hash: "a".repeat(64),
+        };
+        assert!(check(&good, &plan(), "web-1").is_ok());
+        let failing = Canned {
+            exit: Some(1),
+            ..good
+        };
+        assert!(check(&failing, &plan(), "web-1")
+            .unwrap_err()
+            .contains("exited Some(1)"));
+        let slow = Canned {
+            exit: None,
+            timed_out: true,
+            hash: "a".repeat(64),
+        };
+        assert!(check(&slow, &plan(), "web-1")
+            .unwrap_err()
+            .contains("timed out"));
+        let stale = Canned {
+            exit: Some(0),
+            timed_out: false,
+            hash: "c".repeat(64),
+        };
+        let e = check(&stale, &plan(), "web-1").unwrap_err();
+        assert!(e.contains("/opt/app/version"), "{e}");
+    }
+
+    #[test]
+    fn data_files_come_from_the_changed_blocks_files_only() {
+        let diff = serde_json::json!({"file_blocks": [
+            {"files": ["/b", "/a"], "directories": ["/d"]}, {"files": ["/a"]}]});
+        assert_eq!(data_files(&diff), ["/a", "/b"]);
+        assert!(data_files(&Value::Null).is_empty());
+    }
 }
