@@ -319,7 +319,7 @@ impl Scenario {
              mount -t tmpfs tmp /tmp\n\
              {insmods}\
              cd /work\n\
-             echo\n\
+             echo; echo NESTED-BOOTED\n\
              (sh /scenario.sh; echo $? > /tmp/rc) 2>&1 | sed 's/^/{OUT_PREFIX}/'\n\
              echo; echo \"{RC_PREFIX}$(cat /tmp/rc)\"\n\
              {exports}\
@@ -333,7 +333,7 @@ impl Scenario {
              export PATH=/bin:/sbin\n\
              mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev\n\
              mount -t tmpfs tmp /tmp\n\
-             cd /work\n\
+             cd /work; echo NESTED-BOOTED\n\
              (sh /scenario.sh; echo $? > /tmp/rc) 2>&1 | sed 's/^/{OUT_PREFIX}/'\n\
              echo; echo \"{RC_PREFIX}$(cat /tmp/rc)\"\n"
         );
@@ -426,10 +426,15 @@ impl Scenario {
             let tail: Vec<&str> = console.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
             bail!(
-                "the scenario did not finish{} after {:.1}s; runner stderr: {}; \
+                "the scenario did not finish{} after {:.1}s ({}); runner stderr: {}; \
                  console tail:\n{}",
                 if timed_out { " (timed out)" } else { "" },
                 elapsed.as_secs_f64(),
+                if console.contains("NESTED-BOOTED") {
+                    "the outer VM booted; the scenario hung"
+                } else {
+                    "the outer VM never reached its /init"
+                },
                 qemu_err.trim(),
                 tail.join("\n")
             );

@@ -144,7 +144,7 @@ fn boot_read_write_poweroff() -> anyhow::Result<()> {
          else echo RO-WRITE-REFUSED; fi",
     )?;
     let script = format!(
-        "/bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio --disk /work/disk.img \
+        "timeout 240 /bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio --disk /work/disk.img \
            --disk /work/ro.raw,ro --memory 256M --cpus 2 --console /tmp/console.log \
            --cmdline '{INNER_CMDLINE}'\n\
          echo VMM-RC=$?\n\
