@@ -118,8 +118,8 @@ fn vs_casync(env: &Env, ours: Vec<f64>) -> Result<Metric> {
     );
     m.ours = ours;
     let dir = env.work.join("casync");
-    // casync is slow (tens of seconds for 2 GiB): fewer runs.
-    for _ in 0..env.runs.clamp(1, 3) {
+    // casync is slow (tens of seconds for 2 GiB) and far from the bar: two runs.
+    for _ in 0..env.runs.clamp(1, 2) {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(io("mkdir", &dir))?;
         sys::warm(&env.base)?;

@@ -111,7 +111,10 @@ fn main() -> anyhow::Result<()> {
         block_size: 65536,
         cargo_target: std::path::absolute(&o.cargo_target)?,
     };
-    let machine = sys::machine();
+    let mut machine = sys::machine();
+    if let Some(m) = machine.as_object_mut() {
+        m.insert("argv".into(), std::env::args().collect::<Vec<_>>().into());
+    }
     println!("bench: {machine}");
     let mut rep = report::Report::default();
     let t = std::time::Instant::now();
