@@ -14,7 +14,7 @@ pub const MIN_MEMORY: u64 = 64 << 20;
 /// Largest vCPU count: each vCPU is a thread and an APIC ID below the IOAPIC's 8-bit space.
 pub const MAX_CPUS: u8 = 64;
 /// Command line used when the user gives none.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off";
 
 /// Errors in the vmm's configuration; each message is the one line the user sees.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

@@ -38,7 +38,8 @@ struct Cli {
     /// Where the guest console (COM1) goes: stdio or a file path.
     #[arg(long, default_value = "stdio")]
     console: String,
-    /// Seconds to wait for the guest to power off after SIGTERM before stopping it.
+    /// On SIGTERM the vmm presses the guest's ACPI power button, then waits this many seconds for
+    /// it to power off before stopping it (exit 143).
     #[arg(long, default_value_t = 10)]
     term_timeout: u64,
     /// Boot even on a host whose KVM cannot run unmodified Linux (kvm_pvm); for experiments.
