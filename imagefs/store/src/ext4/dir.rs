@@ -86,7 +86,7 @@ pub(crate) fn parse_inline(
 
 /// The value of the in-inode "system.data" attribute, if any (bounds-checked; a malformed
 /// attribute area yields `None`, inline data then covers only `i_block`).
-fn inline_xattr(raw: &[u8]) -> Option<&[u8]> {
+pub(crate) fn inline_xattr(raw: &[u8]) -> Option<&[u8]> {
     let extra = usize::from(le16(raw, 0x80));
     let base = 128usize.checked_add(extra)?;
     if raw.len() <= 128 || le32(raw, base) != 0xEA02_0000 {

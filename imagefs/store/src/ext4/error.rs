@@ -40,6 +40,15 @@ pub enum Ext4Error {
     /// a tree block was reached twice (a loop, or two owners)
     #[error("fs block {block} is reached twice from inode {ino}'s trees (a loop or a cross-link)")]
     Loop { ino: u32, block: u64 },
+    /// the image holds no ext2/3/4 filesystem (bare or in an MBR/GPT partition)
+    #[error("the image holds no ext2/3/4 filesystem")]
+    NoFilesystem,
+    /// the path names something other than a regular file (after following symlinks)
+    #[error("{path} is a {kind}, not a regular file")]
+    NotAFile { path: String, kind: &'static str },
+    /// resolving the path followed too many symbolic links (a loop, as ELOOP)
+    #[error("too many levels of symbolic links resolving {path}")]
+    SymlinkLoop { path: String },
     /// the walk exceeded its time or size budget
     #[error("the filesystem walk exceeded its budget: {0}")]
     Budget(&'static str),

@@ -329,7 +329,7 @@ impl Walk<'_, '_> {
         let mut data_runs = Vec::new();
         for r in got {
             match r {
-                Run::Data { start, len } => {
+                Run::Data { start, len, .. } => {
                     data_runs.push((start, len));
                     self.push(start, len, data)?;
                 }

@@ -34,8 +34,14 @@ pub(crate) struct Inode {
 /// One thing an inode owns on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Run {
-    /// Data blocks `[start, start + len)`.
-    Data { start: u64, len: u64 },
+    /// Data blocks `[start, start + len)`, holding the file's blocks from `logical` on
+    /// (zeros when `uninit`: an allocated but unwritten extent).
+    Data {
+        logical: u64,
+        start: u64,
+        len: u64,
+        uninit: bool,
+    },
     /// An extent tree node or an indirect block.
     Node(u64),
     /// The extended-attribute block.
@@ -64,6 +70,19 @@ impl Inode {
     }
     pub fn is_dir(&self) -> bool {
         self.mode & S_IFMT == S_IFDIR
+    }
+    pub fn is_regular(&self) -> bool {
+        self.mode & S_IFMT == S_IFREG
+    }
+    pub fn is_symlink(&self) -> bool {
+        self.mode & S_IFMT == S_IFLNK
+    }
+    /// A symlink whose target lies in `i_block` itself.
+    pub fn is_fast_symlink(&self) -> bool {
+        self.is_symlink() && !self.is_inline() && !self.maps_blocks()
+    }
+    pub fn uses_extents(&self) -> bool {
+        self.flags & FL_EXTENTS != 0
     }
     pub fn is_inline(&self) -> bool {
         self.flags & FL_INLINE_DATA != 0
@@ -174,16 +193,19 @@ impl TreeWalk<'_, '_> {
             if depth == 0 {
                 let raw_len = u64::from(le16(e, 4));
                 // lengths above 32768 mark uninitialized extents; their blocks are still owned
-                let len = if raw_len > 32768 {
-                    raw_len - 32768
-                } else {
-                    raw_len
-                };
+                let uninit = raw_len > 32768;
+                let len = if uninit { raw_len - 32768 } else { raw_len };
+                let logical = u64::from(le32(e, 0));
                 let start = u64::from(le16(e, 6)) << 32 | u64::from(le32(e, 8));
                 if len == 0 || !self.inside(start, len) {
                     return Err(bad("extent outside the filesystem"));
                 }
-                (self.emit)(Run::Data { start, len });
+                (self.emit)(Run::Data {
+                    logical,
+                    start,
+                    len,
+                    uninit,
+                });
             } else {
                 let child = u64::from(le32(e, 4)) | u64::from(le16(e, 8)) << 32;
                 if !self.inside(child, 1) {
@@ -199,17 +221,24 @@ impl TreeWalk<'_, '_> {
     fn block_map(&mut self, i_block: &[u8]) -> Result<(), Ext4Error> {
         for i in 0..12 {
             let b = u64::from(le32(i_block, i * 4));
-            self.map_entry(b, 0)?;
+            self.map_entry(b, 0, i as u64)?;
         }
+        // each indirect level covers `per` times the file blocks of the one below
+        let per = self.l.sb.block_size / 4;
+        let mut logical = 12u64;
+        let mut span = per;
         for (slot, level) in [(12usize, 1u32), (13, 2), (14, 3)] {
             let b = u64::from(le32(i_block, slot * 4));
-            self.map_entry(b, level)?;
+            self.map_entry(b, level, logical)?;
+            logical = logical.saturating_add(span);
+            span = span.saturating_mul(per);
         }
         Ok(())
     }
 
-    /// Entry `b` of a block map at `level` (0: a data block, n: an n-fold indirect block).
-    fn map_entry(&mut self, b: u64, level: u32) -> Result<(), Ext4Error> {
+    /// Entry `b` of a block map at `level` (0: a data block, n: an n-fold indirect block),
+    /// covering the file's blocks from `logical` on.
+    fn map_entry(&mut self, b: u64, level: u32, logical: u64) -> Result<(), Ext4Error> {
         if b == 0 {
             return Ok(()); // a hole
         }
@@ -220,12 +249,20 @@ impl TreeWalk<'_, '_> {
             });
         }
         if level == 0 {
-            (self.emit)(Run::Data { start: b, len: 1 });
+            (self.emit)(Run::Data {
+                logical,
+                start: b,
+                len: 1,
+                uninit: false,
+            });
             return Ok(());
         }
         let block = self.tree_block(b)?;
-        for e in block.chunks_exact(4) {
-            self.map_entry(u64::from(le32(e, 0)), level - 1)?;
+        let per = self.l.sb.block_size / 4;
+        let child_span = per.saturating_pow(level - 1);
+        for (k, e) in block.chunks_exact(4).enumerate() {
+            let at = logical.saturating_add((k as u64).saturating_mul(child_span));
+            self.map_entry(u64::from(le32(e, 0)), level - 1, at)?;
         }
         Ok(())
     }

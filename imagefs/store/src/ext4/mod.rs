@@ -10,11 +10,14 @@ mod index;
 mod inode;
 mod layout;
 mod partition;
+mod read;
 mod source;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod tests_corrupt;
+#[cfg(test)]
+mod tests_read;
 
 use std::collections::BTreeSet;
 
@@ -23,6 +26,7 @@ use serde::Serialize;
 pub use error::Ext4Error;
 pub use index::{FsIndex, Limits};
 pub use partition::{locate, Offset};
+pub use read::{file_hash, with_image, FileInfo, FileKind, Reader};
 pub use source::{ReadAt, VersionReader};
 
 /// A kind of filesystem metadata.

@@ -101,6 +101,21 @@ impl<'a> Cached<'a> {
         Ok(())
     }
 
+    /// Reads file data at `offset` straight from the source (bounds and time checked, not
+    /// cached and not counted against the metadata reads: data is streamed once).
+    pub fn read_uncached(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Ext4Error> {
+        let len = buf.len() as u64;
+        if offset.checked_add(len).is_none_or(|e| e > self.size) {
+            return Err(Ext4Error::OutOfImage {
+                offset,
+                len,
+                size: self.size,
+            });
+        }
+        self.check_time()?;
+        self.src.read_exact_at(offset, buf)
+    }
+
     /// Reads `buf.len()` bytes at `offset`, through the cache.
     pub fn read(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), Ext4Error> {
         let len = buf.len() as u64;

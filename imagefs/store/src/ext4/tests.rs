@@ -492,7 +492,7 @@ fn walking_many_files_is_fast() {
 }
 
 /// `fs` placed at 1 MiB behind an MBR (`gpt` false) or a GPT (`gpt` true) partition table.
-fn partitioned(fs: &Path, out: &Path, gpt: bool) {
+pub(super) fn partitioned(fs: &Path, out: &Path, gpt: bool) {
     let body = std::fs::read(fs).unwrap();
     let mut img = vec![0u8; 1 << 20];
     let sectors = (body.len() / 512) as u64;

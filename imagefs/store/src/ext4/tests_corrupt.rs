@@ -13,7 +13,7 @@ use super::tests::{blocks_of, have_e2fsprogs, mkfs, noise, tagged_blocks, tree};
 use super::*;
 
 /// An image in memory.
-struct Mem(Vec<u8>);
+pub(super) struct Mem(pub Vec<u8>);
 
 impl ReadAt for Mem {
     fn size(&self) -> u64 {
@@ -37,20 +37,20 @@ impl ReadAt for Mem {
     }
 }
 
-struct Fixture {
+pub(super) struct Fixture {
     /// ext4, 1 KiB blocks: a depth > 0 extent tree, an htree directory, nested dirs.
-    ext4: Vec<u8>,
+    pub ext4: Vec<u8>,
     /// ext2, 1 KiB blocks: indirect and double-indirect maps.
-    ext2: Vec<u8>,
+    pub ext2: Vec<u8>,
     /// The extent tree blocks of /frag in `ext4`.
-    etb: Vec<u64>,
+    pub etb: Vec<u64>,
     /// A data block of /dir (many entries) in `ext4`.
-    dir_block: u64,
+    pub dir_block: u64,
     /// The double-indirect block of /bin/big in `ext2`.
-    dind: u64,
+    pub dind: u64,
 }
 
-fn fixture() -> Option<&'static Fixture> {
+pub(super) fn fixture() -> Option<&'static Fixture> {
     static F: OnceLock<Option<Fixture>> = OnceLock::new();
     F.get_or_init(|| {
         if !have_e2fsprogs() {
