@@ -31,6 +31,11 @@ lint:
 test: guest build
 	$(CARGO) test --workspace -- --test-threads=2
 
+# The whole story on this machine (root): build an image, patch one file, boot three VMs, roll
+# the patch out live, show each guest reading the new bytes without a reboot, roll back.
+demo: guest build
+	bash scripts/demo.sh
+
 clean-guest:
 	rm -rf target/guest
 
