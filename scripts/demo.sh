@@ -68,10 +68,13 @@ trap 'exit 130' INT TERM
 # What a guest says, trimmed.
 guest() { local vm=$1; shift; imagefs agent exec --vm "$vm" -- "$@" | tr -d '\r'; }
 guest_sh() { local vm=$1; shift; imagefs agent exec --vm "$vm" --shell "$*" | tr -d '\r'; }
-# Every guest must read `want` from /opt/app/version (by cat and by the agent's blake3).
+# Every guest must read `want` from /opt/app/version, by cat and by the agent's blake3: equal to
+# the host's b3sum of the same bytes, or (without b3sum) the same in every guest. Sets HASH.
 check_version() {
-    local want=$1 want_hash vm got h
-    want_hash=$(printf '%s\n' "$want" | b3sum --no-names 2>/dev/null || true)
+    local want=$1 want_hash='' vm got h
+    if command -v b3sum >/dev/null; then
+        want_hash=$(printf '%s\n' "$want" | b3sum --no-names)
+    fi
     for vm in "${VMS[@]}"; do
         run imagefs agent hash --vm "$vm" /opt/app/version
         h=$(imagefs agent hash --vm "$vm" /opt/app/version | awk '{print $1}')
@@ -79,10 +82,10 @@ check_version() {
         got=$(guest "$vm" cat /opt/app/version)
         printf '%s\n' "$got"
         [ "$got" = "$want" ] || fail "$vm reads '$got' from /opt/app/version, expected '$want'"
-        if [ -n "$want_hash" ]; then
-            [ "$h" = "$want_hash" ] || fail "$vm hashes /opt/app/version as $h, expected $want_hash"
-        fi
+        [ -n "$want_hash" ] || want_hash=$h
+        [ "$h" = "$want_hash" ] || fail "$vm hashes /opt/app/version as $h, expected $want_hash"
     done
+    HASH=$want_hash
 }
 # "VM BOOT_ID UPTIME" per guest: the boot id changes on any reboot; the uptime only grows.
 boot_state() {
@@ -160,6 +163,7 @@ run imagefs vm ls
 # ---------------------------------------------------------------------------------------------
 say "4. Each guest reads v1"
 check_version v1
+HASH_V1=$HASH
 note "a process in web-1 holds /opt/app/version open across the patch:"
 run imagefs agent exec --vm web-1 --shell 'sleep 1000 </opt/app/version &'
 BEFORE=$(boot_state)
@@ -175,6 +179,7 @@ grep -q 'process .*(sleep) had /opt/app/version open' "$WORK/rollout" ||
     fail "the process holding the old file was not reported"
 say "   Each guest now reads v2, without a reboot"
 check_version v2
+[ "$HASH" != "$HASH_V1" ] || fail "the guests' hash of /opt/app/version did not change"
 AFTER=$(boot_state)
 printf '    %-6s %-38s %12s %12s\n' VM "boot id (before = after)" "uptime before" "after (s)"
 while read -r vm id1 up1 && read -r _ id2 up2 <&3; do
@@ -190,6 +195,7 @@ run imagefs rollout app:v1 --instances 'web-*' 2>&1 | tee "$WORK/rollback"
 ROLLBACK_MS=$(ms_since "$T")
 grep -q 'completed' "$WORK/rollback" || fail "the rollback did not complete"
 check_version v1
+[ "$HASH" = "$HASH_V1" ] || fail "the guests' hash after the rollback is not v1's"
 run imagefs vm ls
 run imagefs rollout ls
 
