@@ -458,23 +458,29 @@ fn agent_on_mount(initramfs: &Path) -> anyhow::Result<()> {
     let img = agent_root_image(dir.path(), &marker)?;
     let script = "export IMAGEFS_STORE=/work/store\n\
         A='--socket /tmp/vm1.agent'\n\
+        echo STEP-import\n\
         imagefs init >/dev/null && imagefs import /work/root.img root:v1 >/dev/null \
           && imagefs instance create root:v1 vm1 >/dev/null || exit 10\n\
-        mkdir -p /tmp/m && imagefs mount /tmp/m --daemon || exit 11\n\
+        echo STEP-mount\n\
+        mkdir -p /tmp/m && timeout 60 imagefs mount /tmp/m --daemon || exit 11\n\
         i=0; while [ ! -e /tmp/m/instances/vm1.raw ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
-        /bin/vmm --kernel /work/vmlinuz --initrd /work/initramfs.cpio.gz \
+        echo STEP-boot\n\
+        timeout 240 /bin/vmm --kernel /work/vmlinuz --initrd /work/initramfs.cpio.gz \
           --disk /tmp/m/instances/vm1.raw --memory 256M --agent-socket /tmp/vm1.agent \
           --console /tmp/console.log --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off rw' \
           2>/tmp/vmm.err & pid=$!\n\
         i=0; until imagefs agent ping $A --timeout-ms 2000 >/dev/null 2>&1; do \
           i=$((i+1)); [ $i -gt 60 ] && break; sleep 1; done\n\
+        echo STEP-agent\n\
         echo \"MARKER=$(imagefs agent exec $A -- /bin/cat /marker)\"\n\
         echo \"HASH=$(imagefs agent hash $A /marker)\"\n\
         imagefs agent exec $A --shell 'echo guest-wrote-this > /from-guest && sync'; echo EXEC-RC=$?\n\
         imagefs agent shutdown $A; echo SHUTDOWN-RC=$?\n\
         wait $pid; echo VMM-RC=$?\n\
-        cp /tmp/m/instances/vm1.raw /work/instance.raw\n\
-        imagefs umount /tmp/m\n\
+        echo STEP-copy\n\
+        timeout 60 cp /tmp/m/instances/vm1.raw /work/instance.raw\n\
+        echo STEP-umount\n\
+        timeout 60 imagefs umount /tmp/m\n\
         cat /tmp/vmm.err; echo ---console---; tail -n 25 /tmp/console.log";
     let back = dir.path().join("instance-back.raw");
     let o = Scenario::new(script)
