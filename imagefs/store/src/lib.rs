@@ -48,6 +48,7 @@ mod instance_sub;
 pub mod log;
 mod maint;
 mod objects;
+mod objindex;
 mod pack;
 mod qcow2;
 mod refs;

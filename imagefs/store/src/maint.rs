@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use crate::error::StoreError;
 use crate::ids::{BlockHash, ImageName, VersionId};
 use crate::log::RecordLog;
+use crate::objindex::Key;
 use crate::pack::{self, Loc, ObjKind};
 use crate::refs::{RefRecord, REF_KIND};
 use crate::store::Store;
@@ -48,7 +49,6 @@ pub struct FsckReport {
     pub problems: Vec<Problem>,
 }
 
-type Key = [u8; 33];
 /// Per pack: live objects to keep, dead keys to drop, bytes the index accounts for.
 type PackUse = (Vec<(Key, Loc)>, Vec<Key>, u64);
 
@@ -259,25 +259,20 @@ impl Store {
         }
         // per pack: live objects to keep, dead keys to drop, bytes the index accounts for
         let mut packs: HashMap<u32, PackUse> = HashMap::new();
-        for prefix in [b"b", b"n"] {
-            for kv in inner.db.scan_prefix(prefix) {
-                let (k, v) = kv?;
-                let (Ok(k), Some(loc)) = (<Key>::try_from(&k[..]), Loc::decode(&v)) else {
-                    continue;
-                };
-                let e = packs.entry(loc.pack).or_default();
-                e.2 += pack::HEADER + u64::from(loc.len);
-                if live_objs.contains(&k) {
-                    e.0.push((k, loc));
-                } else {
-                    e.1.push(k);
-                }
+        for (k, loc) in inner.objects.entries() {
+            let e = packs.entry(loc.pack).or_default();
+            e.2 += pack::HEADER + u64::from(loc.len);
+            if live_objs.contains(&k) {
+                e.0.push((k, loc));
+            } else {
+                e.1.push(k);
             }
         }
         let packs_dir = inner.dir.join("packs");
         let mut doomed = Vec::new();
-        let mut remove = sled::Batch::default();
-        for id in pack::list_packs(&packs_dir)? {
+        let mut dead_keys = Vec::new();
+        let existing = pack::list_packs(&packs_dir)?;
+        for &id in &existing {
             let path = pack::pack_path(&packs_dir, id);
             let flen = std::fs::metadata(&path)
                 .map_err(StoreError::io("stat", &path))?
@@ -304,14 +299,27 @@ impl Store {
             report.objects_freed += dead.len() as u64;
             report.bytes_freed += flen.saturating_sub(kept);
             report.packs_rewritten += 1;
-            for k in dead {
-                remove.remove(&k[..]);
-            }
+            dead_keys.extend(dead);
             doomed.push(id);
         }
+        if doomed.is_empty() {
+            return Ok(report);
+        }
+        // the copies are durable, then the index forgets the old packs, then they go
         inner.sync_objects(&mut w)?;
-        inner.db.apply_batch(remove)?;
-        inner.db.flush()?;
+        for k in &dead_keys {
+            inner.objects.remove(k);
+        }
+        let mut marks: HashMap<u32, u64> = HashMap::new();
+        for id in existing.iter().filter(|id| !doomed.contains(id)) {
+            if let Some(m) = inner.objects.mark(*id) {
+                marks.insert(*id, m);
+            }
+        }
+        if let Some(p) = w.pack.as_ref() {
+            marks.insert(p.id, p.len);
+        }
+        inner.objects.rewrite(&marks)?;
         for id in doomed {
             inner.readers.forget(id);
             let path = pack::pack_path(&packs_dir, id);

@@ -1,7 +1,8 @@
 //! The object layer and commits: blocks and block-map nodes put into and read from packs,
-//! pending objects made durable then indexed, and refs records committed log-first.
-//! Invariant: an index entry never points at bytes that are not durable; a refs record is in
-//! the log (fsynced) before the index shows it, and its objects are durable before that.
+//! objects made durable before their index entries are persisted, and refs records committed
+//! log-first. Invariant: a persisted index entry never points at bytes that are not durable;
+//! a refs record is in the log (fsynced) before the index shows it, and every object it needs
+//! is durable before that.
 
 use std::sync::MutexGuard;
 
@@ -9,9 +10,7 @@ use crate::error::StoreError;
 use crate::ids::{ImageName, VersionId};
 use crate::pack::{Loc, ObjKind, PackWriter};
 use crate::refs::{self, RefRecord, VersionMeta, REF_KIND};
-use crate::store::{
-    now_secs, obj_key, pack_state_key, Inner, Writer, PACK_ROLL, REFS_STATE_KEY, SYNC_EVERY,
-};
+use crate::store::{now_secs, obj_key, Inner, Writer, PACK_ROLL, REFS_STATE_KEY, SYNC_EVERY};
 
 impl Inner {
     pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
@@ -20,14 +19,7 @@ impl Inner {
     }
 
     pub(crate) fn locate(&self, kind: ObjKind, hash: &[u8; 32]) -> Result<Option<Loc>, StoreError> {
-        let key = obj_key(kind, hash);
-        if let Some(v) = self.db.get(key)? {
-            return Loc::decode(&v)
-                .map(Some)
-                .ok_or_else(|| StoreError::IndexInconsistent("bad object location".to_string()));
-        }
-        let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
-        Ok(pending.get(&key).copied())
+        Ok(self.objects.get(&obj_key(kind, hash)))
     }
 
     pub(crate) fn read_object(
@@ -100,7 +92,7 @@ impl Inner {
         }
         let mut w = self.lock_writer();
         self.append_locked(&mut w, kind, hash, data)?;
-        if w.unsynced >= SYNC_EVERY {
+        if w.unsynced.len() as u64 >= SYNC_EVERY {
             self.sync_objects(&mut w)?;
         }
         Ok(())
@@ -134,29 +126,20 @@ impl Inner {
                 return Err(e);
             }
         };
-        w.unsynced += 1;
-        self.pending
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(obj_key(kind, hash), loc);
+        let key = obj_key(kind, hash);
+        self.objects.insert(key, loc);
+        w.unsynced.push((key, loc));
         Ok(loc)
     }
 
-    /// fsyncs the current pack, then indexes the objects pending in it.
+    /// fsyncs the current pack, then persists the index entries of its new objects.
     pub(crate) fn sync_objects(&self, w: &mut Writer) -> Result<(), StoreError> {
         let Some(pack) = w.pack.as_ref() else {
             return Ok(());
         };
         pack.sync()?;
-        let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
-        let mut batch = sled::Batch::default();
-        for (k, loc) in pending.iter() {
-            batch.insert(&k[..], &loc.encode()[..]);
-        }
-        batch.insert(pack_state_key(pack.id), &pack.len.to_le_bytes()[..]);
-        self.db.apply_batch(batch)?;
-        pending.clear();
-        w.unsynced = 0;
+        self.objects.persist(&w.unsynced, pack.id, pack.len)?;
+        w.unsynced.clear();
         Ok(())
     }
 

@@ -50,9 +50,6 @@ pub(crate) fn obj_key(kind: ObjKind, hash: &[u8; 32]) -> [u8; 33] {
     k
 }
 
-pub(crate) fn pack_state_key(id: u32) -> Vec<u8> {
-    format!("s:pack:{id:08}").into_bytes()
-}
 pub(crate) const REFS_STATE_KEY: &[u8] = b"s:refs";
 
 fn u64_of(v: &[u8]) -> Option<u64> {
@@ -64,7 +61,8 @@ pub(crate) struct Writer {
     pub pack: Option<PackWriter>,
     pub next_pack: u32,
     pub refs: RecordLog,
-    pub unsynced: u64,
+    /// Index entries of objects in the current pack not yet persisted (pack not fsynced).
+    pub unsynced: Vec<(crate::objindex::Key, Loc)>,
 }
 
 #[derive(Debug)]
@@ -72,8 +70,8 @@ pub(crate) struct Inner {
     pub dir: PathBuf,
     pub db: sled::Db,
     pub readers: PackReaders,
-    /// Objects written but not yet durable and indexed; read only on an index miss.
-    pub pending: RwLock<HashMap<[u8; 33], Loc>>,
+    /// Where every object lives.
+    pub objects: crate::objindex::ObjIndex,
     pub writer: Mutex<Writer>,
     pub node_cache: RwLock<HashMap<[u8; 32], Arc<Node>>>,
     /// Verified blocks for reads smaller than a block.
@@ -188,31 +186,35 @@ impl Store {
             .open()?;
         let packs_dir = dir.join("packs");
         let pack_ids = pack::list_packs(&packs_dir)?;
-        let mut batch = sled::Batch::default();
-        let mut changed = false;
+        let idx_path = dir.join("objects.idx");
+        if rebuild {
+            match std::fs::remove_file(&idx_path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StoreError::io("remove", &idx_path)(e)),
+            }
+        }
+        let objects = crate::objindex::ObjIndex::open(&idx_path)?;
         for &id in &pack_ids {
             let path = pack::pack_path(&packs_dir, id);
             let flen = std::fs::metadata(&path)
                 .map_err(StoreError::io("stat", &path))?
                 .len();
-            let indexed = db
-                .get(pack_state_key(id))?
-                .and_then(|v| u64_of(&v))
-                .unwrap_or(0);
-            if indexed > flen {
-                return Err(StoreError::IndexInconsistent(format!(
-                    "pack {id} is shorter than indexed"
-                )));
-            }
-            if flen > indexed {
+            // a mark past the end cannot be trusted: index that pack again from its start
+            let indexed = objects.mark(id).filter(|&m| m <= flen).unwrap_or(0);
+            if flen > indexed || objects.mark(id).is_none() {
+                let mut entries = Vec::new();
                 let end = pack::scan(&path, id, indexed, |kind, hash, loc| {
-                    batch.insert(&obj_key(kind, &hash)[..], &loc.encode()[..]);
+                    let k = obj_key(kind, &hash);
+                    objects.insert(k, loc);
+                    entries.push((k, loc));
                     Ok(())
                 })?;
-                batch.insert(pack_state_key(id), &end.to_le_bytes()[..]);
-                changed = true;
+                objects.persist(&entries, id, end)?;
             }
         }
+        let mut batch = sled::Batch::default();
+        let mut changed = false;
         let (refs_log, records) = RecordLog::open(&dir.join("refs.log"))?;
         let applied = db
             .get(REFS_STATE_KEY)?
@@ -234,28 +236,24 @@ impl Store {
         if changed {
             db.flush()?;
         }
-        // ids of packs gc deleted stay recorded in the index: never reuse one
-        let mut next_pack = pack_ids.last().map_or(1, |id| id + 1);
-        for kv in db.scan_prefix(b"s:pack:") {
-            let (k, _) = kv?;
-            if let Some(id) = std::str::from_utf8(&k[7..])
-                .ok()
-                .and_then(|s| s.parse::<u32>().ok())
-            {
-                next_pack = next_pack.max(id + 1);
-            }
-        }
+        // never reuse the id of a pack the index still mentions
+        let next_pack = pack_ids
+            .iter()
+            .copied()
+            .chain(objects.marked_packs())
+            .max()
+            .map_or(1, |id| id + 1);
         Ok(Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 db,
                 readers: PackReaders::new(packs_dir),
-                pending: RwLock::new(HashMap::new()),
+                objects,
                 writer: Mutex::new(Writer {
                     pack: None,
                     next_pack,
                     refs: refs_log,
-                    unsynced: 0,
+                    unsynced: Vec::new(),
                 }),
                 node_cache: RwLock::new(HashMap::new()),
                 gc_roots: Mutex::new(Vec::new()),

@@ -154,6 +154,7 @@ fn index_rebuild_restores_every_version_and_tag() {
     store.set_tag(&web, &Tag::new("v1").unwrap(), &ia).unwrap();
     drop(store);
     std::fs::remove_dir_all(s.join("index")).unwrap();
+    std::fs::remove_file(s.join("objects.idx")).unwrap();
     let store = Store::open_rebuilding_index(&s).unwrap();
     assert_eq!(read_all(&store, &ia), a);
     assert_eq!(read_all(&store, &ib), b);
