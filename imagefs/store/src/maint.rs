@@ -259,7 +259,7 @@ impl Store {
         }
         // per pack: live objects to keep, dead keys to drop, bytes the index accounts for
         let mut packs: HashMap<u32, PackUse> = HashMap::new();
-        for (k, loc) in inner.objects.entries() {
+        for (k, loc) in inner.objects()?.entries() {
             let e = packs.entry(loc.pack).or_default();
             e.2 += pack::HEADER + u64::from(loc.len);
             if live_objs.contains(&k) {
@@ -308,18 +308,18 @@ impl Store {
         // the copies are durable, then the index forgets the old packs, then they go
         inner.sync_objects(&mut w)?;
         for k in &dead_keys {
-            inner.objects.remove(k);
+            inner.objects()?.remove(k);
         }
         let mut marks: HashMap<u32, u64> = HashMap::new();
         for id in existing.iter().filter(|id| !doomed.contains(id)) {
-            if let Some(m) = inner.objects.mark(*id) {
+            if let Some(m) = inner.objects()?.mark(*id) {
                 marks.insert(*id, m);
             }
         }
         if let Some(p) = w.pack.as_ref() {
             marks.insert(p.id, p.len);
         }
-        inner.objects.rewrite(&marks)?;
+        inner.objects()?.rewrite(&marks)?;
         for id in doomed {
             inner.readers.forget(id);
             let path = pack::pack_path(&packs_dir, id);

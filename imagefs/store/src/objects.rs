@@ -19,7 +19,7 @@ impl Inner {
     }
 
     pub(crate) fn locate(&self, kind: ObjKind, hash: &[u8; 32]) -> Result<Option<Loc>, StoreError> {
-        Ok(self.objects.get(&obj_key(kind, hash)))
+        Ok(self.objects()?.get(&obj_key(kind, hash)))
     }
 
     pub(crate) fn read_object(
@@ -112,8 +112,10 @@ impl Inner {
         let pack = match w.pack.as_mut() {
             Some(p) => p,
             None => {
-                let id = w.next_pack;
-                w.next_pack += 1;
+                // never reuse the id of a pack the index still mentions
+                let known = self.objects()?.marked_packs().into_iter().max();
+                let id = w.next_pack.max(known.map_or(0, |k| k + 1));
+                w.next_pack = id + 1;
                 w.pack
                     .insert(PackWriter::create(&self.dir.join("packs"), id)?)
             }
@@ -127,7 +129,7 @@ impl Inner {
             }
         };
         let key = obj_key(kind, hash);
-        self.objects.insert(key, loc);
+        self.objects()?.insert(key, loc);
         w.unsynced.push((key, loc));
         Ok(loc)
     }
@@ -138,7 +140,7 @@ impl Inner {
             return Ok(());
         };
         pack.sync()?;
-        self.objects.persist(&w.unsynced, pack.id, pack.len)?;
+        self.objects()?.persist(&w.unsynced, pack.id, pack.len)?;
         w.unsynced.clear();
         Ok(())
     }

@@ -71,7 +71,9 @@ pub(crate) struct Inner {
     pub db: sled::Db,
     pub readers: PackReaders,
     /// Where every object lives.
-    pub objects: crate::objindex::ObjIndex,
+    /// Loaded on first use, so name-only commands (ls, tag, rm) do not pay for it.
+    pub objects: std::sync::OnceLock<crate::objindex::ObjIndex>,
+    objects_init: Mutex<()>,
     pub writer: Mutex<Writer>,
     pub node_cache: RwLock<HashMap<[u8; 32], Arc<Node>>>,
     /// Verified blocks for reads smaller than a block.
@@ -105,6 +107,47 @@ pub struct VersionInfo {
     pub block_size: u32,
     /// Unix seconds of the first commit of this version.
     pub created: u64,
+}
+
+impl Inner {
+    /// The object index, loaded (and caught up with the pack tails) on first use.
+    pub(crate) fn objects(&self) -> Result<&crate::objindex::ObjIndex, StoreError> {
+        if let Some(o) = self.objects.get() {
+            return Ok(o);
+        }
+        let _init = self.objects_init.lock().unwrap_or_else(|p| p.into_inner());
+        if self.objects.get().is_none() {
+            let _ = self.objects.set(load_objects(&self.dir)?);
+        }
+        self.objects
+            .get()
+            .ok_or_else(|| StoreError::IndexInconsistent("object index".to_string()))
+    }
+}
+
+/// Loads `objects.idx` and indexes whatever the packs hold past its marks.
+fn load_objects(dir: &Path) -> Result<crate::objindex::ObjIndex, StoreError> {
+    let packs_dir = dir.join("packs");
+    let objects = crate::objindex::ObjIndex::open(&dir.join("objects.idx"))?;
+    for id in pack::list_packs(&packs_dir)? {
+        let path = pack::pack_path(&packs_dir, id);
+        let flen = std::fs::metadata(&path)
+            .map_err(StoreError::io("stat", &path))?
+            .len();
+        // a mark past the end cannot be trusted: index that pack again from its start
+        let indexed = objects.mark(id).filter(|&m| m <= flen).unwrap_or(0);
+        if flen > indexed || objects.mark(id).is_none() {
+            let mut entries = Vec::new();
+            let end = pack::scan(&path, id, indexed, |kind, hash, loc| {
+                let k = obj_key(kind, &hash);
+                objects.insert(k, loc);
+                entries.push((k, loc));
+                Ok(())
+            })?;
+            objects.persist(&entries, id, end)?;
+        }
+    }
+    Ok(objects)
 }
 
 impl Store {
@@ -194,25 +237,6 @@ impl Store {
                 Err(e) => return Err(StoreError::io("remove", &idx_path)(e)),
             }
         }
-        let objects = crate::objindex::ObjIndex::open(&idx_path)?;
-        for &id in &pack_ids {
-            let path = pack::pack_path(&packs_dir, id);
-            let flen = std::fs::metadata(&path)
-                .map_err(StoreError::io("stat", &path))?
-                .len();
-            // a mark past the end cannot be trusted: index that pack again from its start
-            let indexed = objects.mark(id).filter(|&m| m <= flen).unwrap_or(0);
-            if flen > indexed || objects.mark(id).is_none() {
-                let mut entries = Vec::new();
-                let end = pack::scan(&path, id, indexed, |kind, hash, loc| {
-                    let k = obj_key(kind, &hash);
-                    objects.insert(k, loc);
-                    entries.push((k, loc));
-                    Ok(())
-                })?;
-                objects.persist(&entries, id, end)?;
-            }
-        }
         let mut batch = sled::Batch::default();
         let mut changed = false;
         let (refs_log, records) = RecordLog::open(&dir.join("refs.log"))?;
@@ -236,19 +260,14 @@ impl Store {
         if changed {
             db.flush()?;
         }
-        // never reuse the id of a pack the index still mentions
-        let next_pack = pack_ids
-            .iter()
-            .copied()
-            .chain(objects.marked_packs())
-            .max()
-            .map_or(1, |id| id + 1);
+        let next_pack = pack_ids.last().map_or(1, |id| id + 1);
         Ok(Store {
             inner: Arc::new(Inner {
                 dir: dir.to_path_buf(),
                 db,
                 readers: PackReaders::new(packs_dir),
-                objects,
+                objects: std::sync::OnceLock::new(),
+                objects_init: Mutex::new(()),
                 writer: Mutex::new(Writer {
                     pack: None,
                     next_pack,
