@@ -92,7 +92,10 @@ impl Qemu {
             .arg("-initrd")
             .arg(initrd)
             .arg("-append")
-            .arg(format!("console=ttyS0 panic=-1 loglevel=4 {cmdline_extra}"))
+            .arg(format!(
+                // no_timer_check: a loaded host can make TCG fail the IO-APIC timer check.
+                "console=ttyS0 panic=-1 loglevel=4 no_timer_check {cmdline_extra}"
+            ))
             .arg("-chardev")
             .arg(format!("file,id=con,path={}", console_log.display()))
             .args(["-device", "isa-serial,chardev=con"])
