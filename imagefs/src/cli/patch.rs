@@ -89,7 +89,8 @@ fn files(
             ));
             (
                 json!({"fs": "ext4", "files": files, "metadata_changed": m.metadata_changed(),
-                    "metadata": m.metadata(), "fs_offset": m.fs_offset, "file_blocks": m.blocks}),
+                    "metadata": m.metadata(), "fs_offset": m.fs_offset, "target_hashes": target_hashes(&b, &m),
+                    "file_blocks": m.blocks}),
                 t,
             )
         }
@@ -106,6 +107,33 @@ fn files(
         r.extend(f);
     }
     text.push_str(&line);
+}
+
+/// blake3 of up to 64 of the changed files as they are in the target (B), read from the store's
+/// version by the ext4 reader (the rollout's hash check); files absent from B are left out.
+fn target_hashes(
+    b: &dyn ext4::ReadAt,
+    m: &ext4::FileMap,
+) -> serde_json::Map<String, serde_json::Value> {
+    let paths: std::collections::BTreeSet<&String> =
+        m.blocks.iter().flat_map(|x| x.files.iter()).collect();
+    let limits = ext4::Limits {
+        time: std::time::Duration::from_secs(60),
+    };
+    let hashes = ext4::with_image(b, limits, |r| {
+        let mut out = serde_json::Map::new();
+        for p in paths.into_iter().take(64) {
+            match r.hash(p) {
+                Ok(Some(h)) => {
+                    out.insert(p.clone(), json!(h.to_hex().to_string()));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(file = %p, error = %e, "cannot hash the target's copy"),
+            }
+        }
+        out
+    });
+    hashes.unwrap_or_default()
 }
 
 pub fn bundle(store: &Store, a: &BundleArgs, o: &mut Out<'_>) -> Result<(), CliError> {

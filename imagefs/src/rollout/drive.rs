@@ -4,6 +4,7 @@
 //! Invariant: the journal is appended after each step completes and before the next begins, so
 //! a resumed rollout skips exactly what is recorded and redoes at most one harmless step.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -28,42 +29,17 @@ pub fn data_files(diff: &Value) -> Vec<String> {
     files
 }
 
-/// The mountpoint, from the disk of any registered VM (MOUNT/instances/NAME.raw).
-fn mountpoint(dir: &Path) -> Option<std::path::PathBuf> {
-    registry::list(dir)
-        .ok()?
-        .into_iter()
-        .filter_map(|r| r.disk)
-        .find_map(|d| d.parent()?.parent().map(Path::to_path_buf))
-}
-
-/// blake3 of each of `files` in version `target_id`, read from the mount's versions/ID.raw with
-/// debugfs (read-only). Files that cannot be read are left out (no check for them).
-pub fn expected_hashes(
-    dir: &Path,
-    target_id: &str,
-    files: &[String],
-) -> std::collections::BTreeMap<String, String> {
-    let mut out = std::collections::BTreeMap::new();
-    let Some(mount) = mountpoint(dir) else {
-        return out;
-    };
-    let image = mount.join("versions").join(format!("{target_id}.raw"));
-    for f in files.iter().take(64) {
-        let r = std::process::Command::new("debugfs")
-            .arg("-R")
-            .arg(format!("cat \"{f}\""))
-            .arg(&image)
-            .stderr(std::process::Stdio::null())
-            .output();
-        match r {
-            Ok(o) if o.status.success() => {
-                out.insert(f.clone(), blake3::hash(&o.stdout).to_hex().to_string());
-            }
-            _ => tracing::warn!(file = %f, "cannot read the target's copy; no hash check"),
-        }
-    }
-    out
+/// blake3 of each of `files` in the target version, from a `diff --files --json` result's
+/// `target_hashes` (the daemon reads them from the store's version with the ext4 reader: no
+/// mount, VM or debugfs needed). A file absent from the target has none (no check for it).
+pub fn expected_hashes(diff: &Value, files: &[String]) -> BTreeMap<String, String> {
+    files
+        .iter()
+        .filter_map(|f| {
+            let h = diff["target_hashes"][f.as_str()].as_str()?;
+            Some((f.clone(), h.to_string()))
+        })
+        .collect()
 }
 
 enum SubErr {
@@ -535,5 +511,14 @@ mod tests {
             {"files": ["/b", "/a"], "directories": ["/d"]}, {"files": ["/a"]}]});
         assert_eq!(data_files(&diff), ["/a", "/b"]);
         assert!(data_files(&Value::Null).is_empty());
+    }
+
+    #[test]
+    fn expected_hashes_are_the_targets_hashes_of_the_data_files() {
+        let diff = serde_json::json!({"target_hashes": {"/a": "aa", "/other": "cc"}});
+        let files = ["/a".to_string(), "/deleted".to_string()];
+        let want: BTreeMap<String, String> = [("/a".to_string(), "aa".to_string())].into();
+        assert_eq!(expected_hashes(&diff, &files), want);
+        assert!(expected_hashes(&Value::Null, &files).is_empty());
     }
 }

@@ -249,7 +249,7 @@ fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, F
     let mut distinct: Vec<&String> = chosen.iter().filter_map(|c| bases.get(c)).collect();
     distinct.sort();
     distinct.dedup();
-    let (mut d, mut files, mut target_id) = (Value::Null, Vec::new(), String::new());
+    let (mut d, mut expected, mut target_id) = (Value::Null, BTreeMap::new(), String::new());
     for base in distinct {
         let diff = daemon(dir, &["diff", base, target, "--files", "--json"])?;
         if diff.code != 0 {
@@ -257,14 +257,11 @@ fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, F
         }
         let r = diff.result().unwrap_or(Value::Null);
         target_id = r["b"].as_str().unwrap_or_default().to_string();
-        files.extend(drive::data_files(&r));
+        expected.extend(drive::expected_hashes(&r, &drive::data_files(&r)));
         if d.is_null() || r["changed_blocks"].as_u64() > d["changed_blocks"].as_u64() {
             d = r;
         }
     }
-    files.sort();
-    files.dedup();
-    let expected = drive::expected_hashes(dir, &target_id, &files);
     let from: BTreeMap<String, String> = chosen
         .iter()
         .filter_map(|c| bases.get(c).map(|b| (c.clone(), b.clone())))
