@@ -382,3 +382,37 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn files_read_back_from_a_store_version() {
+    if !have_e2fsprogs() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    varied_tree(&root);
+    tree(&root, &[("opt/big", noise("big", 8 << 20))]);
+    let img = dir.path().join("a.img");
+    mkfs("mkfs.ext4", &["-b", "4096"], &root, &img, "48M");
+    let store = crate::Store::init(&dir.path().join("store")).unwrap();
+    let mut src = crate::open_image(&img).unwrap();
+    let name = crate::ImageName::new("web").unwrap();
+    let rep = store
+        .import(&name, Some(65536), src.as_mut(), &mut |_| {})
+        .unwrap();
+    let version = store.version(&rep.id).unwrap();
+    let v = VersionReader {
+        store: &store,
+        version: &version,
+    };
+    let t = Instant::now();
+    let got = file_hash(&v, "/opt/big").unwrap();
+    eprintln!(
+        "8 MiB file hashed from a store version in {:?}",
+        t.elapsed()
+    );
+    assert_eq!(got, Some(blake3::hash(&noise("big", 8 << 20))));
+    for (path, want) in host_hashes(&root) {
+        assert_eq!(file_hash(&v, &path).unwrap(), Some(want), "{path}");
+    }
+}
