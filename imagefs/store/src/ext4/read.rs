@@ -234,7 +234,21 @@ impl<'a> Reader<'a> {
             }
         })?;
         runs.sort_unstable_by_key(|r| r.0);
-        Ok(runs)
+        // block maps give one run per block: merge contiguous ones so data is read in big pieces
+        let mut merged: Vec<(u64, u64, u64, bool)> = Vec::with_capacity(runs.len());
+        for r in runs {
+            match merged.last_mut() {
+                Some(m)
+                    if m.3 == r.3
+                        && m.0.checked_add(m.2) == Some(r.0)
+                        && m.1.checked_add(m.2) == Some(r.1) =>
+                {
+                    m.2 = m.2.saturating_add(r.2);
+                }
+                _ => merged.push(r),
+            }
+        }
+        Ok(merged)
     }
 
     /// Streams the first `size` bytes of `inode`'s content (a file or a symlink target).
@@ -294,7 +308,8 @@ impl<'a> Reader<'a> {
                 while done < n {
                     let take = (n - done).min(IO_CHUNK);
                     buf.resize(take as usize, 0);
-                    self.c.read_uncached(start * bs + done, &mut buf)?;
+                    let at = start.saturating_mul(bs).saturating_add(done);
+                    self.c.read_uncached(at, &mut buf)?;
                     sink(&buf);
                     done += take;
                 }
