@@ -1,11 +1,39 @@
 #!/usr/bin/env bash
 # Mount benchmarks, side by side in one run (root needed for FUSE and drop_caches):
 #  1. sequential read of a 2 GiB version through the mount, cold and warm, against the same raw
-#     file on local disk;
+#     file on local disk; warm figures are medians of 5 alternating passes, both files checked to
+#     be wholly in the page cache first, plus the share of each file's cache in large folios;
 #  2. 4 KiB random reads (fio, psync, 1 and 4 jobs) through the mount against the raw file, warm;
 #  3. substitution of 1,000 changed blocks into an idle instance: time from the command to the
 #     mount serving the new bytes.
 # Usage: scripts/bench-mount.sh [IMAGEFS_BINARY]   (default: target/release/imagefs)
+#
+# Notes on the warm-read gap (engineer warm-read, kernel 6.18.44-fc-v595, 2 cores, load ~8):
+# - The whole gap is folio size. ext4 fills its page cache with large folios on a cold read
+#   (perf tracepoint filemap:mm_filemap_add_to_page_cache over a cold 64 MiB read: orders 0-9,
+#   most bytes order 9); this kernel's FUSE gives every file order-0 folios only (16416 x order 0
+#   for the same read). After this script's drop + cold read: large-folio share mount 0.00,
+#   local 1.00 (the "large folios" line below measures it with pagemap + kpageflags).
+# - Warm, dd-like 1 MiB reads, median of 5 alternating: mount 2.6 GB/s (6.3 GB/s per reader
+#   CPU-second), local 8.6 GB/s (19.3): 0.30x wall, 0.33x CPU. With both caches order-0 (the raw
+#   file's pages as written by `head`, never re-read): mount 8.4 vs local 7.8 GB/s per CPU-second,
+#   1.08x. FUSE is not slower per page; it cannot have large pages.
+# - The daemon is not in the warm path: 10 ms of daemon CPU over 5 warm passes (10 GiB). So the
+#   attr/entry TTLs, FUSE_AUTO_INVAL_DATA (fuser 0.15 does not ask for it; the kernel then only
+#   revalidates on reads past EOF), init flags, max_pages/max_read and worker threads cannot move
+#   it. Read size does not close it either: 128 KiB / 1 MiB / 4 MiB reads, mount 9.0/11.0/11.2,
+#   local 10.1/13.7/13.2 GB/s per CPU-second (one run).
+# - MADV_COLLAPSE on a mapping of the mount: EINVAL (CONFIG_READ_ONLY_THP_FOR_FS is not set).
+# - What would close it: a kernel whose FUSE enables large folios (upstream "fuse: enable large
+#   folios (if writeback cache is unused)", Aug 2025, reports ~8x on warm sequential reads with
+#   passthrough_hp --nopassthrough; absent here), or FUSE passthrough (CONFIG_FUSE_PASSTHROUGH=y
+#   here; needs a fuser with BackingId (0.18) and a backing file holding a version's bytes, which
+#   the content-addressed packs are not: a flat copy per version would double disk and cache).
+#   The brief's passthrough_hp 10.2 GB/s is most likely passthrough mode (libfuse >= 3.16 turns it
+#   on by default; Debian's 3.14 here has none): not verified.
+# - Cold, 1 MiB reads after drop_caches: mount 0.30-0.49 GB/s, local 0.55 GB/s; the daemon spent
+#   1.7 CPU-s serving 2 GiB.
+# - st_blksize 4096 -> 1 MiB (mount/fuse.rs): cat/cp read 1 MiB at a time through the mount.
 set -euo pipefail
 
 BIN=${1:-${IMAGEFS_BIN:-target/release/imagefs}}
@@ -35,15 +63,47 @@ head -c "${SIZE_MIB}M" /dev/urandom > "$W/raw.img"
 "$BIN" --store "$S" mount "$M" --daemon
 F=$M/images/big/v1.raw
 
-echo "== sequential read (dd bs=1M)"
+echo "== sequential read (dd bs=1M; warm: median of 5 alternating passes)"
 drop; cold_m=$(secs dd if="$F" of=/dev/null bs=1M)
 drop; cold_l=$(secs dd if="$W/raw.img" of=/dev/null bs=1M)
-dd if="$F" of=/dev/null bs=1M 2>/dev/null; dd if="$W/raw.img" of=/dev/null bs=1M 2>/dev/null
-warm_m=$(secs dd if="$F" of=/dev/null bs=1M)
-warm_l=$(secs dd if="$W/raw.img" of=/dev/null bs=1M)
+# Other work on the machine can evict either file: both must be wholly cached before timing.
+resident() { [ "$(fincore --bytes --noheadings -o RES "$1")" = "$(stat -c %s "$1")" ]; }
+for f in "$F" "$W/raw.img"; do
+    for _ in 1 2 3; do resident "$f" && break; dd if="$f" of=/dev/null bs=1M 2>/dev/null; done
+    resident "$f" || echo "warning: $f is not wholly in the page cache"
+done
+median() { sort -n | sed -n 3p; }
+wm=(); wl=()
+for _ in 1 2 3 4 5; do
+    wm+=("$(secs dd if="$F" of=/dev/null bs=1M)")
+    wl+=("$(secs dd if="$W/raw.img" of=/dev/null bs=1M)")
+done
+warm_m=$(printf '%s\n' "${wm[@]}" | median)
+warm_l=$(printf '%s\n' "${wl[@]}" | median)
 printf '%-28s %8s MiB/s   local %8s MiB/s   ratio %s\n' \
     "cold, through the mount" "$(rate "$cold_m")" "$(rate "$cold_l")" "$(ratio "$cold_l" "$cold_m")" \
     "warm, through the mount" "$(rate "$warm_m")" "$(rate "$warm_l")" "$(ratio "$warm_l" "$warm_m")"
+# Share of each file's cached pages that sit in large folios (pagemap + kpageflags, root only):
+# the kernel copies a large folio per step where it must walk 4 KiB pages one by one.
+python3 - "$F" "$W/raw.img" <<'EOF'
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+def share(path, samples=512):
+    fd = os.open(path, os.O_RDONLY); size = os.fstat(fd).st_size
+    addr = libc.mmap(None, size, 1, 1, fd, 0)  # PROT_READ, MAP_SHARED
+    pm = os.open("/proc/self/pagemap", os.O_RDONLY); kf = os.open("/proc/kpageflags", os.O_RDONLY)
+    pages = size // 4096; big = seen = 0
+    for i in range(0, pages, max(1, pages // samples)):
+        ctypes.c_char.from_address(addr + i * 4096).value  # map the cached page
+        e, = struct.unpack("Q", os.pread(pm, 8, (addr // 4096 + i) * 8))
+        if e >> 63:
+            f, = struct.unpack("Q", os.pread(kf, 8, (e & ((1 << 55) - 1)) * 8))
+            seen += 1; big += bool(f & (3 << 15))  # compound head or tail
+    return big / seen if seen else 0.0
+print("page cache in large folios:  mount %.2f   local %.2f" % tuple(share(p) for p in sys.argv[1:]))
+EOF
 
 echo "== 4 KiB random reads (fio psync, warm page cache)"
 iops() {
