@@ -1,7 +1,9 @@
 //! Benchmarks of the vmm against QEMU (KVM), both inside the same nested VM, run on demand:
 //! `cargo test -p imagefs-tests --test e2e -- --ignored vm::bench:: --nocapture`. Boot: process
 //! start to the guest's /init and to exit, and RSS outside the guest-RAM mapping at /init. Disk: sequential 1 MiB and random
-//! 4 KiB O_DIRECT reads of a raw file inside the guest, measured by this test binary itself.
+//! 4 KiB O_DIRECT reads of a raw file inside the guest, measured by this test binary itself. Live:
+//! substitution into a running `imagefs vm start` guest against a reboot, and an 8-VM rollout.
+//! Invariant: every figure printed was measured in this run; cleanup runs on failure too.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -79,19 +81,21 @@ fn bench_boot() -> anyhow::Result<()> {
              -append 'console=ttyS0 panic=-1 quiet' > /tmp/f & pid=$!\n\
            m=$(watch $pid < /tmp/f); wait $pid; e=$(up); echo \"RUN qemu $s $m $e\"\n\
          done\n\
+         rss() {{ for p in /proc/[0-9]*; do if [ \"$(cat $p/comm 2>/dev/null)\" = \"$1\" ]; then \
+           awk '/^VmRSS:/{{print $2}}' $p/status; return; fi; done; echo nan; }}\n\
          ready() {{ while IFS= read -r l; do case \"$l\" in *'ready on'*) \
-           echo \"$(up)\"; kill -9 $1;; esac; done; }}\n\
+           echo \"$(up) $(rss $2)\"; kill -9 $1;; esac; done; }}\n\
          if [ -f /work/agent.cpio.gz ]; then for i in $(seq {runs}); do\n\
            rm -f /tmp/a.sock; s=$(up); /bin/vmm --kernel /work/vmlinuz --initrd /work/agent.cpio.gz \
              --memory 256M --agent-socket /tmp/a.sock --console stdio \
              --cmdline \"$CMDLINE quiet root=none\" > /tmp/f & pid=$!\n\
-           m=$(ready $pid < /tmp/f); wait $pid; echo \"READY vmm $s $m\"\n\
+           m=$(ready $pid vmm < /tmp/f); wait $pid; echo \"READY vmm $s $m\"\n\
            rm -f /tmp/q.sock; s=$(up); qemu-system-x86_64 -accel kvm -M q35 -cpu host -m 256 \
              -nodefaults -no-user-config -nographic -no-reboot -L /qemu-fw -serial stdio \
              -chardev socket,id=agent,path=/tmp/q.sock,server=on,wait=off \
              -device isa-serial,chardev=agent -kernel /work/vmlinuz -initrd /work/agent.cpio.gz \
              -append 'console=ttyS0 panic=-1 quiet root=none' > /tmp/f & pid=$!\n\
-           m=$(ready $pid < /tmp/f); wait $pid; echo \"READY qemu $s $m\"\n\
+           m=$(ready $pid qemu-system-x86 < /tmp/f); wait $pid; echo \"READY qemu $s $m\"\n\
          done; fi"
     );
     let initrd = inner_initramfs_with(dir.path(), "echo BOOT-MARK; sleep 1", &[], &[])?;
@@ -132,6 +136,7 @@ fn bench_boot() -> anyhow::Result<()> {
         / median(init.get("vmm").map(Vec::as_slice).unwrap_or_default());
     println!("BENCH boot ratio: vmm is {ratio:.2}x faster than QEMU to /init (nested VM, {runs} runs each)");
     let mut ready = std::collections::HashMap::<String, Vec<f64>>::new();
+    let mut vmrss = std::collections::HashMap::<String, Vec<f64>>::new();
     for line in o.output.lines().filter(|l| l.starts_with("READY ")) {
         let f: Vec<&str> = line.split_whitespace().collect();
         let (Some(who), Some(s), Some(m)) = (f.get(1), f.get(2), f.get(3)) else {
@@ -139,13 +144,20 @@ fn bench_boot() -> anyhow::Result<()> {
         };
         let (s, m): (f64, f64) = (s.parse()?, m.parse()?);
         ready.entry(who.to_string()).or_default().push(m - s);
+        // VmRSS (kB) of the process found by name (not `$!`), read when the agent said ready.
+        if let Some(r) = f.get(4).and_then(|r| r.parse::<f64>().ok()) {
+            vmrss.entry(who.to_string()).or_default().push(r / 1024.0);
+        }
     }
     if !ready.is_empty() {
         let med = |who: &str| ready.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
+        let rss = |who: &str| vmrss.get(who).map(|v| median(v)).unwrap_or(f64::NAN);
         for who in ["vmm", "qemu"] {
             println!(
-                "BENCH boot-agent {who}: start->agent-ready {:.2}s",
-                med(who)
+                "BENCH boot-agent {who}: start->agent-ready {:.2}s, VmRSS at agent-ready {:.1} MiB \
+                 (whole process incl. the guest RAM it touched, 256 MiB guest)",
+                med(who),
+                rss(who)
             );
         }
         println!(
@@ -331,4 +343,215 @@ fn disk_read_probe() {
     }
     let iops = n as f64 / start.elapsed().as_secs_f64();
     println!("PROBE seq_mib_s={seq:.1} rand_iops={iops:.0}");
+}
+
+/// Live VMs for the substitution and rollout benchmarks: `imagefs vm start` guests (QEMU, software
+/// emulation on a host without usable KVM) on the real mount. Dropping it stops every VM it may
+/// have started and unmounts lazily, also when the benchmark fails half-way.
+struct Live {
+    store: PathBuf,
+    mnt: PathBuf,
+    names: Vec<String>,
+}
+
+impl Live {
+    fn run(&self, args: &[&str]) -> anyhow::Result<String> {
+        let o = std::process::Command::new(bench_bin("imagefs"))
+            .env("IMAGEFS_STORE", &self.store)
+            .args(args)
+            .output()?;
+        ensure!(
+            o.status.success(),
+            "imagefs {args:?} failed ({}):\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    }
+
+    fn hash(&self, vm: &str, file: &str) -> anyhow::Result<String> {
+        let out = self.run(&["agent", "hash", "--vm", vm, file])?;
+        Ok(out
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// Polls the guest's hash of `file` until it is `want` (the guest may answer from its page
+    /// cache for a moment); the time this takes is part of the measured interval.
+    fn wait_hash(&self, vm: &str, file: &str, want: &str) -> anyhow::Result<()> {
+        let t = Instant::now();
+        loop {
+            let got = self.hash(vm, file)?;
+            if got == want {
+                return Ok(());
+            }
+            ensure!(
+                t.elapsed() < Duration::from_secs(20),
+                "{vm} still reads {got} for {file}, not {want}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `vm start SOURCE NAMES..` waiting for every agent; the names are remembered for cleanup.
+    fn start(&mut self, source: &str, names: &[&str], k: &str, i: &str) -> anyhow::Result<()> {
+        self.names.extend(names.iter().map(|n| n.to_string()));
+        let mut a = vec![
+            "vm",
+            "start",
+            source,
+            "--hypervisor",
+            "auto",
+            "--wait",
+            "240",
+        ];
+        a.extend(["--kernel", k, "--initrd", i]);
+        a.extend(names);
+        self.run(&a).map(drop)
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        let mut stop = vec!["vm", "stop", "--timeout", "3"];
+        stop.extend(self.names.iter().map(String::as_str));
+        let _ = self.run(&stop);
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+/// Benchmark (run with --ignored), on the host with `imagefs vm start` guests: (1) one live guest
+/// on v1; v2 changes 1,000 blocks of it (every block of a 4,096,000-byte file); the time from
+/// `imagefs substitute` starting to the guest's `agent hash` of that file answering v2's hash,
+/// against stopping the VM and booting a fresh one on v2 to the same point; (2) `imagefs rollout`
+/// of v2 across 8 live VMs in one wave of 1 then the rest, with a health command.
+#[test]
+#[ignore = "benchmark: cargo test -p imagefs-tests --test e2e -- --ignored vm::bench:: --nocapture"]
+fn bench_live_substitute_and_rollout() {
+    if !imagefs_tests::is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let (kernel, initrd) = match imagefs_tests::qemu::guest_artifacts() {
+        Ok(a) => a,
+        Err(why) => skip!("{why}"),
+    };
+    bench_live(&kernel, &initrd).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn bench_live(kernel: &std::path::Path, initrd: &std::path::Path) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use imagefs_tests::qemu::{build_rootfs, file_blocks};
+    use std::os::unix::fs::FileExt;
+    const FILE: &str = "/opt/data/blob";
+    const BLOCKS: usize = 1000;
+    let dir = tempfile::tempdir()?;
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut noise = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    };
+    let (d1, d2) = (noise(BLOCKS * 4096), noise(BLOCKS * 4096));
+    let v1 = build_rootfs(dir.path(), 48, &[(FILE, &d1)])?;
+    let blocks = file_blocks(&v1, FILE)?;
+    ensure!(blocks.len() == BLOCKS, "{FILE} has {} blocks", blocks.len());
+    let v2 = dir.path().join("v2.img");
+    std::fs::copy(&v1, &v2)?;
+    {
+        let f = std::fs::OpenOptions::new().write(true).open(&v2)?;
+        for (i, b) in blocks.iter().enumerate() {
+            let chunk = d2.get(i * 4096..(i + 1) * 4096).context("chunk")?;
+            f.write_all_at(chunk, b * 4096)?;
+        }
+    }
+    let (h1, h2) = (
+        blake3::hash(&d1).to_hex().to_string(),
+        blake3::hash(&d2).to_hex().to_string(),
+    );
+    let mut live = Live {
+        store: dir.path().join("store"),
+        mnt: dir.path().join("mnt"),
+        names: Vec::new(),
+    };
+    std::fs::create_dir_all(&live.mnt)?;
+    let p = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    live.run(&["init"])?;
+    for (img, tag) in [(&v1, "bench:v1"), (&v2, "bench:v2")] {
+        live.run(&["import", &p(img), tag, "--block-size", "4096"])?;
+    }
+    live.run(&["mount", &p(&live.mnt), "--daemon"])?;
+    let (k, i) = (p(kernel), p(initrd));
+    println!("BENCH live: measuring {}", bench_bin("imagefs").display());
+
+    // 1. One live guest: substitute v1 -> v2 until the guest hashes v2's bytes (3 runs).
+    let t = Instant::now();
+    live.start("bench:v1", &["solo"], &k, &i)?;
+    let ls = live.run(&["vm", "ls", "--json"])?;
+    let hv = ls
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v["hypervisor"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "?".into());
+    println!(
+        "BENCH live boot-1: {:.2}s (hypervisor {hv})",
+        t.elapsed().as_secs_f64()
+    );
+    live.wait_hash("solo", FILE, &h1)?;
+    for _ in 0..3 {
+        let t = Instant::now();
+        live.run(&["substitute", "solo", "bench:v2"])?;
+        live.wait_hash("solo", FILE, &h2)?;
+        println!("BENCH live-sub ours {:.4}", t.elapsed().as_secs_f64());
+        live.run(&["substitute", "solo", "bench:v1"])?;
+        live.wait_hash("solo", FILE, &h1)?;
+    }
+    // The peer: stop the VM, boot a fresh one on v2 to the same point (2 runs).
+    let mut prev = "solo".to_string();
+    for r in 1..=2 {
+        let name = format!("reboot-{r}");
+        let t = Instant::now();
+        live.run(&["vm", "stop", &prev])?;
+        live.start("bench:v2", &[&name], &k, &i)?;
+        live.wait_hash(&name, FILE, &h2)?;
+        println!("BENCH live-sub reboot {:.4}", t.elapsed().as_secs_f64());
+        prev = name;
+    }
+    live.run(&["vm", "stop", &prev])?;
+
+    // 2. Eight live guests on v1 (booted together), one rollout of v2 across them.
+    let names: Vec<String> = (1..=8).map(|n| format!("bench-{n}")).collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let t = Instant::now();
+    live.start("bench:v1", &names, &k, &i)?;
+    println!("BENCH live boot-8: {:.2}s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    live.run(&[
+        "rollout",
+        "bench:v2",
+        "--instances",
+        "bench-*",
+        "--waves",
+        "1,100%",
+        "--health-cmd",
+        "/bin/true",
+    ])?;
+    println!("BENCH live-rollout ours {:.4}", t.elapsed().as_secs_f64());
+    for n in &names {
+        ensure!(
+            live.hash(n, FILE)? == h2,
+            "{n} does not read v2 after the rollout"
+        );
+    }
+    Ok(())
 }
