@@ -4,7 +4,7 @@
 //! the cached fixture image and the results stay under OUT.
 //!
 //! Usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only GROUP,...] [--cargo-target DIR]
-//! Groups, in priority order: import, chain, mount, vm.
+//! Groups, in priority order: import, chain, mount, vm, vm-live.
 
 mod chain;
 mod fixture;
@@ -13,6 +13,7 @@ mod mount;
 mod report;
 mod sys;
 mod vm;
+mod vm_live;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -49,7 +50,7 @@ struct Opts {
     cargo_target: PathBuf,
 }
 
-const GROUPS: [&str; 4] = ["import", "chain", "mount", "vm"];
+const GROUPS: [&str; 5] = ["import", "chain", "mount", "vm", "vm-live"];
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -69,7 +70,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--cargo-target" => o.cargo_target = PathBuf::from(val()?),
             "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
-                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,vm] [--cargo-target DIR]");
+                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,vm,vm-live] [--cargo-target DIR]");
                 std::process::exit(0);
             }
             _ => bail!("unknown argument {a:?} (try --help)"),
@@ -124,7 +125,8 @@ fn main() -> anyhow::Result<()> {
             "import" => import::run(&env, &mut rep),
             "chain" => chain::run(&env, &mut rep),
             "mount" => mount::run(&env, &mut rep),
-            _ => vm::run(&env, &mut rep),
+            "vm" => vm::run(&env, &mut rep),
+            _ => vm_live::run(&env, &mut rep),
         }
     }
     let _ = std::fs::remove_dir_all(&env.work);

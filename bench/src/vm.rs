@@ -11,24 +11,13 @@ use crate::sys::{self, Result};
 use crate::Env;
 
 const BOOT: [&str; 2] = ["vm_boot_to_init_vs_qemu", "vm_rss_at_init_vs_qemu"];
+const AGENT_RSS: &str = "vm_vmrss_at_agent_ready_vs_qemu";
 const DISK: [&str; 4] = [
     "vm_guest_seq_read_1m_mount_vs_qemu_raw",
     "vm_guest_randread_4k_mount_vs_qemu_raw",
     "vm_guest_seq_read_1m_raw_vs_qemu_raw",
     "vm_guest_randread_4k_raw_vs_qemu_raw",
 ];
-const NOT_YET: [(&str, &str); 2] = [
-    (
-        "vm_substitute_1000_blocks_live_vs_reboot",
-        "not measured yet: needs a live guest reading through the mount while the bench \
-         substitutes, and a reboot onto the new version as the peer",
-    ),
-    (
-        "rollout_8_vms",
-        "not measured yet: needs `imagefs rollout` across 8 live VMs in the nested harness",
-    ),
-];
-
 pub fn run(env: &Env, rep: &mut Report) {
     let boot = run_test(env, "vm::bench::bench_boot_to_init_vmm_vs_qemu")
         .and_then(|out| boot_metrics(&out));
@@ -42,14 +31,11 @@ pub fn run(env: &Env, rep: &mut Report) {
         Ok(ms) => ms.into_iter().for_each(|m| rep.add(m)),
         Err(why) => DISK.iter().for_each(|n| rep.skip(n, why.clone())),
     }
-    for (n, why) in NOT_YET {
-        rep.skip(n, why);
-    }
 }
 
 /// Runs one ignored e2e benchmark test (release build, into the bench's cargo target dir) and
 /// returns its output; an error line saying why when it did not run.
-fn run_test(env: &Env, test: &str) -> std::result::Result<String, String> {
+pub fn run_test(env: &Env, test: &str) -> std::result::Result<String, String> {
     eprintln!("bench: running {test} (nested VM; builds the e2e tests first)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out: Result<_> = sys::run(
@@ -109,7 +95,10 @@ fn boot_metrics(out: &str) -> std::result::Result<Vec<Metric>, String> {
         BOOT[1],
         "MiB",
         Better::Lower,
-        &format!("QEMU's RSS at the guest's /init ({note})"),
+        &format!(
+            "QEMU's RSS outside the 256 MiB guest-RAM mapping at the guest's /init, both read \
+             from /proc/$!/smaps ({note})"
+        ),
         "report",
     );
     for (who, side) in [("vmm", 0), ("qemu", 1)] {
@@ -124,7 +113,29 @@ fn boot_metrics(out: &str) -> std::result::Result<Vec<Metric>, String> {
         ti.push(t);
         ri.push(r);
     }
-    Ok(vec![init, rss])
+    let mut v = vec![init, rss];
+    v.extend(agent_rss(out));
+    Ok(v)
+}
+
+/// `BENCH boot-agent vmm: start->agent-ready 1.23s, VmRSS at agent-ready 45.6 MiB (...)`: the
+/// whole process's VmRSS (found by name, guest RAM it touched included), when both sides have it.
+fn agent_rss(out: &str) -> Option<Metric> {
+    let fig = |who: &str| {
+        let l = find_line(out, &format!("BENCH boot-agent {who}:")).ok()?;
+        number_after(l, "VmRSS at agent-ready").filter(|v| v.is_finite())
+    };
+    let mut m = Metric::new(
+        AGENT_RSS,
+        "MiB",
+        Better::Lower,
+        "QEMU q35 -accel kvm's VmRSS (process found by name) when the guest agent says ready; \
+         both 256 MiB guests, guest-agent initramfs; includes the guest RAM each touched",
+        "report",
+    );
+    m.ours.push(fig("vmm")?);
+    m.peer.push(fig("qemu")?);
+    Some(m)
 }
 
 /// `BENCH disk <what>: sequential 1 MiB 12.3 MiB/s, random 4 KiB 456 IOPS (...)`
@@ -188,6 +199,13 @@ mod tests {
             "BENCH vm_boot_to_init_vs_qemu ours=1.50 peer=3.00 unit=s ratio=0.500 better=lower"
         );
         assert_eq!(b[1].ours, vec![40.5]);
+        assert_eq!(b.len(), 2, "no agent-ready lines, no agent RSS metric");
+        let agent = format!(
+            "{out}BENCH boot-agent vmm: start->agent-ready 1.00s, VmRSS at agent-ready 60.0 MiB (x)\n\
+             BENCH boot-agent qemu: start->agent-ready 2.00s, VmRSS at agent-ready 120.0 MiB (x)\n"
+        );
+        let b = boot_metrics(&agent).unwrap();
+        assert_eq!((b[2].ours_median(), b[2].peer_median()), (60.0, 120.0));
         let d = disk_metrics(out).unwrap();
         assert_eq!(d[0].name, "vm_guest_seq_read_1m_mount_vs_qemu_raw");
         assert_eq!((d[0].ours_median(), d[0].peer_median()), (80.0, 50.0));
