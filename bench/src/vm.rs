@@ -36,7 +36,7 @@ pub fn run(env: &Env, rep: &mut Report) {
 /// Runs one ignored e2e benchmark test (release build, into the bench's cargo target dir) and
 /// returns its output; an error line saying why when it did not run.
 pub fn run_test(env: &Env, test: &str) -> std::result::Result<String, String> {
-    eprintln!("bench: running {test} (nested VM; builds the e2e tests first)");
+    eprintln!("bench: running {test} (builds the e2e tests first)");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out: Result<_> = sys::run(
         Command::new(cargo)
