@@ -46,6 +46,16 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
+/// Deterministic pseudo-random bytes: the same seed gives the same bytes in every scenario.
+pub fn noise(seed: &str, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    blake3::Hasher::new()
+        .update(seed.as_bytes())
+        .finalize_xof()
+        .fill(&mut out);
+    out
+}
+
 /// True when the tests run as root (FUSE mounts and /dev/kvm need it here).
 pub fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

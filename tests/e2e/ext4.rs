@@ -10,17 +10,8 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use imagefs_tests::{bin, skip};
+use imagefs_tests::{bin, noise, skip};
 use serde_json::Value;
-
-fn noise(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(seed.as_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
 
 fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();

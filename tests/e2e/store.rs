@@ -12,18 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use imagefs_tests::{bin, skip};
+use imagefs_tests::{bin, noise, skip};
 use serde_json::Value;
-
-/// Deterministic pseudo-random bytes.
-fn noise(seed: &str, len: usize) -> Vec<u8> {
-    let mut out = vec![0u8; len];
-    blake3::Hasher::new()
-        .update(seed.as_bytes())
-        .finalize_xof()
-        .fill(&mut out);
-    out
-}
 
 fn have(tool: &str) -> bool {
     Command::new("sh")
