@@ -186,6 +186,9 @@ fn io_err(e: std::io::Error) -> CliError {
     CliError::new(1, format!("output: {e}"))
 }
 
+/// How long `instance rm` waits for handles the kernel has not released yet.
+const RELEASE_GRACE: Duration = Duration::from_secs(2);
+
 fn instance_id(s: &str) -> Result<InstanceId, CliError> {
     Ok(InstanceId::parse(s)?)
 }
@@ -260,7 +263,15 @@ pub fn instance(
         }
         InstanceCmd::Rm { id } => {
             let id = instance_id(id)?;
-            if ctx.live.as_ref().is_some_and(|l| l.model.is_open(&id)) {
+            // The kernel sends FUSE RELEASE after the last close() has returned, so a file a
+            // caller has just closed can still look open for a moment: give it time to drain.
+            let still_open =
+                |id: &InstanceId| ctx.live.as_ref().is_some_and(|l| l.model.is_open(id));
+            let deadline = Instant::now() + RELEASE_GRACE;
+            while still_open(&id) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if still_open(&id) {
                 return Err(CliError::new(
                     4,
                     format!("instance {id} is open through the mount (a VM may be using it)"),
