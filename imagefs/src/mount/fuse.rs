@@ -111,6 +111,21 @@ fn kind(k: Kind) -> FileType {
     }
 }
 
+impl FuseFs {
+    /// flush and fsync both make the handle's writes durable, on a worker thread.
+    fn sync_on_worker(&self, fh: u64, reply: ReplyEmpty) {
+        let model = self.model.clone();
+        let h = match model.handle(fh) {
+            Ok(h) => h,
+            Err(Errno(e)) => return reply.error(e),
+        };
+        self.pool.run(move || match model.fsync(&h) {
+            Ok(()) => reply.ok(),
+            Err(Errno(e)) => reply.error(e),
+        });
+    }
+}
+
 impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
         // The kernel may cap these lower; the nearest allowed value is fine.
@@ -216,27 +231,11 @@ impl Filesystem for FuseFs {
     }
 
     fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lo: u64, reply: ReplyEmpty) {
-        let model = self.model.clone();
-        let h = match model.handle(fh) {
-            Ok(h) => h,
-            Err(Errno(e)) => return reply.error(e),
-        };
-        self.pool.run(move || match model.fsync(&h) {
-            Ok(()) => reply.ok(),
-            Err(Errno(e)) => reply.error(e),
-        });
+        self.sync_on_worker(fh, reply);
     }
 
     fn fsync(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _ds: bool, reply: ReplyEmpty) {
-        let model = self.model.clone();
-        let h = match model.handle(fh) {
-            Ok(h) => h,
-            Err(Errno(e)) => return reply.error(e),
-        };
-        self.pool.run(move || match model.fsync(&h) {
-            Ok(()) => reply.ok(),
-            Err(Errno(e)) => reply.error(e),
-        });
+        self.sync_on_worker(fh, reply);
     }
 
     fn release(
