@@ -41,16 +41,24 @@ pub fn forward_if_running(dir: &Path, cli: Command) -> Option<i32> {
     }
 }
 
-/// Whether process `pid` still runs (a zombie has released everything it held).
+/// Whether process `pid` may still hold what it had open. A zombie leader alone has released
+/// everything; but after exit_group the leader turns zombie while its other threads are still
+/// exiting, and they share the descriptor table (the store lock), so those are waited for too.
 fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let zombie = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
         Ok(stat) => stat
             .rsplit_once(')')
-            .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-            .unwrap_or(false),
-        Err(_) => false,
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
+        Err(_) => return false,
+    };
+    if !zombie {
+        return true;
     }
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|tasks| tasks.count() > 1)
+        .unwrap_or(false)
 }
 
 /// Rewrites relative path arguments of `argv` (as `cli` parses it) to absolute paths.
