@@ -171,8 +171,23 @@ impl Store {
 
     /// Opens the store in `dir`, taking its writer lock (`Busy` if another process holds it)
     /// and bringing the index up to date with the logs.
+    ///
+    /// The sled index is only a cache of the logs, and sled 0.34 can be left unreadable by a
+    /// kill -9: an index that reads as corrupt or disagrees with the logs is rebuilt from them
+    /// (as `fsck --repair` would), with a warning, rather than failing every command.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        Store::open_impl(dir, false)
+        match Store::open_impl(dir, false) {
+            Err(
+                e @ (StoreError::Index(
+                    sled::Error::Corruption { .. } | sled::Error::ReportableBug(_),
+                )
+                | StoreError::IndexInconsistent(_)),
+            ) => {
+                tracing::warn!("{}: {e}; rebuilding the index from the logs", dir.display());
+                Store::open_impl(dir, true)
+            }
+            other => other,
+        }
     }
 
     /// Opens the store after rebuilding the whole index from the pack files and refs log
