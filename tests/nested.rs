@@ -25,6 +25,25 @@ const EXPORT_PREFIX: &str = "NESTED-EXPORT ";
 
 /// The line the outer VM's /init prints before the scenario.
 const BOOTED: &str = "NESTED-BOOTED";
+
+/// A background loop in the outer VM that prints, every 15 s, its uptime and load, KVM's total
+/// exit count (rising: the inner guest runs) and the state and wait channel of every vmm/QEMU
+/// thread. When a scenario hangs, these lines in the console tell an outer-VM stall (they stop)
+/// from an inner guest that spins or waits (they go on, and say where).
+const HEARTBEAT: &str = "mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null\n\
+    (while sleep 15; do\n\
+      hb=\"NESTED-HEARTBEAT up=$(cut -d' ' -f1 /proc/uptime) load=$(cut -d' ' -f1-3 /proc/loadavg) \
+kvm_exits=$(cat /sys/kernel/debug/kvm/exits 2>/dev/null)\"\n\
+      for p in /proc/[0-9]*; do\n\
+        c=$(cat $p/comm 2>/dev/null)\n\
+        case \"$c\" in vmm|qemu-system-x86*|vcpu*|imagefs)\n\
+          for t in $p/task/*; do\n\
+            hb=\"$hb ${c}/${t##*/}:$(cut -d' ' -f3 $t/stat 2>/dev/null):$(cat $t/wchan 2>/dev/null)\"\n\
+          done;;\n\
+        esac\n\
+      done\n\
+      echo \"$hb\"\n\
+    done) &\n";
 /// How long the outer VM may take to reach its /init before the attempt counts as an emulator
 /// failure (it is then retried once; software emulation on a loaded host occasionally fails to
 /// boot, which says nothing about the scenario).
@@ -364,6 +383,7 @@ impl Scenario {
              mount -t tmpfs tmp /tmp\n\
              {insmods}\
              cd /work\n\
+             {HEARTBEAT}\
              echo; echo NESTED-BOOTED\n\
              (sh /scenario.sh; echo $? > /tmp/rc) 2>&1 | sed 's/^/{OUT_PREFIX}/'\n\
              echo; echo \"{RC_PREFIX}$(cat /tmp/rc)\"\n\
