@@ -584,3 +584,120 @@ fn power_button() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A corrupt block in the store reaches the guest as an I/O error on that request only: inside
+/// the nested VM, our vmm serves an instance on the imagefs mount whose shared block 5 has one
+/// flipped bit in its pack file. The guest's O_DIRECT read of block 5 fails with EIO, reads of
+/// blocks 4 and 6 return the image's bytes, and the vmm runs on until the guest powers off.
+#[test]
+fn a_corrupt_store_block_is_an_io_error_in_the_guest_and_the_vmm_runs_on() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    if !bin("imagefs").is_file() {
+        skip!("{} is not built", bin("imagefs").display());
+    }
+    twice_if_flaky(corrupt_block_in_guest).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn corrupt_block_in_guest() -> anyhow::Result<()> {
+    const BS: usize = 64 << 10;
+    let dir = tempfile::tempdir()?;
+    let image = imagefs_tests::noise("vm-eio", 32 * BS);
+    let img = dir.path().join("disk.img");
+    std::fs::write(&img, &image)?;
+    let store = dir.path().join("store");
+    for args in [
+        vec!["init"],
+        vec!["import", img.to_str().context("path")?, "d:v1"],
+    ] {
+        let st = Command::new(bin("imagefs"))
+            .arg("--store")
+            .arg(&store)
+            .args(&args)
+            .output()?;
+        ensure!(st.status.success(), "imagefs {args:?}: {st:?}");
+    }
+    // Flip one bit of block 5 where its bytes lie in a pack file.
+    let block5 = &image[5 * BS..6 * BS];
+    let mut hit = false;
+    for e in std::fs::read_dir(store.join("packs"))? {
+        let p = e?.path();
+        let mut bytes = std::fs::read(&p)?;
+        if let Some(at) = bytes.windows(BS).position(|w| w == block5) {
+            bytes[at + 100] ^= 1;
+            std::fs::write(&p, &bytes)?;
+            hit = true;
+        }
+    }
+    ensure!(hit, "block 5 not found in any pack file");
+    let tar = dir.path().join("store.tar");
+    let st = Command::new("tar")
+        .arg("-C")
+        .arg(dir.path())
+        .arg("-cf")
+        .arg(&tar)
+        .arg("store")
+        .status()?;
+    ensure!(st.success(), "tar failed");
+    // The guest compares what it reads with the image's own bytes, carried in its initramfs.
+    let mut expected = Vec::new();
+    for b in [4usize, 5, 6] {
+        let p = dir.path().join(format!("expect{b}"));
+        std::fs::write(&p, &image[b * BS..(b + 1) * BS])?;
+        expected.push((p, format!("/expect{b}")));
+    }
+    let files: Vec<(PathBuf, &str)> = expected
+        .iter()
+        .map(|(p, g)| (p.clone(), g.as_str()))
+        .collect();
+    let guest = "mkdir -p /tmp; mount -t tmpfs tmp /tmp\n\
+        for b in 4 5 6; do\n\
+          if dd if=/dev/vda bs=65536 skip=$b count=1 iflag=direct of=/tmp/b$b 2>/tmp/err$b; then\n\
+            if cmp -s /tmp/b$b /expect$b; then echo BLOCK-$b=MATCH; else echo BLOCK-$b=DIFFERS; fi\n\
+          else echo \"BLOCK-$b=FAILED $(cat /tmp/err$b)\"; fi\n\
+        done\n\
+        dmesg | grep -m1 'I/O error' | sed 's/^/KERNEL: /'";
+    let inner = inner_initramfs_with(dir.path(), guest, &VIRTIO_MODULES, &files)?;
+    let script = "export IMAGEFS_STORE=/work/store\n\
+        tar -C /work -xf /work/store.tar || exit 10\n\
+        mkdir -p /tmp/m && timeout 60 imagefs mount /tmp/m --daemon || exit 11\n\
+        imagefs instance create d:v1 vm1 >/dev/null || exit 12\n\
+        timeout 240 /bin/vmm --kernel /work/vmlinuz --initrd /work/inner.cpio \
+          --disk /tmp/m/instances/vm1.raw --memory 256M --console /tmp/console.log \
+          --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off' 2>/tmp/vmm.err\n\
+        echo VMM-RC=$?\n\
+        timeout 60 imagefs umount /tmp/m\n\
+        grep -E 'BLOCK-|KERNEL:' /tmp/console.log\n\
+        echo ---vmm---; cat /tmp/vmm.err";
+    let o = Scenario::new(script)
+        .with_fuse()
+        .file(bin("vmm"), "/bin/vmm")
+        .file(bin("imagefs"), "/bin/imagefs")
+        .file(nested::kernel(), "/work/vmlinuz")
+        .file(&inner, "/work/inner.cpio")
+        .file(&tar, "/work/store.tar")
+        .timeout(Duration::from_secs(400))
+        .run()?;
+    let out = &o.output;
+    eprintln!(
+        "nested run took {:.1}s; output:\n{out}",
+        o.elapsed.as_secs_f64()
+    );
+    ensure!(o.status == 0, "scenario failed with {}:\n{out}", o.status);
+    for b in [4, 6] {
+        ensure!(
+            out.contains(&format!("BLOCK-{b}=MATCH")),
+            "block {b} did not read back as the image's bytes:\n{out}"
+        );
+    }
+    ensure!(
+        out.contains("BLOCK-5=FAILED") && out.contains("I/O error"),
+        "the corrupt block did not fail with an I/O error in the guest:\n{out}"
+    );
+    ensure!(
+        out.contains("VMM-RC=0"),
+        "the vmm did not run on to a clean poweroff:\n{out}"
+    );
+    Ok(())
+}
