@@ -544,7 +544,9 @@ fn sigterm_presses_the_acpi_power_button_and_a_listening_guest_powers_off() {
 
 fn power_button() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    // The guest waits for one input event from the "Power Button" device, then powers off.
+    // The guest waits for one input event from the "Power Button" device, then powers off. It
+    // opens the device before it says it waits: evdev drops events that come before a reader
+    // opens it, and a loaded host once let the press land between the echo and the open.
     let guest = "insmod /lib/modules/button.ko; insmod /lib/modules/evdev.ko\n\
         ev=''; i=0\n\
         while [ -z \"$ev\" ] && [ $i -lt 100 ]; do\n\
@@ -552,8 +554,9 @@ fn power_button() -> anyhow::Result<()> {
             [ \"$(cat $d/device/name 2>/dev/null)\" = 'Power Button' ] && ev=/dev/input/${d##*/}\n\
           done; i=$((i+1)); sleep 0.1\n\
         done\n\
+        exec 3< \"$ev\"\n\
         echo \"WAITING-ON=$ev\"\n\
-        head -c 1 \"$ev\" > /dev/null && echo POWER-BUTTON-PRESSED";
+        head -c 1 <&3 > /dev/null && echo POWER-BUTTON-PRESSED";
     let files = [
         (module("drivers/acpi/button.ko"), "/lib/modules/button.ko"),
         (module("drivers/input/evdev.ko"), "/lib/modules/evdev.ko"),
