@@ -35,6 +35,10 @@ pub struct Config {
     pub switch_root: bool,
     /// Shell command started once the root is in place.
     pub workload: Option<String>,
+    /// As /init: the program (absolute path in the root disk) that becomes pid 1 once the root is
+    /// switched, instead of the agent serving (a full guest's /sbin/init; the agent then runs as
+    /// its service).
+    pub init: Option<String>,
     /// The agent channel.
     pub device: String,
     /// Restart hooks: (file or directory, shell command).
@@ -52,6 +56,7 @@ impl Default for Config {
             rootwait: Duration::from_secs(10),
             switch_root: true,
             workload: None,
+            init: None,
             device: "/dev/ttyS1".into(),
             hooks: Vec::new(),
         }
@@ -99,6 +104,13 @@ impl Config {
             }
             "switch_root" => self.switch_root = parse_bool(key, value)?,
             "workload" => self.workload = Some(value.to_string()).filter(|w| !w.is_empty()),
+            "init" => {
+                self.init = match value {
+                    "" | "none" => None,
+                    v if v.starts_with('/') => Some(v.into()),
+                    _ => return Err(bad()),
+                }
+            }
             "device" => self.device = value.into(),
             k => match k.strip_prefix("hook.") {
                 Some(path) if path.starts_with('/') && !value.is_empty() => {
@@ -205,6 +217,37 @@ mod tests {
         assert_eq!(c.workload.as_deref(), Some("echo hi"));
         c.apply_cmdline("agent.root=none");
         assert_eq!(c.root, None);
+    }
+
+    #[test]
+    fn init_hand_off_key() {
+        let mut c = Config::default();
+        assert_eq!(c.init, None, "by default the agent serves as pid 1");
+        c.apply_file("init=/sbin/init\n").unwrap();
+        assert_eq!(c.init.as_deref(), Some("/sbin/init"));
+        // The command line wins, and `none` (or empty) turns the hand-off off again.
+        assert!(c.apply_cmdline("quiet agent.init=none").is_empty());
+        assert_eq!(c.init, None);
+        assert!(c
+            .apply_cmdline("console=ttyS0 agent.init=/lib/systemd/systemd")
+            .is_empty());
+        assert_eq!(c.init.as_deref(), Some("/lib/systemd/systemd"));
+        assert!(c.apply_cmdline("agent.init=").is_empty());
+        assert_eq!(c.init, None);
+        // A relative program would be looked up nowhere in particular: refused, setting kept.
+        c.apply_file("init=/sbin/init").unwrap();
+        assert!(matches!(
+            c.apply_file("init=sbin/init"),
+            Err(ConfigError::Value { .. })
+        ));
+        assert_eq!(
+            c.apply_cmdline("agent.init=systemd"),
+            vec![ConfigError::Value {
+                key: "init".into(),
+                value: "systemd".into()
+            }]
+        );
+        assert_eq!(c.init.as_deref(), Some("/sbin/init"));
     }
 
     #[test]

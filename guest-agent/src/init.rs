@@ -1,8 +1,11 @@
 //! The /init path: mount the pseudo filesystems, load the configured modules, mount the root disk
-//! and switch root into it, then start the workload. Invariant: nothing here is fatal; a step that
-//! fails is logged and the agent still comes up (in the initramfs if need be) to serve the channel.
+//! and switch root into it, then either hand pid 1 to the root's own init (`init=`) or start the
+//! workload. Invariant: nothing here is fatal; a step that fails is logged and the agent still
+//! comes up (in the initramfs if need be) to serve the channel.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -30,10 +33,28 @@ pub fn boot() -> Config {
     }
     let cfg = load_config();
     load_modules(&cfg);
+    let mut switched = false;
     if let Some(root) = &cfg.root {
         match mount_root(&cfg, root) {
-            Ok(()) => log(&format!("root {root} mounted ({})", mode(cfg.rw))),
+            Ok(()) => {
+                log(&format!("root {root} mounted ({})", mode(cfg.rw)));
+                switched = cfg.switch_root;
+            }
             Err(e) => log(&format!("staying in the initramfs: {e}")),
+        }
+    }
+    if let Some(init) = &cfg.init {
+        if switched {
+            log(&format!(
+                "boot steps took {:?}; handing pid 1 to {init}",
+                start.elapsed()
+            ));
+            let e = hand_off(init);
+            log(&format!("{init} did not start: {e}; serving instead"));
+        } else {
+            log(&format!(
+                "not handing pid 1 to {init}: the root disk is not switched into; serving"
+            ));
         }
     }
     if let Some(w) = &cfg.workload {
@@ -93,6 +114,55 @@ fn load_modules(cfg: &Config) {
     }
 }
 
+/// Replaces this process (pid 1) with `init`; returns only if the exec failed.
+///
+/// What must not leak into the new pid 1 is already gone: every descriptor the agent opened is
+/// close-on-exec (only stdio on /dev/console stays, as the kernel hands it to an init), no
+/// thread or child has been started yet, and `Command::exec` restores the signal mask and the
+/// SIGPIPE disposition that Rust's runtime changed. The initramfs was emptied by the switch.
+fn hand_off(init: &str) -> std::io::Error {
+    // The kernel's arguments for init (e.g. `single`) are meant for the real one.
+    std::process::Command::new(init)
+        .args(std::env::args_os().skip(1))
+        .exec()
+}
+
+/// Deletes the initramfs's files before the switch: afterwards they are out of reach and would
+/// pin their memory (a few MiB of agent and modules) for the guest's lifetime. Stays on the
+/// initramfs's own filesystem (the new root and the moved mounts are others) and refuses to
+/// touch a root that is not ramfs or tmpfs. Returns the bytes freed.
+fn free_initramfs() -> std::io::Result<u64> {
+    if !sys::is_ram_fs("/")? {
+        return Err(std::io::Error::other("/ is not an initramfs; left as is"));
+    }
+    let dev = std::fs::symlink_metadata("/")?.dev();
+    Ok(delete_tree(Path::new("/"), dev))
+}
+
+/// Removes what is under `dir` on device `dev`, best effort; returns the bytes of files removed.
+fn delete_tree(dir: &Path, dev: u64) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut freed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.dev() != dev {
+            continue;
+        }
+        if meta.is_dir() {
+            freed += delete_tree(&path, dev);
+            let _ = std::fs::remove_dir(&path);
+        } else if std::fs::remove_file(&path).is_ok() {
+            freed += meta.len();
+        }
+    }
+    freed
+}
+
 fn mount_root(cfg: &Config, root: &str) -> std::io::Result<()> {
     let waited = Instant::now();
     while !Path::new(root).exists() {
@@ -122,6 +192,10 @@ fn mount_root(cfg: &Config, root: &str) -> std::io::Result<()> {
     }
     for dir in ["/dev", "/proc", "/sys"] {
         sys::mount(dir, &format!("{NEWROOT}{dir}"), "", libc::MS_MOVE)?;
+    }
+    match free_initramfs() {
+        Ok(bytes) => log(&format!("initramfs emptied ({} KiB freed)", bytes / 1024)),
+        Err(e) => log(&format!("initramfs not emptied: {e}")),
     }
     std::env::set_current_dir(NEWROOT)?;
     sys::mount(".", "/", "", libc::MS_MOVE)?;

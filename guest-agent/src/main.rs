@@ -1,6 +1,7 @@
 //! guest-agent: the guest's side of block substitution. As pid 1 it boots the guest (see `init`)
-//! and then serves; as a service (under systemd) it only serves. Invariant: as pid 1 it never
-//! exits except by powering the machine off.
+//! and then serves, or hands pid 1 to the root disk's own init; as a service (under systemd) it
+//! only serves. Invariant: as pid 1 it never exits except by powering the machine off (or by
+//! exec'ing the configured init).
 
 mod config;
 mod init;
@@ -21,7 +22,8 @@ pub(crate) fn log(msg: &str) {
 
 const USAGE: &str = "usage: guest-agent [--config FILE] [--device TTY]
   As pid 1 (/init of an initramfs) it mounts /proc, /sys, /dev, loads modules, mounts the root
-  disk and switches into it, then serves the agent channel. Otherwise it serves the channel only.";
+  disk and switches into it, then serves the agent channel (or, with init=PROGRAM, makes that
+  program pid 1). Otherwise it serves the channel only, as a service.";
 
 /// Service mode: configuration from a file (optional) and the kernel command line.
 fn service_config(args: &[String]) -> Result<Config, String> {
@@ -78,19 +80,45 @@ fn main() {
             std::process::exit(2);
         }
     };
-    match serve::serve(&cfg, false) {
-        Ok(()) => {
-            log("shutdown requested: powering off");
-            let status = std::process::Command::new("systemctl")
-                .arg("poweroff")
-                .status();
-            if let Err(e) = status {
-                log(&format!("systemctl poweroff: {e}"));
+    loop {
+        match serve::serve(&cfg, false) {
+            // Keep serving until the init system stops the service on its way down (and if
+            // the power-off could not be asked for, the host can still reach the guest).
+            Ok(()) => request_power_off(),
+            Err(e) => {
+                // The service manager restarts the agent (Restart=always).
+                log(&format!("channel {}: {e}", cfg.device));
+                std::process::exit(1);
             }
         }
-        Err(e) => {
-            log(&format!("channel {}: {e}", cfg.device));
-            std::process::exit(1);
+    }
+}
+
+/// Service mode: power off through the init system, so units stop in order and filesystems are
+/// synced and unmounted; reboot(2) from here would pull the machine from under it.
+fn request_power_off() {
+    // What sd_booted() checks: systemd is pid 1.
+    if !std::path::Path::new("/run/systemd/system").is_dir() {
+        log("shutdown requested: running poweroff");
+        match std::process::Command::new("poweroff").status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => log(&format!("poweroff: {s}")),
+            Err(e) => log(&format!("poweroff: {e}")),
         }
+        return;
+    }
+    log("shutdown requested: asking systemd to power off");
+    // --no-block: the job is queued and this service is then stopped like any other.
+    match std::process::Command::new("systemctl")
+        .args(["--no-block", "poweroff"])
+        .status()
+    {
+        Ok(s) if s.success() => return,
+        Ok(s) => log(&format!("systemctl poweroff: {s}; signalling pid 1")),
+        Err(e) => log(&format!("systemctl poweroff: {e}; signalling pid 1")),
+    }
+    // SIGRTMIN+4 is systemd's own "start poweroff.target".
+    if let Err(e) = sys::signal_init(libc::SIGRTMIN() + 4) {
+        log(&format!("{e}"));
     }
 }

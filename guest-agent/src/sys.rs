@@ -35,6 +35,26 @@ pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> 
     check(ret, &format!("mount {source} on {target}"))
 }
 
+/// True when `path` is on a ramfs or tmpfs (what an initramfs is unpacked into).
+pub fn is_ram_fs(path: &str) -> io::Result<bool> {
+    let p = cstr(path)?;
+    // SAFETY: statfs is plain old data; all-zero is valid and statfs fills it.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: p is a valid NUL-terminated string and st a valid out-pointer for the call.
+    check(unsafe { libc::statfs(p.as_ptr(), &mut st) }, "statfs")?;
+    const RAMFS_MAGIC: i64 = 0x8584_58f6;
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between targets
+    let magic = st.f_type as i64;
+    Ok(magic == RAMFS_MAGIC || magic == TMPFS_MAGIC)
+}
+
+/// Asks pid 1 to act on `signal` (systemd: SIGRTMIN+4 powers off, as `systemctl poweroff` does).
+pub fn signal_init(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill has no memory effects; pid 1 always exists.
+    check(unsafe { libc::kill(1, signal) }, "kill pid 1")
+}
+
 /// chroot(2) into `dir`.
 pub fn chroot(dir: &str) -> io::Result<()> {
     let d = cstr(dir)?;
