@@ -4,7 +4,7 @@ CARGO ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/guest-agent
 
-.PHONY: all setup build agent guest test lint demo bench clean-guest
+.PHONY: all setup build agent guest fullguest test lint demo bench clean-guest
 
 all: build
 
@@ -24,11 +24,16 @@ guest: setup agent
 	bash scripts/fetch-kernel.sh >/dev/null
 	bash scripts/build-guest.sh $(AGENT_BIN)
 
+# A full Debian guest (debootstrap + systemd, the agent as a service) for the e2e fullguest test:
+# target/guest/fullguest.img. The debootstrap tree is cached in /var/cache/imagefs (root).
+fullguest: guest
+	bash scripts/build-fullguest.sh $(AGENT_BIN)
+
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-test: guest build
+test: guest fullguest build
 	$(CARGO) test --workspace -- --test-threads=2
 
 # The whole story on this machine (root): build an image, patch one file, boot three VMs, roll

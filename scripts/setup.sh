@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Installs, idempotently, every system package the project needs beyond a fresh machine:
 # QEMU (one matching version of qemu-system-x86/-common/-data and qemu-utils), busybox-static,
-# cpio, fuse3 tools, e2fsprogs, and (with --bench) the bench peers. Safe to run again: it installs
-# only what is missing.
+# cpio, fuse3 tools, e2fsprogs, debootstrap (the full guest's root filesystem), and (with --bench)
+# the bench peers. Safe to run again: it installs only what is missing.
 set -euo pipefail
 bench=0
 [ "${1:-}" = "--bench" ] && bench=1
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for p in busybox-static cpio e2fsprogs fuse3 xz-utils zstd; do have "$p" || need+=("$p"); done
+for p in busybox-static cpio debootstrap e2fsprogs fuse3 xz-utils zstd; do have "$p" || need+=("$p"); done
 if [ "$bench" = 1 ]; then
   for p in casync fio b3sum time; do have "$p" || need+=("$p"); done
 fi
