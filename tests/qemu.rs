@@ -53,6 +53,41 @@ pub fn guest_artifacts() -> Result<(PathBuf, PathBuf), String> {
     Ok((kernel, initrd))
 }
 
+/// The full Debian guest's root disk that `make fullguest` builds (scripts/build-fullguest.sh):
+/// systemd as its init, the agent as its service. An image older than what it is built from
+/// (the agent binary, the script, the unit) is refused, so a test never boots a stale agent.
+pub fn fullguest_image() -> Result<PathBuf, String> {
+    let root = workspace_root();
+    let image = root.join("target/guest/fullguest.img");
+    let built = std::fs::metadata(&image)
+        .and_then(|m| m.modified())
+        .map_err(|_| {
+            format!(
+                "{} missing (run make fullguest: debootstrap from the Debian archive, as root)",
+                image.display()
+            )
+        })?;
+    for input in [
+        "target/x86_64-unknown-linux-gnu/release/guest-agent",
+        "scripts/build-fullguest.sh",
+        "guest-agent/guest-agent.service",
+    ] {
+        let changed = std::fs::metadata(root.join(input)).and_then(|m| m.modified());
+        if changed.is_ok_and(|t| t > built) {
+            return Err(format!(
+                "{} is older than {input} (run make fullguest)",
+                image.display()
+            ));
+        }
+    }
+    Ok(image)
+}
+
+/// Where `Qemu::start` writes the console (ttyS0) of the guest whose agent socket is `agent_socket`.
+pub fn console_log_path(agent_socket: &Path) -> PathBuf {
+    agent_socket.with_extension("console.log")
+}
+
 /// True when `name` runs (found on PATH).
 pub fn has_program(name: &str) -> bool {
     Command::new(name)
@@ -82,7 +117,7 @@ impl Qemu {
         agent_socket: &Path,
         cmdline_extra: &str,
     ) -> anyhow::Result<Qemu> {
-        let console_log = agent_socket.with_extension("console.log");
+        let console_log = console_log_path(agent_socket);
         let _ = std::fs::remove_file(agent_socket);
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-accel", "tcg", "-M", "q35", "-m", "512", "-smp", "1"])

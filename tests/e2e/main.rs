@@ -2,6 +2,7 @@
 
 mod agent;
 mod ext4;
+mod fullguest;
 mod mount;
 mod rollout;
 mod store;
