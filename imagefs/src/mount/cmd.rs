@@ -317,8 +317,12 @@ pub fn substitute(
     let t = Instant::now();
     let store = &ctx.store;
     let id = instance_id(&a.instance)?;
-    let target = store.version(&store.resolve(&a.target)?)?;
+    let target_id = store.resolve(&a.target)?;
+    // Checked in the store even when a live instance holds it (a version may have been gc'd).
+    let target = store.version(&target_id)?;
+    let target = ctx.instances.live_version(&target_id).unwrap_or(target);
     let inst = ctx.instances.get(store, &id)?;
+    let prepare_us = t.elapsed().as_micros() as u64;
     let policy = match (a.force, a.keep_local) {
         (true, _) => ConflictPolicy::Force,
         (_, true) => ConflictPolicy::KeepLocal,
@@ -362,17 +366,21 @@ pub fn substitute(
         }
     }
     // Then the guest of a live VM on this instance drops what it cached (vm/notify.rs).
+    let tg = Instant::now();
     let guest = match (&ctx.live, a.dry_run) {
         (Some(_), false) => crate::vm::notify::tell_guest(store, &outcome),
         _ => json!({"guest": "not told"}),
     };
+    let guest_us = tg.elapsed().as_micros() as u64;
     let total_us = t.elapsed().as_micros() as u64;
     if json {
         let mut v = serde_json::to_value(&outcome).map_err(|e| io_err(e.into()))?;
         if let Some(obj) = v.as_object_mut() {
             obj.insert("type".into(), json!("result"));
             if let Some(times) = obj.get_mut("times").and_then(|t| t.as_object_mut()) {
+                times.insert("prepare_us".into(), json!(prepare_us));
                 times.insert("invalidate_us".into(), json!(invalidate_us));
+                times.insert("guest_us".into(), json!(guest_us));
                 for k in ["files_us", "notify_us"] {
                     times.insert(k.into(), guest.get(k).cloned().unwrap_or(json!(0)));
                 }

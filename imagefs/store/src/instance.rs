@@ -598,6 +598,15 @@ impl Instances {
         Ok(inst)
     }
 
+    /// The `Version` a live instance already has as its base, if any: substituting another
+    /// instance onto it (a rollout) then reuses the leaves that one has loaded.
+    pub fn live_version(&self, id: &VersionId) -> Option<Version> {
+        self.live()
+            .values()
+            .map(|i| i.view().base.clone())
+            .find(|v| v.id() == *id)
+    }
+
     /// Deletes an instance (its log); open handles keep their in-memory state.
     pub fn remove(&self, id: &InstanceId) -> Result<(), InstanceError> {
         let path = self.path(id);

@@ -203,6 +203,37 @@ fn substitution_policies_change_exactly_what_they_say() {
 }
 
 #[test]
+fn the_substitution_diff_matches_the_store_diff_with_the_target_hashes() {
+    let f = fixture();
+    // 1,100 blocks: a three-level map with a partial last leaf.
+    let blocks = 1100;
+    let v1_bytes = image(blocks, 0);
+    let v1 = f.import(&v1_bytes, "v1");
+    let mut v2_bytes = v1_bytes.clone();
+    // Changed blocks, whole leaves turned into holes (a zero subtree), and the tail.
+    for b in [0, 1, 31, 32, 500, 1023, 1024, 1099] {
+        v2_bytes[b * BS..(b + 1) * BS].fill(0x5a);
+    }
+    v2_bytes[64 * BS..128 * BS].fill(0);
+    let end = v2_bytes.len();
+    v2_bytes[end - 10..].fill(0x33);
+    let v2 = f.import(&v2_bytes, "v2");
+    for (a, b) in [(&v1, &v2), (&v2, &v1), (&v1, &v1)] {
+        // Fresh versions (cold leaf caches) and warm ones give the same answer.
+        for _ in 0..2 {
+            let got = crate::instance_sub::changed_blocks(&f.store, a, b).unwrap();
+            let want = f.store.diff(&a.id(), &b.id()).unwrap();
+            assert_eq!(got.iter().map(|&(i, _)| i).collect::<Vec<_>>(), want);
+            for (i, h) in got {
+                assert_eq!(h, b.block_hash(i).unwrap());
+            }
+        }
+    }
+    // Eight blocks, one leaf-aligned run of 64 holes, the partial tail block.
+    assert_eq!(f.store.diff(&v1.id(), &v2.id()).unwrap().len(), 8 + 64 + 1);
+}
+
+#[test]
 fn a_target_of_another_size_is_refused() {
     let f = fixture();
     let v1 = f.import(&image(8, 0), "v1");
