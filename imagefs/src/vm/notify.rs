@@ -4,6 +4,7 @@
 //! its acknowledgement. Invariant: a substitution never fails because of the guest: no live VM,
 //! an unreadable filesystem or a silent agent become a warning in the report, not an error.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use agent_proto::{AgentClient, AgentLink, Range, SubstitutionNotice};
@@ -18,14 +19,36 @@ const DEVICE: &str = "/dev/vda";
 /// How long the guest gets to drop its caches and answer.
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Guest files in changed blocks, and whether fs metadata changed.
+type Files = (Vec<String>, bool);
+
+/// `changed_files` answers already worked out, newest first: (from, to, ranges) -> files.
+type FilesCache = Vec<((String, String, Vec<[u64; 2]>), Files)>;
+
+/// Version ids name immutable, content-addressed block maps, so an answer never goes stale;
+/// a rollout substitutes the same pair into every VM, and only the first reads both file
+/// systems (~8-25 ms for a 48 MiB image on a loaded host).
+static FILES: Mutex<FilesCache> = Mutex::new(Vec::new());
+/// Answers kept (each a capped file list).
+const FILES_KEPT: usize = 16;
+
 /// Guest files (and whether fs metadata changed) in the blocks between `from` and `to`.
-/// `None` when the image is not ext4 or cannot be read.
-pub fn changed_files(
-    store: &Store,
-    from: &str,
-    to: &str,
-    changed: &[[u64; 2]],
-) -> Option<(Vec<String>, bool)> {
+/// `None` when the image is not ext4 or cannot be read (not remembered: it may be a time
+/// budget that a quieter moment would meet).
+pub fn changed_files(store: &Store, from: &str, to: &str, changed: &[[u64; 2]]) -> Option<Files> {
+    let key = (from.to_string(), to.to_string(), changed.to_vec());
+    let cache = || FILES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, files)) = cache().iter().find(|(k, _)| *k == key) {
+        return Some(files.clone());
+    }
+    let files = read_changed_files(store, from, to, changed)?;
+    let mut c = cache();
+    c.insert(0, (key, files.clone()));
+    c.truncate(FILES_KEPT);
+    Some(files)
+}
+
+fn read_changed_files(store: &Store, from: &str, to: &str, changed: &[[u64; 2]]) -> Option<Files> {
     let (a, b) = (
         from.parse::<VersionId>().ok()?,
         to.parse::<VersionId>().ok()?,
