@@ -381,12 +381,15 @@ impl Live {
 
     /// Polls the guest's hash of `file` until it is `want` (the guest may answer from its page
     /// cache for a moment); the time this takes is part of the measured interval.
-    fn wait_hash(&self, vm: &str, file: &str, want: &str) -> anyhow::Result<()> {
+    fn wait_hash(&self, vm: &str, file: &str, want: &str) -> anyhow::Result<Vec<Duration>> {
         let t = Instant::now();
+        let mut polls = Vec::new();
         loop {
+            let p = Instant::now();
             let got = self.hash(vm, file)?;
+            polls.push(p.elapsed());
             if got == want {
-                return Ok(());
+                return Ok(polls);
             }
             ensure!(
                 t.elapsed() < Duration::from_secs(20),
@@ -444,13 +447,49 @@ fn bench_live_substitute_and_rollout() {
     bench_live(&kernel, &initrd).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
-fn bench_live(kernel: &std::path::Path, initrd: &std::path::Path) -> anyhow::Result<()> {
+/// Benchmark (run with --ignored): only the live substitution of `bench_live_substitute_and_rollout`,
+/// 5 runs, printing each run's steps: the `substitute --json` times, the agent's own steps and
+/// the hash polls after it, to see where the interval goes.
+#[test]
+#[ignore = "benchmark: cargo test -p imagefs-tests --test e2e -- --ignored vm::bench:: --nocapture"]
+fn bench_live_substitute_steps() {
+    if !imagefs_tests::is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let (kernel, initrd) = match imagefs_tests::qemu::guest_artifacts() {
+        Ok(a) => a,
+        Err(why) => skip!("{why}"),
+    };
+    let run = || -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut lv = live_setup(dir.path(), &kernel, &initrd)?;
+        live_substitutions(&mut lv, 5, true)?;
+        Ok(())
+    };
+    run().unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// What the live benchmarks share: a mount serving v1 and v2 of a small ext4 root whose file
+/// `FILE` (1,000 blocks of 4 KiB) is all that differs, and one live guest "solo" on v1.
+struct LiveSetup {
+    live: Live,
+    h1: String,
+    h2: String,
+    kernel: String,
+    initrd: String,
+}
+
+const FILE: &str = "/opt/data/blob";
+
+fn live_setup(
+    dir: &std::path::Path,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+) -> anyhow::Result<LiveSetup> {
     use anyhow::Context;
     use imagefs_tests::qemu::{build_rootfs, file_blocks};
     use std::os::unix::fs::FileExt;
-    const FILE: &str = "/opt/data/blob";
     const BLOCKS: usize = 1000;
-    let dir = tempfile::tempdir()?;
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut noise = |n: usize| -> Vec<u8> {
         (0..n)
@@ -463,10 +502,10 @@ fn bench_live(kernel: &std::path::Path, initrd: &std::path::Path) -> anyhow::Res
             .collect()
     };
     let (d1, d2) = (noise(BLOCKS * 4096), noise(BLOCKS * 4096));
-    let v1 = build_rootfs(dir.path(), 48, &[(FILE, &d1)])?;
+    let v1 = build_rootfs(dir, 48, &[(FILE, &d1)])?;
     let blocks = file_blocks(&v1, FILE)?;
     ensure!(blocks.len() == BLOCKS, "{FILE} has {} blocks", blocks.len());
-    let v2 = dir.path().join("v2.img");
+    let v2 = dir.join("v2.img");
     std::fs::copy(&v1, &v2)?;
     {
         let f = std::fs::OpenOptions::new().write(true).open(&v2)?;
@@ -479,9 +518,9 @@ fn bench_live(kernel: &std::path::Path, initrd: &std::path::Path) -> anyhow::Res
         blake3::hash(&d1).to_hex().to_string(),
         blake3::hash(&d2).to_hex().to_string(),
     );
-    let mut live = Live {
-        store: dir.path().join("store"),
-        mnt: dir.path().join("mnt"),
+    let live = Live {
+        store: dir.join("store"),
+        mnt: dir.join("mnt"),
         names: Vec::new(),
     };
     std::fs::create_dir_all(&live.mnt)?;
@@ -491,13 +530,17 @@ fn bench_live(kernel: &std::path::Path, initrd: &std::path::Path) -> anyhow::Res
         live.run(&["import", &p(img), tag, "--block-size", "4096"])?;
     }
     live.run(&["mount", &p(&live.mnt), "--daemon"])?;
-    let (k, i) = (p(kernel), p(initrd));
     println!("BENCH live: measuring {}", bench_bin("imagefs").display());
-
-    // 1. One live guest: substitute v1 -> v2 until the guest hashes v2's bytes (3 runs).
+    let mut s = LiveSetup {
+        live,
+        h1,
+        h2,
+        kernel: p(kernel),
+        initrd: p(initrd),
+    };
     let t = Instant::now();
-    live.start("bench:v1", &["solo"], &k, &i)?;
-    let ls = live.run(&["vm", "ls", "--json"])?;
+    s.live.start("bench:v1", &["solo"], &s.kernel, &s.initrd)?;
+    let ls = s.live.run(&["vm", "ls", "--json"])?;
     let hv = ls
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -507,15 +550,75 @@ fn bench_live(kernel: &std::path::Path, initrd: &std::path::Path) -> anyhow::Res
         "BENCH live boot-1: {:.2}s (hypervisor {hv})",
         t.elapsed().as_secs_f64()
     );
-    live.wait_hash("solo", FILE, &h1)?;
-    for _ in 0..3 {
+    s.live.wait_hash("solo", FILE, &s.h1)?;
+    Ok(s)
+}
+
+/// Substitutes v1 -> v2 into "solo" `runs` times, timing from `imagefs substitute` starting to
+/// the guest's hash of FILE answering v2's (and back to v1, untimed). With `steps`, prints
+/// where each timed run went.
+fn live_substitutions(s: &mut LiveSetup, runs: usize, steps: bool) -> anyhow::Result<()> {
+    for _ in 0..runs {
         let t = Instant::now();
-        live.run(&["substitute", "solo", "bench:v2"])?;
-        live.wait_hash("solo", FILE, &h2)?;
+        let mut args = vec!["substitute", "solo", "bench:v2"];
+        if steps {
+            args.push("--json");
+        }
+        let out = s.live.run(&args)?;
+        let sub = t.elapsed();
+        let polls = s.live.wait_hash("solo", FILE, &s.h2)?;
         println!("BENCH live-sub ours {:.4}", t.elapsed().as_secs_f64());
-        live.run(&["substitute", "solo", "bench:v1"])?;
-        live.wait_hash("solo", FILE, &h1)?;
+        if steps {
+            let v: serde_json::Value =
+                serde_json::from_str(out.lines().next_back().unwrap_or("{}")).unwrap_or_default();
+            let ack = &v["guest"]["ack"];
+            let agent: Vec<String> = ack["steps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|st| format!("{}={}", st["name"].as_str().unwrap_or("?"), st["micros"]))
+                .collect();
+            println!(
+                "BENCH live-sub steps: substitute command {:.1} ms (times {}; agent total {} us, \
+                 ack ~{} bytes: {}), then {} hash poll(s) {:.1} ms",
+                sub.as_secs_f64() * 1000.0,
+                v["times"],
+                ack["total_micros"],
+                ack.to_string().len(),
+                agent.join(" "),
+                polls.len(),
+                (t.elapsed() - sub).as_secs_f64() * 1000.0,
+            );
+            for (i, d) in polls.iter().enumerate() {
+                println!(
+                    "BENCH live-sub poll {i}: {:.1} ms",
+                    d.as_secs_f64() * 1000.0
+                );
+            }
+            // The probe itself on a warm guest cache: what the interval cannot go below.
+            let warm = s.live.wait_hash("solo", FILE, &s.h2)?;
+            let ping = Instant::now();
+            s.live.run(&["agent", "ping", "--vm", "solo"])?;
+            println!(
+                "BENCH live-sub probe: warm hash {:.1} ms, agent ping {:.1} ms",
+                warm.first().map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+                ping.elapsed().as_secs_f64() * 1000.0
+            );
+        }
+        s.live.run(&["substitute", "solo", "bench:v1"])?;
+        s.live.wait_hash("solo", FILE, &s.h1)?;
     }
+    Ok(())
+}
+
+fn bench_live(kernel: &std::path::Path, initrd: &std::path::Path) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut s = live_setup(dir.path(), kernel, initrd)?;
+
+    // 1. One live guest: substitute v1 -> v2 until the guest hashes v2's bytes (3 runs).
+    live_substitutions(&mut s, 3, false)?;
+    let (h2, k, i) = (s.h2.clone(), s.kernel.clone(), s.initrd.clone());
+    let live = &mut s.live;
     // The peer: stop the VM, boot a fresh one on v2 to the same point (2 runs).
     let mut prev = "solo".to_string();
     for r in 1..=2 {
