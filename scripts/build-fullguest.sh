@@ -43,6 +43,8 @@ WANT=$({
     echo "$TARBALL"
 } | sha256sum | cut -d' ' -f1)
 if [ -f "$OUT" ] && [ -f "$OUT.stamp" ] && [ "$(cat "$OUT.stamp")" = "$WANT" ] && [ -f "$TARBALL" ]; then
+    # Newer than its inputs again (a relinked but identical agent), as the tests check.
+    touch "$OUT"
     echo "build-fullguest: $OUT is up to date" >&2
     exit 0
 fi
