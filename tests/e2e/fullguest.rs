@@ -2,7 +2,8 @@
 //! through the real mount. Our initramfs mounts the root read-only and hands pid 1 to
 //! /sbin/init (`agent.init`); systemd starts the agent as its service. The agent answers in
 //! service mode, a live substitution plus notice makes the guest read v2's bytes, and a
-//! Shutdown powers the guest off through systemd.
+//! Shutdown powers the guest off through systemd. A hand-off to an init that is not there
+//! leaves the agent serving as pid 1.
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use agent_proto::{AgentLink, Command as GuestCommand, ExecRequest};
 use anyhow::{ensure, Context};
 use imagefs_tests::qemu::{
-    console_log_path, file_blocks, fullguest_image, guest_artifacts, Disk, Qemu,
+    build_rootfs, console_log_path, file_blocks, fullguest_image, guest_artifacts, Disk, Qemu,
 };
 use imagefs_tests::{bin, is_root};
 use serde_json::Value;
@@ -67,6 +68,41 @@ fn exec(vm: &Qemu, argv: &[&str]) -> anyhow::Result<String> {
     })?;
     ensure!(r.exit_code == Some(0), "{argv:?} in the guest: {r:?}");
     Ok(r.stdout)
+}
+
+#[test]
+fn a_hand_off_to_a_missing_init_leaves_the_agent_serving_as_pid_1() {
+    let (kernel, initrd) = match guest_artifacts() {
+        Ok(a) => a,
+        Err(why) => imagefs_tests::skip!("{why}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let root = build_rootfs(dir.path(), 16, &[("/opt/app/version", V1)]).unwrap();
+    let sock = dir.path().join("vm.agent");
+    let mut vm = Qemu::start(
+        &kernel,
+        &initrd,
+        &[Disk::ro(&root)],
+        &sock,
+        "agent.init=/sbin/no-such-init",
+    )
+    .unwrap();
+    let (pong, _) = vm.wait_agent(Duration::from_secs(60)).unwrap();
+    let console = vm.console();
+    assert!(pong.init_mode, "{pong:?}\n{console}");
+    assert!(
+        console.contains("/sbin/no-such-init did not start") && console.contains("serving instead"),
+        "{console}"
+    );
+    // It still serves from the switched root, with the initramfs emptied.
+    let agent = vm.agent(Duration::from_secs(20));
+    assert_eq!(agent.hash("/opt/app/version").unwrap().blake3, hex(V1));
+    assert!(console.contains("initramfs emptied"), "{console}");
+    agent.shutdown().unwrap();
+    assert!(
+        vm.wait_exit(Duration::from_secs(30)),
+        "guest did not power off"
+    );
 }
 
 #[test]
