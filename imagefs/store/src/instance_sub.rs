@@ -283,8 +283,21 @@ impl Instance {
         let mut outcome = outcome;
 
         let t = Instant::now();
-        flush_writer(store, &mut writer)?;
-        writer.log.append_durable(&[Record::Rebased {
+        // Pending writes and the rebase go in one append and one log fsync (after the blocks
+        // they name are synced): a crash keeps both, the writes only, or neither, and unflushed
+        // guest writes may be lost in any case.
+        let pending = std::mem::take(&mut writer.pending);
+        let mut records = Vec::with_capacity(2);
+        if !pending.is_empty() {
+            if let Err(e) = store.sync() {
+                writer.pending = pending;
+                return Err(e.into());
+            }
+            records.push(Record::Writes {
+                changes: pending.clone(),
+            });
+        }
+        records.push(Record::Rebased {
             from: outcome.from.clone(),
             to: outcome.to.clone(),
             target: req.label.to_string(),
@@ -293,7 +306,14 @@ impl Instance {
             conflicts: conflicts.len() as u64,
             policy: req.policy.name().to_string(),
             at: now_secs(),
-        }])?;
+        });
+        if let Err(e) = writer.log.append_durable(&records) {
+            writer.pending = pending;
+            return Err(e.into());
+        }
+        if !pending.is_empty() {
+            writer.write_records += 1;
+        }
         outcome.times.persist_us = micros(t);
 
         let t = Instant::now();
