@@ -10,8 +10,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 GUEST=$ROOT/target/guest
 OUT=${2:-$GUEST/initramfs.cpio.gz}
 MODDIR=$GUEST/kernel/modules
-# What the guest needs for its disks: PCI (QEMU) and MMIO (our vmm) transports, and virtio-blk.
-WANT=(virtio_mmio virtio_pci virtio_blk)
+# What the guest needs for its disks: PCI (QEMU) and MMIO (our vmm) transports, and virtio-blk;
+# and for the ACPI power button (the hypervisor's shutdown request): its driver and evdev.
+WANT=(virtio_mmio virtio_pci virtio_blk button evdev)
 
 [ -x "$AGENT_BIN" ] || { echo "build-guest: agent binary $AGENT_BIN not found (run make agent)" >&2; exit 1; }
 [ -d "$MODDIR" ] || { echo "build-guest: $MODDIR missing (run scripts/fetch-kernel.sh)" >&2; exit 1; }

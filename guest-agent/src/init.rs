@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::config::Config;
-use crate::{log, sys};
+use crate::{log, power, sys};
 
 const CONFIG_PATH: &str = "/etc/guest-agent.conf";
 const NEWROOT: &str = "/newroot";
@@ -57,6 +57,7 @@ pub fn boot() -> Config {
             ));
         }
     }
+    watch_power_button();
     if let Some(w) = &cfg.workload {
         match std::process::Command::new("/bin/sh")
             .arg("-c")
@@ -69,6 +70,29 @@ pub fn boot() -> Config {
     }
     log(&format!("boot steps took {:?}", start.elapsed()));
     cfg
+}
+
+/// As pid 1 nobody else answers the ACPI power button, which our vmm presses on SIGTERM and
+/// QEMU on `system_powerdown`. Its input device exists once `button` and `evdev` have loaded.
+fn watch_power_button() {
+    let devices = power::find(Path::new("/sys/class/input"), Path::new("/dev/input"));
+    match power::watch(&devices, on_power_button) {
+        Ok(0) => log(
+            "no ACPI power button (modules button and evdev): the host must ask through the agent",
+        ),
+        Ok(_) => log(&format!(
+            "watching the ACPI power button ({})",
+            devices[0].display()
+        )),
+        Err(e) => log(&format!("cannot watch the ACPI power button: {e}")),
+    }
+}
+
+fn on_power_button() {
+    log("ACPI power button pressed: powering off");
+    sys::sync();
+    let e = sys::power_off();
+    log(&format!("power off failed: {e}"));
 }
 
 fn mode(rw: bool) -> &'static str {

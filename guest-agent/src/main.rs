@@ -7,6 +7,7 @@ mod config;
 mod init;
 mod notice;
 mod ops;
+mod power;
 mod serve;
 mod sys;
 

@@ -704,3 +704,62 @@ fn corrupt_block_in_guest() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// SIGTERM to the vmm of a guest whose /init is our agent ends in a clean poweroff: the vmm
+/// presses the ACPI power button, the agent (watching it, since as pid 1 nobody else does)
+/// syncs and powers off, and the vmm exits 0 instead of killing the guest after its grace time.
+#[test]
+fn sigterm_powers_off_a_guest_agent_init_cleanly() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    let initramfs = imagefs_tests::workspace_root().join("target/guest/initramfs.cpio.gz");
+    if !initramfs.is_file() {
+        skip!("{} is missing (make guest)", initramfs.display());
+    }
+    if !bin("imagefs").is_file() {
+        skip!("{} is not built", bin("imagefs").display());
+    }
+    twice_if_flaky(|| agent_power_button(&initramfs)).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn agent_power_button(initramfs: &Path) -> anyhow::Result<()> {
+    let script = "A='--socket /tmp/vm1.agent'\n\
+        timeout 240 /bin/vmm --kernel /work/vmlinuz --initrd /work/initramfs.cpio.gz \
+          --memory 256M --agent-socket /tmp/vm1.agent --console /tmp/console.log --term-timeout 60 \
+          --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off root=none' 2>/tmp/vmm.err & pid=$!\n\
+        i=0; until imagefs agent ping $A --timeout-ms 2000 >/dev/null 2>&1; do \
+          i=$((i+1)); [ $i -gt 60 ] && break; sleep 1; done\n\
+        echo AGENT-READY\n\
+        t0=$(cut -d' ' -f1 /proc/uptime)\n\
+        kill -TERM $pid; wait $pid; echo VMM-RC=$?\n\
+        t1=$(cut -d' ' -f1 /proc/uptime)\n\
+        echo \"TERM-TOOK=$t0..$t1\"\n\
+        cat /tmp/vmm.err; echo ---console---; grep guest-agent /tmp/console.log";
+    let o = Scenario::new(script)
+        .file(bin("vmm"), "/bin/vmm")
+        .file(bin("imagefs"), "/bin/imagefs")
+        .file(nested::kernel(), "/work/vmlinuz")
+        .file(initramfs, "/work/initramfs.cpio.gz")
+        .timeout(Duration::from_secs(400))
+        .run()?;
+    let out = &o.output;
+    eprintln!(
+        "nested run took {:.1}s; output:\n{out}",
+        o.elapsed.as_secs_f64()
+    );
+    ensure!(o.status == 0, "scenario failed with {}:\n{out}", o.status);
+    ensure!(
+        out.contains("watching the ACPI power button"),
+        "the agent does not watch the power button:\n{out}"
+    );
+    ensure!(
+        out.contains("ACPI power button pressed: powering off"),
+        "the agent did not see the press:\n{out}"
+    );
+    ensure!(
+        out.contains("VMM-RC=0"),
+        "the vmm did not exit 0 after the guest powered off:\n{out}"
+    );
+    Ok(())
+}
