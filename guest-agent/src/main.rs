@@ -81,6 +81,7 @@ fn main() {
             std::process::exit(2);
         }
     };
+    watch_power_button();
     loop {
         match serve::serve(&cfg, false) {
             // Keep serving until the init system stops the service on its way down (and if
@@ -93,6 +94,26 @@ fn main() {
             }
         }
     }
+}
+
+/// Service mode: a press of the ACPI power button (how our vmm passes on SIGTERM) asks the init
+/// system to power off. systemd-logind would do the same, but a minimal guest has no logind
+/// (it needs D-Bus); where it runs too, the second request for the same job is harmless.
+fn watch_power_button() {
+    let devices = power::find(
+        std::path::Path::new("/sys/class/input"),
+        std::path::Path::new("/dev/input"),
+    );
+    match power::watch(&devices, on_power_button) {
+        Ok(0) => log("no ACPI power button seen (modules button and evdev)"),
+        Ok(_) => log("watching the ACPI power button"),
+        Err(e) => log(&format!("cannot watch the ACPI power button: {e}")),
+    }
+}
+
+fn on_power_button() {
+    log("ACPI power button pressed");
+    request_power_off();
 }
 
 /// Service mode: power off through the init system, so units stop in order and filesystems are

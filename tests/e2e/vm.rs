@@ -763,3 +763,78 @@ fn agent_power_button(initramfs: &Path) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A whole Debian system under our vmm on real (nested) KVM: the debootstrapped guest of
+/// `make fullguest` boots with systemd as pid 1 (the agent's /init hands over), systemd reaches
+/// "running" with no failed unit and runs the agent as its service; SIGTERM to the vmm presses
+/// the power button, the agent service asks systemd to power off, and the vmm exits 0.
+#[test]
+fn vmm_boots_a_full_debian_guest_under_systemd_and_sigterm_powers_it_off() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    let root = imagefs_tests::workspace_root().join("target/guest");
+    let (initramfs, image) = (root.join("initramfs.cpio.gz"), root.join("fullguest.img"));
+    for f in [&initramfs, &image] {
+        if !f.is_file() {
+            skip!("{} is missing (make guest fullguest)", f.display());
+        }
+    }
+    if !bin("imagefs").is_file() {
+        skip!("{} is not built", bin("imagefs").display());
+    }
+    twice_if_flaky(|| full_guest_under_vmm(&initramfs, &image)).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+fn full_guest_under_vmm(initramfs: &Path, image: &Path) -> anyhow::Result<()> {
+    let script = "A='--socket /tmp/vm1.agent'\n\
+        timeout 300 /bin/vmm --kernel /work/vmlinuz --initrd /work/initramfs.cpio.gz \
+          --disk /work/full.img --memory 512M --agent-socket /tmp/vm1.agent \
+          --console /tmp/console.log --term-timeout 60 \
+          --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off agent.init=/sbin/init' \
+          2>/tmp/vmm.err & pid=$!\n\
+        t0=$(cut -d' ' -f1 /proc/uptime)\n\
+        i=0; until imagefs agent ping $A --timeout-ms 2000 >/dev/null 2>&1; do \
+          i=$((i+1)); [ $i -gt 150 ] && break; sleep 1; done\n\
+        t1=$(cut -d' ' -f1 /proc/uptime); echo \"AGENT-READY-AFTER=$t0..$t1\"\n\
+        imagefs agent ping $A\n\
+        echo \"STATE=$(imagefs agent exec $A --timeout-ms 60000 -- systemctl is-system-running --wait)\"\n\
+        echo \"PID1=$(imagefs agent exec $A -- cat /proc/1/comm)\"\n\
+        t2=$(cut -d' ' -f1 /proc/uptime)\n\
+        kill -TERM $pid; wait $pid; echo VMM-RC=$?\n\
+        t3=$(cut -d' ' -f1 /proc/uptime); echo \"TERM-TOOK=$t2..$t3\"\n\
+        cat /tmp/vmm.err; echo ---console---; grep -a -e guest-agent -e Power -e logind /tmp/console.log";
+    let o = Scenario::new(script)
+        .file(bin("vmm"), "/bin/vmm")
+        .file(bin("imagefs"), "/bin/imagefs")
+        .file(nested::kernel(), "/work/vmlinuz")
+        .file(initramfs, "/work/initramfs.cpio.gz")
+        .file(image, "/work/full.img")
+        .memory_mib(1536)
+        .timeout(Duration::from_secs(500))
+        .run()?;
+    let out = &o.output;
+    eprintln!(
+        "nested run took {:.1}s; output:\n{out}",
+        o.elapsed.as_secs_f64()
+    );
+    ensure!(o.status == 0, "scenario failed with {}:\n{out}", o.status);
+    ensure!(
+        out.contains("as a service"),
+        "the agent is not systemd's service:\n{out}"
+    );
+    ensure!(
+        out.contains("STATE=running"),
+        "systemd is not running cleanly:\n{out}"
+    );
+    ensure!(out.contains("PID1=systemd"), "pid 1 is not systemd:\n{out}");
+    ensure!(
+        out.contains("ACPI power button pressed"),
+        "the agent service did not see the power button:\n{out}"
+    );
+    ensure!(
+        out.contains("VMM-RC=0"),
+        "the vmm did not exit 0 after systemd powered off:\n{out}"
+    );
+    Ok(())
+}
