@@ -2,6 +2,8 @@
 //! `imagefs mount` against the raw file on local disk, and substitution of 1,000 changed blocks
 //! into an idle instance (command to new bytes served). Invariant: the mount is always released
 //! (`imagefs umount`, else kill of our own daemon child and a lazy umount), even on failure.
+//! `BENCH_MOUNT_ONLY=substitute` runs just the substitution metric (the read benches print
+//! BENCH-SKIP lines), e.g. `BENCH_MOUNT_ONLY=substitute BENCH_ARGS="--only mount" make bench`.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -63,6 +65,20 @@ pub fn run(env: &Env, rep: &mut Report) {
 }
 
 fn benches(env: &Env, s: &Setup, m: &Mounted, rep: &mut Report) {
+    if std::env::var("BENCH_MOUNT_ONLY").is_ok_and(|v| v == "substitute") {
+        for n in &NAMES[..4] {
+            rep.skip(n, "BENCH_MOUNT_ONLY=substitute");
+        }
+    } else {
+        reads(env, m, rep);
+    }
+    match substitute(env, s, m) {
+        Ok(metric) => rep.add(metric),
+        Err(e) => rep.skip(NAMES[4], format!("failed: {e}")),
+    }
+}
+
+fn reads(env: &Env, m: &Mounted, rep: &mut Report) {
     let file = m.mnt.join("images/m/v1.raw");
     match seq_reads(env, &file) {
         Ok((cold, warm)) => {
@@ -83,10 +99,6 @@ fn benches(env: &Env, s: &Setup, m: &Mounted, rep: &mut Report) {
             Ok(metric) => rep.add(metric),
             Err(e) => rep.skip(name, format!("failed: {e}")),
         }
-    }
-    match substitute(env, s, m) {
-        Ok(metric) => rep.add(metric),
-        Err(e) => rep.skip(NAMES[4], format!("failed: {e}")),
     }
 }
 
