@@ -142,10 +142,6 @@ impl Capture {
             }
         }
     }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.bytes).into_owned()
-    }
 }
 
 /// Spawns a command in its own process group with captured, non-blocking output.
@@ -235,15 +231,19 @@ pub fn run(
             std::thread::sleep(Duration::from_millis(10));
         }
     };
+    let (stdout, stdout_hex) = ExecReply::encode_output(&cout.bytes);
+    let (stderr, stderr_hex) = ExecReply::encode_output(&cerr.bytes);
     Ok(ExecReply {
         exit_code: status.code(),
         signal: status.signal(),
         timed_out,
-        stdout: cout.text(),
-        stderr: cerr.text(),
+        stdout,
+        stderr,
         stdout_truncated: cout.truncated,
         stderr_truncated: cerr.truncated,
         duration_ms: start.elapsed().as_millis() as u64,
+        stdout_hex,
+        stderr_hex,
     })
 }
 
@@ -277,6 +277,22 @@ mod tests {
         let r = sh("head -c 100000 /dev/zero | tr '\\0' a", 5000);
         assert_eq!(r.stdout.len(), MAX_OUTPUT);
         assert!(r.stdout_truncated);
+    }
+
+    #[test]
+    fn binary_output_arrives_exactly_and_fits_a_frame() {
+        let r = sh("printf 'a\\377\\000b'; printf '\\351' >&2", 5000);
+        assert_eq!(r.stdout_bytes(), b"a\xff\x00b");
+        assert_eq!(r.stderr_bytes(), b"\xe9");
+        assert_eq!(r.stdout_hex.as_deref(), Some("61ff0062"));
+        // Both streams at the cap, neither UTF-8: the reply must still fit one frame.
+        let r = sh(
+            "head -c 100000 /dev/zero | tr '\\0' '\\377' | tee /dev/stderr",
+            5000,
+        );
+        assert_eq!(r.stdout_bytes(), vec![0xff; MAX_OUTPUT]);
+        assert_eq!(r.stderr_bytes(), vec![0xff; MAX_OUTPUT]);
+        Response::Exec(r).to_frame(7).expect("fits one frame");
     }
 
     #[test]

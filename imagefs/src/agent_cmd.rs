@@ -250,9 +250,10 @@ fn call(args: AgentArgs) -> Result<i32, Failure> {
                 print_json(&r)?;
             } else {
                 std::io::stdout()
-                    .write_all(r.stdout.as_bytes())
+                    .write_all(&r.stdout_bytes())
                     .map_err(anyhow::Error::from)?;
-                eprint!("{}", r.stderr);
+                // Best effort, as eprint! would be.
+                let _ = std::io::stderr().write_all(&r.stderr_bytes());
                 if r.timed_out {
                     eprintln!("imagefs agent: command timed out after {command_timeout_ms} ms");
                 }
@@ -381,6 +382,8 @@ mod tests {
             stderr: String::new(),
             stdout_truncated: false,
             stderr_truncated: false,
+            stdout_hex: None,
+            stderr_hex: None,
             duration_ms: 0,
         };
         assert_eq!(exec_status(&reply(Some(7), None, false)), 7);

@@ -169,11 +169,67 @@ pub struct ExecReply {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
     pub timed_out: bool,
+    /// The output when it is UTF-8; otherwise empty, and the bytes come in `stdout_hex` /
+    /// `stderr_hex` (hex keeps the frame under its cap: lossy text plus hex would not).
     pub stdout: String,
     pub stderr: String,
     pub stdout_truncated: bool,
     pub stderr_truncated: bool,
     pub duration_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout_hex: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_hex: Option<String>,
+}
+
+impl ExecReply {
+    /// A stream's fields: its text when it is UTF-8, else its hex.
+    pub fn encode_output(bytes: &[u8]) -> (String, Option<String>) {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => (text.to_string(), None),
+            Err(_) => (String::new(), Some(hex(bytes))),
+        }
+    }
+
+    /// Stdout's exact bytes (call `validate` on the reply first: bad hex falls back to the text).
+    pub fn stdout_bytes(&self) -> Vec<u8> {
+        exact(&self.stdout, self.stdout_hex.as_deref())
+    }
+
+    /// Stderr's exact bytes, as `stdout_bytes`.
+    pub fn stderr_bytes(&self) -> Vec<u8> {
+        exact(&self.stderr, self.stderr_hex.as_deref())
+    }
+}
+
+fn exact(text: &str, hex: Option<&str>) -> Vec<u8> {
+    hex.and_then(unhex)
+        .unwrap_or_else(|| text.as_bytes().to_vec())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let nibble = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    s.as_bytes()
+        .chunks_exact(2)
+        .map(|p| Some(nibble(p[0])? << 4 | nibble(p[1])?))
+        .collect()
 }
 
 /// One step the agent took for a notice, and how long it took.
@@ -382,10 +438,17 @@ impl Response {
     pub fn validate(&self) -> Result<(), MessageError> {
         match self {
             Response::Hash(h) => ensure(is_hex64(&h.blake3), "hash is not 64 hex digits"),
-            Response::Exec(e) => ensure(
-                e.stdout.len() <= MAX_OUTPUT * 4 && e.stderr.len() <= MAX_OUTPUT * 4,
-                "exec output over the cap",
-            ),
+            Response::Exec(e) => {
+                ensure(
+                    e.stdout.len() <= MAX_OUTPUT * 4 && e.stderr.len() <= MAX_OUTPUT * 4,
+                    "exec output over the cap",
+                )?;
+                for h in [&e.stdout_hex, &e.stderr_hex].into_iter().flatten() {
+                    ensure(h.len() <= MAX_OUTPUT * 2, "exec output over the cap")?;
+                    ensure(unhex(h).is_some(), "exec output hex is not lowercase hex")?;
+                }
+                Ok(())
+            }
             Response::NoticeAck(a) => ensure(
                 a.processes.len() <= 4096
                     && a.hooks.len() <= 4096

@@ -176,3 +176,33 @@ proptest! {
         let _ = Response::from_frame(&f);
     }
 }
+
+#[test]
+fn exec_output_that_is_not_utf8_travels_as_hex_and_bad_hex_is_refused() {
+    let (text, hex) = ExecReply::encode_output(b"ok\n");
+    assert_eq!((text.as_str(), hex), ("ok\n", None));
+    let (text, hex) = ExecReply::encode_output(&[0x41, 0xff, 0x00]);
+    assert_eq!((text.as_str(), hex.as_deref()), ("", Some("41ff00")));
+    let reply = |stdout_hex: Option<&str>| {
+        Response::Exec(ExecReply {
+            exit_code: Some(0),
+            signal: None,
+            timed_out: false,
+            stdout: String::new(),
+            stderr: String::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            duration_ms: 1,
+            stdout_hex: stdout_hex.map(str::to_string),
+            stderr_hex: None,
+        })
+    };
+    let good = reply(Some("41ff00"));
+    assert!(good.validate().is_ok());
+    if let Response::Exec(e) = &good {
+        assert_eq!(e.stdout_bytes(), vec![0x41, 0xff, 0x00]);
+    }
+    for bad in ["4", "zz", "41FF", &"00".repeat(MAX_OUTPUT + 1)] {
+        assert!(reply(Some(bad)).validate().is_err(), "{bad:.8} accepted");
+    }
+}

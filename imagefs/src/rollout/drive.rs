@@ -92,7 +92,11 @@ pub fn check(agent: &dyn AgentLink, plan: &Plan, instance: &str) -> Result<Strin
             return Err(format!(
                 "{instance}: health check exited {:?}: {}",
                 r.exit_code,
-                r.stderr.trim().chars().take(200).collect::<String>()
+                String::from_utf8_lossy(&r.stderr_bytes())
+                    .trim()
+                    .chars()
+                    .take(200)
+                    .collect::<String>()
             ));
         }
     }
@@ -446,6 +450,8 @@ mod tests {
                 stderr: "bad\n".into(),
                 stdout_truncated: false,
                 stderr_truncated: false,
+                stdout_hex: None,
+                stderr_hex: None,
                 duration_ms: 1,
             })
         }
