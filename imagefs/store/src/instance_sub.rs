@@ -126,44 +126,74 @@ pub(crate) fn changed_blocks(
     target: &Version,
 ) -> Result<Vec<(u64, Option<BlockHash>)>, StoreError> {
     let n = base.block_count();
+    let mut leaves = Vec::new();
+    let walk = Walk { store, n };
+    walk.node(tree::height(n), 0, base.root(), target.root(), &mut leaves)?;
+    prefetch(base, target, &leaves);
     let mut out = Vec::new();
-    let walk = Walk {
-        store,
-        base,
-        target,
-        n,
-    };
-    walk.node(tree::height(n), 0, base.root(), target.root(), &mut out)?;
+    for leaf in leaves {
+        let first = leaf.saturating_mul(FANOUT);
+        for i in first..first.saturating_add(FANOUT).min(n) {
+            let theirs = target.block_hash(i)?;
+            if base.block_hash(i)? != theirs {
+                out.push((i, theirs));
+            }
+        }
+    }
     Ok(out)
 }
 
+/// Leaves compared by more than this many are loaded by `PREFETCH_THREADS` threads first.
+const PREFETCH_MIN: usize = 64;
+const PREFETCH_THREADS: usize = 4;
+
+/// Loads both sides of `leaves` into the versions' caches, several at a time. A leaf not in the
+/// host page cache is a disk read: one at a time, 620 of them took ~38 ms here after a
+/// drop_caches. Errors are left for the comparison to report.
+fn prefetch(base: &Version, target: &Version, leaves: &[u64]) {
+    if leaves.len() < PREFETCH_MIN {
+        return;
+    }
+    let load = |part: &[u64]| {
+        for &leaf in part {
+            let _ = target.block_hash(leaf.saturating_mul(FANOUT));
+            let _ = base.block_hash(leaf.saturating_mul(FANOUT));
+        }
+    };
+    std::thread::scope(|s| {
+        for part in leaves.chunks(leaves.len().div_ceil(PREFETCH_THREADS)) {
+            let spawned = std::thread::Builder::new()
+                .name("leaf-prefetch".into())
+                .spawn_scoped(s, move || load(part));
+            if spawned.is_err() {
+                load(part); // no thread to be had: the comparison loads them anyway
+            }
+        }
+    });
+}
+
+/// The walk down to the leaves whose hashes differ.
 struct Walk<'a> {
     store: &'a Store,
-    base: &'a Version,
-    target: &'a Version,
     n: u64,
 }
 
 impl Walk<'_> {
+    /// Appends to `leaves` the index of every leaf under node `idx` at `level` whose hash
+    /// differs between `a` and `b`.
     fn node(
         &self,
         level: u32,
         idx: u64,
         a: &[u8; 32],
         b: &[u8; 32],
-        out: &mut Vec<(u64, Option<BlockHash>)>,
+        leaves: &mut Vec<u64>,
     ) -> Result<(), StoreError> {
         if a == b {
             return Ok(());
         }
         if level == 0 {
-            let first = idx.saturating_mul(FANOUT);
-            for i in first..first.saturating_add(FANOUT).min(self.n) {
-                let theirs = self.target.block_hash(i)?;
-                if self.base.block_hash(i)? != theirs {
-                    out.push((i, theirs));
-                }
-            }
+            leaves.push(idx);
             return Ok(());
         }
         let count = tree::entry_count(self.n, level, idx);
@@ -175,7 +205,7 @@ impl Walk<'_> {
         };
         for i in 0..count {
             let child = idx * FANOUT + i as u64;
-            self.node(level - 1, child, &entry(&na, i), &entry(&nb, i), out)?;
+            self.node(level - 1, child, &entry(&na, i), &entry(&nb, i), leaves)?;
         }
         Ok(())
     }

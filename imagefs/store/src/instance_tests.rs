@@ -205,13 +205,18 @@ fn substitution_policies_change_exactly_what_they_say() {
 #[test]
 fn the_substitution_diff_matches_the_store_diff_with_the_target_hashes() {
     let f = fixture();
-    // 1,100 blocks: a three-level map with a partial last leaf.
-    let blocks = 1100;
+    // 2,200 blocks: a three-level map with a partial last leaf.
+    let blocks = 2200;
     let v1_bytes = image(blocks, 0);
     let v1 = f.import(&v1_bytes, "v1");
     let mut v2_bytes = v1_bytes.clone();
     // Changed blocks, whole leaves turned into holes (a zero subtree), and the tail.
-    for b in [0, 1, 31, 32, 500, 1023, 1024, 1099] {
+    // A block in each of ~70 leaves (past PREFETCH_MIN: the leaves load on several threads).
+    let changed: Vec<usize> = [0, 1, 31, 32, 500, 1023, 1024, 2199]
+        .into_iter()
+        .chain((40..blocks).step_by(31))
+        .collect();
+    for &b in &changed {
         v2_bytes[b * BS..(b + 1) * BS].fill(0x5a);
     }
     v2_bytes[64 * BS..128 * BS].fill(0);
@@ -229,8 +234,10 @@ fn the_substitution_diff_matches_the_store_diff_with_the_target_hashes() {
             }
         }
     }
-    // Eight blocks, one leaf-aligned run of 64 holes, the partial tail block.
-    assert_eq!(f.store.diff(&v1.id(), &v2.id()).unwrap().len(), 8 + 64 + 1);
+    // The changed blocks, a leaf-aligned run of 64 holes (two of them were changed too), the
+    // partial tail block.
+    let n = f.store.diff(&v1.id(), &v2.id()).unwrap().len();
+    assert_eq!(n, changed.len() + 64 - 2 + 1);
 }
 
 #[test]
