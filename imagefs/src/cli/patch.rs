@@ -52,7 +52,7 @@ pub fn diff(store: &Store, a: &DiffArgs, o: &mut Out<'_>) -> Result<(), CliError
         "ranges": r, "blocks": blocks, "changed_blocks": blocks.len(), "changed_bytes": bytes,
     });
     if a.files {
-        files(store, (&va, &vb), &blocks, &mut result, &mut text);
+        files(store, (&va, &vb), (&blocks, &r), &mut result, &mut text);
     }
     o.result(result, &text)
 }
@@ -62,7 +62,7 @@ pub fn diff(store: &Store, a: &DiffArgs, o: &mut Out<'_>) -> Result<(), CliError
 fn files(
     store: &Store,
     (va, vb): (&Version, &Version),
-    blocks: &[u64],
+    (blocks, ranges): (&[u64], &[[u64; 2]]),
     result: &mut serde_json::Value,
     text: &mut String,
 ) {
@@ -74,6 +74,12 @@ fn files(
     let (fields, line) = match ext4::map_diff(&a, &b, bs, blocks) {
         Ok(Some(m)) => {
             let files = m.files();
+            // A substitution between these versions (same size) will name the same files.
+            if va.size() == vb.size() {
+                let list = files.iter().cloned().collect();
+                let (from, to) = (va.id().to_string(), vb.id().to_string());
+                crate::vm::notify::remember_files(&from, &to, ranges, (list, m.metadata_changed()));
+            }
             let kinds: Vec<String> = m.metadata().iter().map(|k| format!("{k:?}")).collect();
             let mut t = format!("\nfiles ({}):", files.len());
             for f in &files {

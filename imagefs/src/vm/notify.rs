@@ -20,7 +20,7 @@ const DEVICE: &str = "/dev/vda";
 const ACK_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Guest files in changed blocks, and whether fs metadata changed.
-type Files = (Vec<String>, bool);
+pub type Files = (Vec<String>, bool);
 
 /// `changed_files` answers already worked out, newest first: (from, to, ranges) -> files.
 type FilesCache = Vec<((String, String, Vec<[u64; 2]>), Files)>;
@@ -42,10 +42,18 @@ pub fn changed_files(store: &Store, from: &str, to: &str, changed: &[[u64; 2]]) 
         return Some(files.clone());
     }
     let files = read_changed_files(store, from, to, changed)?;
-    let mut c = cache();
-    c.insert(0, (key, files.clone()));
-    c.truncate(FILES_KEPT);
+    remember_files(from, to, changed, files.clone());
     Some(files)
+}
+
+/// Remembers the guest files of `from` -> `to` over `changed` worked out elsewhere: `diff
+/// --files`, which a rollout runs before its first substitution, reads the same map.
+pub fn remember_files(from: &str, to: &str, changed: &[[u64; 2]], files: Files) {
+    let key = (from.to_string(), to.to_string(), changed.to_vec());
+    let mut c = FILES.lock().unwrap_or_else(|p| p.into_inner());
+    c.retain(|(k, _)| *k != key);
+    c.insert(0, (key, files));
+    c.truncate(FILES_KEPT);
 }
 
 fn read_changed_files(store: &Store, from: &str, to: &str, changed: &[[u64; 2]]) -> Option<Files> {
@@ -150,4 +158,21 @@ pub fn describe(guest: &Value, out: &mut dyn std::io::Write) -> std::io::Result<
         )?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remembered_files_are_found_only_for_the_same_pair_and_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::init(&dir.path().join("s")).unwrap();
+        let files = (vec!["/etc/app.conf".to_string()], false);
+        remember_files("aa", "bb", &[[0, 4096]], files.clone());
+        assert_eq!(changed_files(&store, "aa", "bb", &[[0, 4096]]), Some(files));
+        // Anything else is worked out from the store (here: ids that do not parse, so none).
+        assert_eq!(changed_files(&store, "aa", "bb", &[[0, 8192]]), None);
+        assert_eq!(changed_files(&store, "bb", "aa", &[[0, 4096]]), None);
+    }
 }
