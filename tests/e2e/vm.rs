@@ -112,6 +112,26 @@ fn debugfs_cat(img: &Path, path: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// What the nested scenarios with the guest agent need beyond `prerequisites`: the imagefs
+/// binary and these files of target/guest (built by make guest / make fullguest).
+fn agent_prerequisites<const N: usize>(files: [&str; N]) -> Result<[PathBuf; N], String> {
+    if let Some(why) = prerequisites() {
+        return Err(why);
+    }
+    if !bin("imagefs").is_file() {
+        return Err(format!("{} is not built", bin("imagefs").display()));
+    }
+    let dir = imagefs_tests::workspace_root().join("target/guest");
+    let paths = files.map(|f| dir.join(f));
+    match paths.iter().find(|p| !p.is_file()) {
+        Some(missing) => Err(format!(
+            "{} is missing (make guest fullguest)",
+            missing.display()
+        )),
+        None => Ok(paths),
+    }
+}
+
 pub(crate) fn prerequisites() -> Option<String> {
     if let Some(why) = nested::missing_prerequisite() {
         return Some(why);
@@ -452,16 +472,10 @@ fn agent_root_image(dir: &Path, marker: &str) -> anyhow::Result<PathBuf> {
 /// (vmm exits 0); the write is in the instance.
 #[test]
 fn vmm_boots_guest_agent_from_an_instance_on_the_imagefs_mount() {
-    if let Some(why) = prerequisites() {
-        skip!("{why}");
-    }
-    let initramfs = imagefs_tests::workspace_root().join("target/guest/initramfs.cpio.gz");
-    if !initramfs.is_file() {
-        skip!("{} is missing (make guest)", initramfs.display());
-    }
-    if !bin("imagefs").is_file() {
-        skip!("{} is not built", bin("imagefs").display());
-    }
+    let [initramfs] = match agent_prerequisites(["initramfs.cpio.gz"]) {
+        Ok(paths) => paths,
+        Err(why) => skip!("{why}"),
+    };
     twice_if_flaky(|| agent_on_mount(&initramfs)).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
@@ -710,16 +724,10 @@ fn corrupt_block_in_guest() -> anyhow::Result<()> {
 /// syncs and powers off, and the vmm exits 0 instead of killing the guest after its grace time.
 #[test]
 fn sigterm_powers_off_a_guest_agent_init_cleanly() {
-    if let Some(why) = prerequisites() {
-        skip!("{why}");
-    }
-    let initramfs = imagefs_tests::workspace_root().join("target/guest/initramfs.cpio.gz");
-    if !initramfs.is_file() {
-        skip!("{} is missing (make guest)", initramfs.display());
-    }
-    if !bin("imagefs").is_file() {
-        skip!("{} is not built", bin("imagefs").display());
-    }
+    let [initramfs] = match agent_prerequisites(["initramfs.cpio.gz"]) {
+        Ok(paths) => paths,
+        Err(why) => skip!("{why}"),
+    };
     twice_if_flaky(|| agent_power_button(&initramfs)).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
@@ -770,19 +778,10 @@ fn agent_power_button(initramfs: &Path) -> anyhow::Result<()> {
 /// the power button, the agent service asks systemd to power off, and the vmm exits 0.
 #[test]
 fn vmm_boots_a_full_debian_guest_under_systemd_and_sigterm_powers_it_off() {
-    if let Some(why) = prerequisites() {
-        skip!("{why}");
-    }
-    let root = imagefs_tests::workspace_root().join("target/guest");
-    let (initramfs, image) = (root.join("initramfs.cpio.gz"), root.join("fullguest.img"));
-    for f in [&initramfs, &image] {
-        if !f.is_file() {
-            skip!("{} is missing (make guest fullguest)", f.display());
-        }
-    }
-    if !bin("imagefs").is_file() {
-        skip!("{} is not built", bin("imagefs").display());
-    }
+    let [initramfs, image] = match agent_prerequisites(["initramfs.cpio.gz", "fullguest.img"]) {
+        Ok(paths) => paths,
+        Err(why) => skip!("{why}"),
+    };
     twice_if_flaky(|| full_guest_under_vmm(&initramfs, &image)).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
