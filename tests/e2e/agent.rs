@@ -389,6 +389,19 @@ fn cli_talks_to_the_agent(socket: &Path, conf_hash: &str) -> anyhow::Result<()> 
     );
     let out = run(&["hash", "--socket", sock, "/no/such/file"])?;
     assert_eq!(out.status.code(), Some(3), "not found is exit 3: {out:?}");
+    // Output that is not UTF-8 reaches the caller byte for byte.
+    let out = run(&[
+        "exec",
+        "--socket",
+        sock,
+        "--shell",
+        "printf 'a\\377\\000b'; printf '\\351' >&2",
+    ])?;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        (out.stdout.as_slice(), out.stderr.as_slice()),
+        (&b"a\xff\x00b"[..], &b"\xe9"[..])
+    );
     // The agent binary itself as the command: it rejects the flag with its usage exit code.
     let out = run(&["exec", "--socket", sock, "--", "/init", "--bogus-flag"])?;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
