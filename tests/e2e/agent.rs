@@ -86,7 +86,7 @@ fn agent_boots_as_init_and_answers_ping_hash_exec() {
     );
 
     let agent = vm.agent(Duration::from_secs(20));
-    cli_passes_binary_output(vm.agent_socket());
+    cli_passes_binary_output(vm.agent_socket()).unwrap();
     let h = agent.hash("/opt/app/version").unwrap();
     assert_eq!(
         (h.blake3, h.size),
@@ -402,18 +402,18 @@ fn cli_talks_to_the_agent(socket: &Path, conf_hash: &str) -> anyhow::Result<()> 
 
 /// `imagefs agent exec` hands on output that is not UTF-8 byte for byte (needs a root disk
 /// with /bin/sh and printf).
-fn cli_passes_binary_output(socket: &Path) {
+fn cli_passes_binary_output(socket: &Path) -> anyhow::Result<()> {
     let out = std::process::Command::new(imagefs_tests::bin("imagefs"))
         .args(["agent", "exec", "--socket"])
         .arg(socket)
         .args(["--shell", "printf 'a\\377\\000b'; printf '\\351' >&2"])
-        .output()
-        .unwrap();
+        .output()?;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
         (out.stdout.as_slice(), out.stderr.as_slice()),
         (&b"a\xff\x00b"[..], &b"\xe9"[..])
     );
+    Ok(())
 }
 
 /// The master side of a pseudo-terminal whose slave the agent serves as its "serial port".
