@@ -568,6 +568,8 @@ fn live_substitutions(s: &mut LiveSetup, runs: usize, steps: bool) -> anyhow::Re
         let sub = t.elapsed();
         let polls = s.live.wait_hash("solo", FILE, &s.h2)?;
         println!("BENCH live-sub ours {:.4}", t.elapsed().as_secs_f64());
+        // `substitute` returns once the agent acked, i.e. once the guest reads the new bytes.
+        println!("BENCH live-sub command {:.4}", sub.as_secs_f64());
         if steps {
             let v: serde_json::Value =
                 serde_json::from_str(out.lines().next_back().unwrap_or("{}")).unwrap_or_default();
