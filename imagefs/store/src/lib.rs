@@ -20,6 +20,11 @@
 //!   of RAM and 100 s for a 3 GiB import, this file 113 MB and 17 s.)
 //!   `open_rebuilding_index` deletes both and rebuilds them from the packs and the refs log.
 //! - `lock`: flock'ed by the one writer (`Busy` for a second one).
+//! - `flat/`: [`flat::FlatCache`], a bounded cache (a byte budget, LRU eviction) of versions
+//!   as sparse raw files `<version id>.raw`, backing files for FUSE passthrough. Built as
+//!   `.<version id>.tmp` from verified blocks, fdatasynced, then renamed, so a `.raw` is always
+//!   complete; `open` deletes temporaries and copies of versions the store no longer has.
+//!   Derived data only: deleting the directory loses nothing.
 //!
 //! # Block maps
 //! A Merkle tree of canonical shape (fanout 32, 1 KiB nodes; the shape depends only on the
@@ -45,6 +50,7 @@ mod bundle;
 mod cache;
 mod error;
 pub mod ext4;
+pub mod flat;
 mod ids;
 mod import;
 pub mod instance;
