@@ -41,8 +41,9 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("IMAGEFS_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sled=off")),
+            tracing_subscriber::EnvFilter::try_from_env("IMAGEFS_LOG").unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("warn,sled=off,fuser::session=error")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -103,7 +104,13 @@ fn run_forwarded(
     };
     let json = args.global.json;
     let result = match &args.command {
-        Command::Store(cmd) => cli::run(&ctx.store, cmd, json, out),
+        Command::Store(cmd) => {
+            let result = cli::run(&ctx.store, cmd, json, out);
+            if matches!(cmd, cli::StoreCommand::Gc) {
+                mount::cmd::prune_flat(ctx);
+            }
+            result
+        }
         Command::Mount(cmd) => mount::cmd::run(ctx, cmd, json, out),
         Command::Vm(cmd) => vm::run(ctx, cmd, json, out),
         Command::Agent(_) | Command::Rollout(_) => {
@@ -114,6 +121,9 @@ fn run_forwarded(
             return 2;
         }
     };
+    // A command may have moved or removed tags (import, tag, rm, commit, gc): the kernel must
+    // look those names up afresh before the CLI returns.
+    mount::cmd::refresh_tags(ctx);
     match result {
         Ok(()) => 0,
         Err(e) => cli::report(&e, json, out, err),

@@ -90,12 +90,17 @@ impl Mounted {
     }
 
     fn start(&mut self) {
+        self.start_with(&[]);
+    }
+
+    fn start_with(&mut self, extra: &[&str]) {
         let log = File::create(self.dir.path().join("daemon.stderr")).unwrap();
         let child = Command::new(bin("imagefs"))
             .arg("--store")
             .arg(&self.store)
             .arg("mount")
             .arg(&self.mnt)
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -282,6 +287,152 @@ fn a_corrupt_block_is_eio_never_wrong_bytes() {
         log.contains("corrupt"),
         "the daemon did not log the corruption: {log}"
     );
+}
+
+/// The flat copies the daemon holds, from `prefetch --list --json`: (id, allocated bytes).
+fn flat_copies(m: &Mounted) -> Vec<(String, u64)> {
+    let v: serde_json::Value =
+        serde_json::from_str(&m.ok(&["prefetch", "--list", "--json"])).unwrap();
+    v["copies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_str().unwrap().to_string(),
+                c["allocated"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// Bytes of `path` in the page cache (util-linux fincore).
+fn resident(path: &Path) -> u64 {
+    let out = Command::new("fincore")
+        .args(["--bytes", "--noheadings", "-o", "RES"])
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn bulk_read_versions_are_passed_through_to_a_flat_copy() {
+    if !is_root() {
+        skip!("FUSE mounts and passthrough need root here");
+    }
+    if Command::new("fincore").arg("--version").output().is_err() {
+        skip!("needs fincore (util-linux)");
+    }
+    let mut m = Mounted::new();
+    let a = source_image(768, "pa");
+    let mut b = a.clone();
+    b[7 * BS..9 * BS].copy_from_slice(&noise("pb", 2 * BS));
+    m.import("a.img", &a, "web:v1");
+    m.import("b.img", &b, "web:v2");
+    m.ok(&["tag", "web:latest", "web:v1"]);
+    m.start();
+    let log = || std::fs::read_to_string(m.dir.path().join("daemon.stderr")).unwrap_or_default();
+    let flat_dir = m.store.join("flat");
+
+    // A peek (qemu-img info reads a few KiB) costs no copy; a bulk read gets one, in the
+    // background.
+    let mut head = [0u8; BS];
+    File::open(m.path("images/web/v1.raw"))
+        .unwrap()
+        .read_exact_at(&mut head, 0)
+        .unwrap();
+    assert_eq!(head, a[..BS]);
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(flat_copies(&m).is_empty(), "a 4 KiB read made a copy");
+    if log().contains("no FUSE passthrough") {
+        skip!("this kernel offers no FUSE passthrough: {}", log());
+    }
+    assert_eq!(m.read("images/web/v1.raw"), a);
+    assert!(
+        wait_until(Duration::from_secs(20), || flat_copies(&m).len() == 1),
+        "no flat copy after a bulk read: {}",
+        log()
+    );
+    let v1_id = flat_copies(&m)[0].0.clone();
+    let v1_copy = flat_dir.join(format!("{v1_id}.raw"));
+    assert_eq!(std::fs::read(&v1_copy).unwrap(), a);
+    let copy_meta = std::fs::metadata(&v1_copy).unwrap();
+    assert!(
+        copy_meta.blocks() * 512 < a.len() as u64,
+        "the copy is not sparse"
+    );
+
+    // The next open is served by the kernel from the copy: with the copy's pages dropped, a
+    // read through the mount brings them back (the daemon's own reads come from packs).
+    let drop_cache = |p: &Path| {
+        let st = Command::new("dd")
+            .arg(format!("if={}", p.display()))
+            .args(["iflag=nocache", "count=0", "status=none"])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    drop_cache(&v1_copy);
+    assert!(resident(&v1_copy) < a.len() as u64 / 4);
+    assert_eq!(m.read("images/web/v1.raw"), a);
+    assert!(
+        resident(&v1_copy) >= copy_meta.blocks() * 512 * 9 / 10,
+        "reading the mount did not read the flat copy ({} of {} bytes resident)",
+        resident(&v1_copy),
+        copy_meta.blocks() * 512
+    );
+    let out = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "raw"])
+        .arg(m.path("images/web/v1.raw"))
+        .arg(m.dir.path().join("a.img"))
+        .status()
+        .unwrap();
+    assert_eq!(out.code(), Some(0));
+
+    // prefetch builds a copy now, and the mount serves it.
+    let said = m.ok(&["prefetch", "web:v2"]);
+    assert!(said.contains("flat copy ready"), "{said}");
+    assert_eq!(flat_copies(&m).len(), 2);
+    assert_eq!(m.read("images/web/v2.raw"), b);
+
+    // A tag moved while its old version is passed through: the open file keeps the old bytes,
+    // a new open shows the new version (a moved tag is a new file to the kernel).
+    let held = File::open(m.path("images/web/latest.raw")).unwrap();
+    let mut buf = vec![0u8; 4 * BS];
+    held.read_exact_at(&mut buf, 6 * BS as u64).unwrap();
+    assert_eq!(buf, a[6 * BS..10 * BS]);
+    m.ok(&["tag", "web:latest", "web:v2"]);
+    assert_eq!(
+        m.read("images/web/latest.raw"),
+        b,
+        "the moved tag shows its new version at once"
+    );
+    held.read_exact_at(&mut buf, 6 * BS as u64).unwrap();
+    assert_eq!(
+        buf,
+        a[6 * BS..10 * BS],
+        "the open file changed under its reader"
+    );
+    drop(held);
+    assert_eq!(m.read("images/web/latest.raw"), b);
+
+    // gc drops the copy of a version it removes.
+    m.ok(&["rm", "web:latest"]);
+    m.ok(&["rm", "web:v2"]);
+    m.ok(&["gc"]);
+    let left = flat_copies(&m);
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].0, v1_id);
+    m.stop();
+
+    // --flat-cache 0: no copies, no passthrough, the same bytes.
+    m.start_with(&["--flat-cache", "0"]);
+    assert_eq!(m.read("images/web/v1.raw"), a);
+    let refused = m.cli(&["prefetch", "web:v1"]);
+    assert_eq!(refused.status.code(), Some(4));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no flat copies"));
+    m.stop();
 }
 
 fn pwrite_all(f: &File, data: &[u8], off: u64) {

@@ -129,9 +129,13 @@ pub struct FsckArgs {
     pub repair: bool,
 }
 
-/// Parses a size with an optional K/M suffix (binary units).
+/// Parses a size with an optional K/M/G suffix (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.trim().to_ascii_uppercase() {
+        t if t.ends_with("GIB") || t.ends_with('G') => (
+            t.trim_end_matches("GIB").trim_end_matches('G').to_string(),
+            1 << 30,
+        ),
         t if t.ends_with("KIB") || t.ends_with('K') => (
             t.trim_end_matches("KIB").trim_end_matches('K').to_string(),
             1024,
@@ -145,7 +149,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     num.parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(mult))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 65536, 64K, 1M)"))
+        .ok_or_else(|| format!("{s:?} is not a size (e.g. 65536, 64K, 1M, 8G)"))
 }
 
 /// `--store`, else `$IMAGEFS_STORE`, else the per-user data dir.

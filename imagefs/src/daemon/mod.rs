@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
+use imagefs_store::flat::FlatCache;
 use imagefs_store::instance::Instances;
 use imagefs_store::Store;
 
@@ -127,6 +128,8 @@ pub struct MountConfig {
     pub threads: usize,
     /// Detach into the background once the mount is up.
     pub daemonize: bool,
+    /// Bytes of flat version copies kept for passthrough reads (0: none, no passthrough).
+    pub flat_budget: u64,
 }
 
 /// Runs one command forwarded over the control socket against the daemon's context.
@@ -191,17 +194,28 @@ fn serve(
     let instances = Arc::new(Instances::new(&store));
     crate::mount::register_gc_roots(&store, &instances);
     let listener = control::bind(&cfg.store_dir)?;
-    let model = Arc::new(Model::new(store.clone(), instances.clone()));
+    let mut model = Model::new(store.clone(), instances.clone());
+    if cfg.flat_budget > 0 {
+        match FlatCache::open(store.clone(), cfg.flat_budget) {
+            Ok(flat) => model = model.with_flat(flat),
+            // Reads still work, through the daemon; say why they are slower.
+            Err(e) => {
+                tracing::warn!(error = %e, "no flat copies: version files are served by the daemon")
+            }
+        }
+    }
+    let model = Arc::new(model);
     let pool = Pool::new(cfg.threads).map_err(DaemonError::Setup)?;
     let fs = FuseFs::new(model.clone(), pool);
-    let options = [
+    let mut options = fuser::Config::default();
+    options.mount_options = vec![
         fuser::MountOption::FSName("imagefs".into()),
         fuser::MountOption::Subtype("imagefs".into()),
-        fuser::MountOption::AllowOther,
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::CUSTOM(format!("max_read={MAX_IO}")),
     ];
-    let mut session = fuser::Session::new(fs, &cfg.mountpoint, &options).map_err(|source| {
+    options.acl = fuser::SessionACL::All;
+    let session = fuser::Session::new(fs, &cfg.mountpoint, &options).map_err(|source| {
         DaemonError::Mount {
             path: cfg.mountpoint.clone(),
             source,
@@ -241,9 +255,6 @@ fn serve(
     }
     let served = session.run();
     life.on(Event::SessionEnded);
-    // The kernel has already dropped the mount; fuser's drop would try to unmount again and
-    // log a spurious EINVAL. The fd and the model go with the process a moment later.
-    std::mem::forget(session);
     let flushed = instances.flush_all(&store);
     let _ = std::fs::remove_file(control::socket_path(&cfg.store_dir));
     life.on(Event::Closed);

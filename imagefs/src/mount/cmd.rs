@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use imagefs_store::flat::{FlatCache, FlatError};
 use imagefs_store::instance::{
     ConflictPolicy, InstanceError, InstanceId, SubstituteOutcome, SubstituteRequest,
 };
@@ -16,6 +17,7 @@ use imagefs_store::{ImageName, Tag};
 use serde_json::json;
 
 use super::Ctx;
+use crate::cli::output::human_bytes;
 use crate::cli::{exit_code, CliError};
 
 /// The mount-side subcommands (flattened into the CLI's command enum).
@@ -32,6 +34,20 @@ pub enum MountCommand {
     Substitute(SubstituteArgs),
     /// Show an instance's event log (creation, substitutions, commits)
     Log(LogArgs),
+    /// Build flat copies of versions now, so the mount serves their files at local-disk speed
+    /// (the kernel reads the copy directly: FUSE passthrough); --list shows the copies
+    Prefetch(PrefetchArgs),
+}
+
+/// `imagefs prefetch NAME:TAG|ID... | --list`.
+#[derive(Debug, Clone, Args)]
+pub struct PrefetchArgs {
+    /// Versions to copy (NAME:TAG or a version id).
+    #[arg(required_unless_present = "list")]
+    pub versions: Vec<String>,
+    /// List the flat copies held instead.
+    #[arg(long, conflicts_with = "versions")]
+    pub list: bool,
 }
 
 /// Runs `cmd` in a CLI process that holds no store yet (no daemon runs for `dir`).
@@ -50,6 +66,7 @@ pub fn run_dir(
                 mountpoint: abs(&a.mountpoint),
                 threads: a.threads,
                 daemonize: a.daemon,
+                flat_budget: a.flat_cache,
             };
             crate::daemon::run(cfg, dispatch).map_err(|e| {
                 use crate::daemon::DaemonError;
@@ -99,7 +116,100 @@ pub fn run(ctx: &Ctx, cmd: &MountCommand, json: bool, out: &mut dyn Write) -> Re
         MountCommand::Instance(c) => instance(ctx, c, json, out),
         MountCommand::Substitute(a) => substitute(ctx, a, json, out),
         MountCommand::Log(a) => log(ctx, a, json, out),
+        MountCommand::Prefetch(a) => prefetch(ctx, a, json, out),
     }
+}
+
+/// Without a daemon, `prefetch` fills the same cache the next mount will use.
+const OFFLINE_FLAT_BUDGET: u64 = 8 << 30;
+
+/// The flat-copy cache: the live mount's, or one opened over the CLI's store.
+fn flat_cache(ctx: &Ctx) -> Result<std::sync::Arc<FlatCache>, CliError> {
+    match &ctx.live {
+        Some(live) => live.model.flat().cloned().ok_or_else(|| {
+            CliError::new(
+                4,
+                "this mount keeps no flat copies (it was started with --flat-cache 0)",
+            )
+        }),
+        None => FlatCache::open(ctx.store.clone(), OFFLINE_FLAT_BUDGET).map_err(flat_err),
+    }
+}
+
+fn flat_err(e: FlatError) -> CliError {
+    let code = match &e {
+        FlatError::Store(s) => exit_code(s.kind()),
+        FlatError::TooLarge { .. } | FlatError::NoSpace { .. } => 4,
+        _ => 1,
+    };
+    CliError::new(code, e.to_string())
+}
+
+/// Makes the kernel forget tag names that now lead to another version (or none).
+pub fn refresh_tags(ctx: &Ctx) {
+    if let Some(live) = &ctx.live {
+        live.inval.invalidate_entries(&live.model.moved_tags());
+    }
+}
+
+/// Drops flat copies of versions gc removed (a failure only leaves disk used).
+pub fn prune_flat(ctx: &Ctx) {
+    if let Some(flat) = ctx.live.as_ref().and_then(|l| l.model.flat()) {
+        if let Err(e) = flat.prune() {
+            tracing::warn!(error = %e, "pruning flat copies after gc failed");
+        }
+    }
+}
+
+fn prefetch(ctx: &Ctx, a: &PrefetchArgs, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let flat = flat_cache(ctx)?;
+    if a.list {
+        let copies = flat.list();
+        if json {
+            let v = json!({ "budget": flat.budget(), "copies": copies });
+            return writeln!(out, "{v}").map_err(io_err);
+        }
+        let used: u64 = copies.iter().map(|c| c.allocated).sum();
+        for c in &copies {
+            writeln!(
+                out,
+                "{}  {:>10} on disk  {:>10} apparent",
+                c.id,
+                human_bytes(c.allocated),
+                human_bytes(c.size)
+            )
+            .map_err(io_err)?;
+        }
+        return writeln!(
+            out,
+            "{} flat copies, {} of {} budget",
+            copies.len(),
+            human_bytes(used),
+            human_bytes(flat.budget())
+        )
+        .map_err(io_err);
+    }
+    let mut done = Vec::new();
+    for spec in &a.versions {
+        let id = ctx.store.resolve(spec)?;
+        let started = Instant::now();
+        flat.ensure(&id).map_err(flat_err)?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        if json {
+            done.push(json!({ "version": spec, "id": id.to_string(), "ms": ms }));
+        } else {
+            writeln!(
+                out,
+                "{spec} ({}): flat copy ready in {ms:.0} ms",
+                id.short()
+            )
+            .map_err(io_err)?;
+        }
+    }
+    if json {
+        writeln!(out, "{}", json!({ "prefetched": done })).map_err(io_err)?;
+    }
+    Ok(())
 }
 
 /// `imagefs mount MOUNTPOINT`.
@@ -113,6 +223,11 @@ pub struct MountArgs {
     /// Worker threads serving reads and writes.
     #[arg(long, default_value_t = 8)]
     pub threads: usize,
+    /// Disk kept for flat copies of opened versions (STORE/flat), which the kernel reads
+    /// directly (FUSE passthrough) at local-disk speed; least recently used go first. 0 turns
+    /// them off: every read is then served, and verified, by the daemon.
+    #[arg(long, default_value = "8G", value_parser = crate::cli::parse_size)]
+    pub flat_cache: u64,
 }
 
 /// `imagefs umount MOUNTPOINT`.

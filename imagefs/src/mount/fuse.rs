@@ -1,24 +1,27 @@
-//! The fuser 0.15 adapter, and the only file that knows fuser's request API: each method calls
+//! The fuser 0.18 adapter, and the only file that knows fuser's request API: each method calls
 //! a `Model` method and replies. Invariant: no storage logic here; data requests (read, write,
 //! fsync, fallocate) run on a worker pool so the session thread keeps reading requests, and
-//! every request gets exactly one reply.
+//! every request gets exactly one reply. It also holds the kernel's backing ids of passthrough
+//! opens (a fuser type): one per (inode, version) while any open uses it.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 use fuser::{
-    FileAttr, FileType, Filesystem, KernelConfig, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, Request, TimeOrNow,
+    BackingId, BsdFileFlags, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
+use imagefs_store::VersionId;
 
-use super::model::{Attr, Errno, Kind, Model};
+use super::model::{Attr, Errno, Kind, Model, OpenMode};
 
 /// Largest read and write the kernel is asked to send in one request.
 pub const MAX_IO: u32 = 1 << 20;
-/// FOPEN_KEEP_CACHE: keep the page cache across opens (we invalidate precisely instead).
-const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 /// How long the kernel may cache attributes and entries.
 const TTL: Duration = Duration::from_secs(1);
 
@@ -55,6 +58,15 @@ impl Pool {
     }
 }
 
+/// Backing ids of passthrough opens. The kernel wants one id per inode for all its opens; an
+/// id lives while a handle holds it, and is keyed by version too, so a tag that moved never
+/// reuses its old version's id.
+#[derive(Debug, Default)]
+struct Backings {
+    by_file: HashMap<(u64, VersionId), Weak<BackingId>>,
+    by_fh: HashMap<u64, Arc<BackingId>>,
+}
+
 /// The filesystem handed to fuser.
 #[derive(Debug)]
 pub struct FuseFs {
@@ -62,6 +74,7 @@ pub struct FuseFs {
     pool: Pool,
     uid: u32,
     gid: u32,
+    backings: Mutex<Backings>,
 }
 
 impl FuseFs {
@@ -74,7 +87,31 @@ impl FuseFs {
             pool,
             uid,
             gid,
+            backings: Mutex::new(Backings::default()),
         }
+    }
+
+    /// The backing id of `file` for `ino`, registered with the kernel on first use.
+    fn backing(
+        &self,
+        reply: &ReplyOpen,
+        ino: u64,
+        version: VersionId,
+        file: &std::fs::File,
+        fh: u64,
+    ) -> std::io::Result<()> {
+        let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+        let id = match b.by_file.get(&(ino, version)).and_then(Weak::upgrade) {
+            Some(id) => id,
+            None => {
+                let id = Arc::new(reply.open_backing(file)?);
+                b.by_file.retain(|_, w| w.strong_count() > 0);
+                b.by_file.insert((ino, version), Arc::downgrade(&id));
+                id
+            }
+        };
+        b.by_fh.insert(fh, id);
+        Ok(())
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -84,7 +121,7 @@ impl FuseFs {
 
 fn to_file_attr(a: &Attr, uid: u32, gid: u32) -> FileAttr {
     FileAttr {
-        ino: a.ino,
+        ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.blocks,
         atime: a.mtime,
@@ -113,49 +150,65 @@ fn kind(k: Kind) -> FileType {
 
 impl FuseFs {
     /// flush and fsync both make the handle's writes durable, on a worker thread.
-    fn sync_on_worker(&self, fh: u64, reply: ReplyEmpty) {
+    fn sync_on_worker(&self, fh: FileHandle, reply: ReplyEmpty) {
         let model = self.model.clone();
-        let h = match model.handle(fh) {
+        let h = match model.handle(fh.0) {
             Ok(h) => h,
-            Err(Errno(e)) => return reply.error(e),
+            Err(e) => return reply.error(errno(e)),
         };
         self.pool.run(move || match model.fsync(&h) {
             Ok(()) => reply.ok(),
-            Err(Errno(e)) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         });
     }
 }
 
+fn errno(Errno(e): Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e)
+}
+
 impl Filesystem for FuseFs {
-    fn init(&mut self, _req: &Request<'_>, config: &mut KernelConfig) -> Result<(), libc::c_int> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // The kernel may cap these lower; the nearest allowed value is fine.
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         let _ = config.set_max_background(64);
+        // Passthrough lets version files read at the backing file's speed (its large folios);
+        // stack depth 1: our copies live on a plain local filesystem.
+        if self.model.flat().is_some() {
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            if !granted {
+                tracing::warn!(
+                    "the kernel offers no FUSE passthrough: version files are served by the daemon"
+                );
+            }
+            self.model.set_passthrough(granted);
+        }
         Ok(())
     }
 
-    fn lookup(&mut self, _req: &Request<'_>, parent: u64, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else {
-            return reply.error(libc::ENOENT);
+            return reply.error(fuser::Errno::ENOENT);
         };
-        match self.model.lookup(parent, name) {
-            Ok(a) => reply.entry(&TTL, &self.attr(&a), 0),
-            Err(Errno(e)) => reply.error(e),
+        match self.model.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&TTL, &self.attr(&a), Generation(0)),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
-    fn getattr(&mut self, _req: &Request<'_>, ino: u64, _fh: Option<u64>, reply: ReplyAttr) {
-        match self.model.getattr(ino) {
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.model.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
-            Err(Errno(e)) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
     fn setattr(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
         _mode: Option<u32>,
         _uid: Option<u32>,
         _gid: Option<u32>,
@@ -163,140 +216,199 @@ impl Filesystem for FuseFs {
         _atime: Option<TimeOrNow>,
         _mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<u64>,
+        _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
-        _flags: Option<u32>,
+        _flags: Option<BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.model.setattr(ino, size) {
+        match self.model.setattr(ino.0, size) {
             Ok(a) => reply.attr(&TTL, &self.attr(&a)),
-            Err(Errno(e)) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         }
     }
 
-    fn open(&mut self, _req: &Request<'_>, ino: u64, flags: i32, reply: ReplyOpen) {
-        match self.model.open(ino, flags) {
-            Ok((fh, keep)) => reply.opened(fh, if keep { FOPEN_KEEP_CACHE } else { 0 }),
-            Err(Errno(e)) => reply.error(e),
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let (fh, mode) = match self.model.open(ino.0, flags.0) {
+            Ok(opened) => opened,
+            Err(e) => return reply.error(errno(e)),
+        };
+        match mode {
+            OpenMode::Cached { keep: true } => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            OpenMode::Cached { keep: false } => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            OpenMode::Passthrough { version, file } => {
+                match self.backing(&reply, ino.0, version, &file, fh) {
+                    Ok(()) => {
+                        let b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
+                        match b.by_fh.get(&fh) {
+                            Some(id) => {
+                                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
+                            }
+                            None => reply.error(fuser::Errno::EIO),
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the kernel refused a passthrough backing file: version files are served by the daemon from now on");
+                        self.model.passthrough_refused(fh);
+                        reply.opened(FileHandle(fh), FopenFlags::empty());
+                    }
+                }
+            }
         }
     }
 
     fn read(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
         size: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
         let model = self.model.clone();
-        let h = match model.handle(fh) {
+        let h = match model.handle(fh.0) {
             Ok(h) => h,
-            Err(Errno(e)) => return reply.error(e),
+            Err(e) => return reply.error(errno(e)),
         };
         self.pool.run(move || match model.read(&h, offset, size) {
             Ok(data) => reply.data(&data),
-            Err(Errno(e)) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         });
     }
 
     fn write(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
         data: &[u8],
-        _write_flags: u32,
-        _flags: i32,
-        _lock_owner: Option<u64>,
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         let model = self.model.clone();
-        let h = match model.handle(fh) {
+        let h = match model.handle(fh.0) {
             Ok(h) => h,
-            Err(Errno(e)) => return reply.error(e),
+            Err(e) => return reply.error(errno(e)),
         };
         // fuser reuses its request buffer, so the data is copied before leaving this thread.
         let data = data.to_vec();
         self.pool.run(move || match model.write(&h, offset, &data) {
             Ok(n) => reply.written(n),
-            Err(Errno(e)) => reply.error(e),
+            Err(e) => reply.error(errno(e)),
         });
     }
 
-    fn flush(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _lo: u64, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         self.sync_on_worker(fh, reply);
     }
 
-    fn fsync(&mut self, _req: &Request<'_>, _ino: u64, fh: u64, _ds: bool, reply: ReplyEmpty) {
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
         self.sync_on_worker(fh, reply);
     }
 
     fn release(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        _flags: i32,
-        _lock_owner: Option<u64>,
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.model.release(fh);
+        self.model.release(fh.0);
+        // The last handle of a backing id drops it, and with it the kernel's reference.
+        self.backings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_fh
+            .remove(&fh.0);
         reply.ok();
     }
 
     fn readdir(
-        &mut self,
-        _req: &Request<'_>,
-        ino: u64,
-        _fh: u64,
-        offset: i64,
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.model.readdir(ino) {
+        let entries = match self.model.readdir(ino.0) {
             Ok(e) => e,
-            Err(Errno(e)) => return reply.error(e),
+            Err(e) => return reply.error(errno(e)),
         };
-        let skip = usize::try_from(offset).unwrap_or(0);
+        let skip = usize::try_from(offset).unwrap_or(usize::MAX);
         for (i, e) in entries.iter().enumerate().skip(skip) {
-            let next = i64::try_from(i + 1).unwrap_or(i64::MAX);
-            if reply.add(e.ino, next, kind(e.kind), &e.name) {
+            if reply.add(INodeNo(e.ino), i as u64 + 1, kind(e.kind), &e.name) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn statfs(&mut self, _req: &Request<'_>, _ino: u64, reply: ReplyStatfs) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
+        // ENOSYS: the kernel stops asking for the life of the mount (no extended attributes).
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(fuser::Errno::ENOSYS);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
     }
 
     fn fallocate(
-        &mut self,
-        _req: &Request<'_>,
-        _ino: u64,
-        fh: u64,
-        offset: i64,
-        length: i64,
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
         let model = self.model.clone();
-        let h = match model.handle(fh) {
+        let h = match model.handle(fh.0) {
             Ok(h) => h,
-            Err(Errno(e)) => return reply.error(e),
+            Err(e) => return reply.error(errno(e)),
         };
         self.pool
             .run(move || match model.fallocate(&h, offset, length, mode) {
                 Ok(()) => reply.ok(),
-                Err(Errno(e)) => reply.error(e),
+                Err(e) => reply.error(errno(e)),
             });
     }
 }

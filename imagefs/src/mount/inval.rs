@@ -37,11 +37,17 @@ impl std::fmt::Debug for Invalidator {
 pub trait Notify: Send + Sync + 'static {
     /// Drops the kernel's cached pages of `ino` in `offset..offset+len`.
     fn inval_inode(&self, ino: u64, offset: i64, len: i64) -> std::io::Result<()>;
+    /// Drops the kernel's cached entry `name` of directory `parent`.
+    fn inval_entry(&self, parent: u64, name: &str) -> std::io::Result<()>;
 }
 
 impl Notify for fuser::Notifier {
     fn inval_inode(&self, ino: u64, offset: i64, len: i64) -> std::io::Result<()> {
-        fuser::Notifier::inval_inode(self, ino, offset, len)
+        fuser::Notifier::inval_inode(self, fuser::INodeNo(ino), offset, len)
+    }
+
+    fn inval_entry(&self, parent: u64, name: &str) -> std::io::Result<()> {
+        fuser::Notifier::inval_entry(self, fuser::INodeNo(parent), std::ffi::OsStr::new(name))
     }
 }
 
@@ -99,6 +105,21 @@ impl Invalidator {
             wait.recv_deadline(deadline).ok()?;
         }
         Some(t.elapsed())
+    }
+}
+
+impl Invalidator {
+    /// Drops directory entries from the kernel's cache, on the calling thread (which, as for
+    /// `invalidate`, must not serve FUSE requests).
+    pub fn invalidate_entries(&self, entries: &[(u64, String)]) {
+        for (parent, name) in entries {
+            // ENOENT: the kernel holds no such entry; nothing to drop.
+            if let Err(e) = self.own.inval_entry(*parent, name) {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    tracing::warn!(parent, name, error = %e, "inval_entry failed");
+                }
+            }
+        }
     }
 }
 

@@ -2,13 +2,21 @@
 //! images/NAME/TAG.raw, versions/ID.raw and instances/ID.raw, open handles, and each operation
 //! as a method returning `Result<_, Errno>`. Invariants: an inode number names one node for the
 //! life of the mount (never reused); version files are read-only (EROFS on any write); every
-//! byte served comes from the store through one version or one instance view.
+//! byte served comes from the store through one version or one instance view, or, for a
+//! version file in passthrough, from that version's flat copy (which the store built from it).
+//!
+//! How each open is served (`OpenMode`) follows the kernel's rule that one inode is either in
+//! cached mode or in passthrough to one backing file at a time (any other open fails, EIO): an
+//! inode with cached opens stays cached, one in passthrough stays on its copy. Every file
+//! inode's bytes are fixed (a moved tag is a new inode), so one backing file always fits.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
+use imagefs_store::flat::FlatCache;
 use imagefs_store::instance::{Instance, InstanceError, InstanceId, Instances};
 use imagefs_store::{ErrorKind, ImageName, Store, StoreError, Tag, Version, VersionId};
 
@@ -50,6 +58,10 @@ impl From<InstanceError> for Errno {
     }
 }
 
+/// Bytes of a version served by the daemon after which it gets a flat copy (or half the
+/// version, if smaller).
+const BULK_READ: u64 = 64 << 20;
+
 /// Inodes of the fixed directories.
 pub const ROOT_INO: u64 = 1;
 const IMAGES_INO: u64 = 2;
@@ -70,8 +82,10 @@ pub enum Node {
     InstancesDir,
     /// `images/NAME/`.
     Image(ImageName),
-    /// `images/NAME/TAG.raw`: whatever version the tag names when opened.
-    Tagged(ImageName, Tag),
+    /// `images/NAME/TAG.raw` as it was while the tag named this version: one inode per
+    /// (tag, version), so a file's bytes never change under its inode. Moving a tag is, to the
+    /// kernel, a new file renamed over the name; open files keep the old one.
+    Tagged(ImageName, Tag, VersionId),
     /// `versions/ID.raw`.
     Version(VersionId),
     /// `instances/ID.raw`.
@@ -127,6 +141,46 @@ pub enum Handle {
     Instance(Arc<Instance>),
 }
 
+/// How the kernel serves an open file.
+#[derive(Debug, Clone)]
+pub enum OpenMode {
+    /// Through the daemon, with the kernel's page cache; `keep`: what it caches is still valid.
+    Cached {
+        /// Keep the inode's cached pages (FOPEN_KEEP_CACHE).
+        keep: bool,
+    },
+    /// Straight from `version`'s flat copy `file` (FUSE passthrough): the daemon sees no reads.
+    Passthrough {
+        /// The version whose bytes `file` holds.
+        version: VersionId,
+        /// Its flat copy.
+        file: Arc<File>,
+    },
+}
+
+/// Which of the kernel's I/O modes an open handle holds on its inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IoKind {
+    Cached,
+    Passthrough,
+}
+
+/// One inode's open handles per I/O mode.
+#[derive(Debug, Default)]
+struct InodeIo {
+    cached: u32,
+    passthrough: u32,
+    /// The copy the inode is passed through to while `passthrough > 0`.
+    backing: Option<(VersionId, Arc<File>)>,
+}
+
+#[derive(Debug, Default)]
+struct IoState {
+    inodes: HashMap<u64, InodeIo>,
+    /// fh -> (inode, mode), for release.
+    handles: HashMap<u64, (u64, IoKind)>,
+}
+
 #[derive(Debug, Default)]
 struct Inodes {
     by_ino: HashMap<u64, Node>,
@@ -144,11 +198,18 @@ pub struct Model {
     next_fh: AtomicU64,
     /// Non-hole block count per version, computed once (versions are immutable).
     allocated: Mutex<HashMap<VersionId, u64>>,
-    /// Which version each tag inode showed when last opened (to keep or drop its page cache).
-    tag_seen: Mutex<HashMap<u64, VersionId>>,
     /// Last write time of each instance since the mount.
     written: Mutex<HashMap<InstanceId, SystemTime>>,
     started: SystemTime,
+    /// Flat copies of versions, for passthrough (None: every read goes through the daemon).
+    flat: Option<Arc<FlatCache>>,
+    /// Whether the kernel accepted passthrough at init (and it has not failed since).
+    passthrough: AtomicBool,
+    /// Tag inodes whose name already leads elsewhere (reported once by `moved_tags`).
+    stale_tags: Mutex<HashSet<u64>>,
+    /// Bytes the daemon has served per version without a flat copy (to ask for one).
+    served: Mutex<HashMap<VersionId, u64>>,
+    io: Mutex<IoState>,
 }
 
 fn secs(s: u64) -> SystemTime {
@@ -183,10 +244,35 @@ impl Model {
             handles: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             allocated: Mutex::new(HashMap::new()),
-            tag_seen: Mutex::new(HashMap::new()),
             written: Mutex::new(HashMap::new()),
             started: SystemTime::now(),
+            flat: None,
+            passthrough: AtomicBool::new(false),
+            stale_tags: Mutex::new(HashSet::new()),
+            served: Mutex::new(HashMap::new()),
+            io: Mutex::new(IoState::default()),
         }
+    }
+
+    /// Serves version files from `flat` copies once the kernel allows passthrough.
+    pub fn with_flat(mut self, flat: Arc<FlatCache>) -> Model {
+        self.flat = Some(flat);
+        self
+    }
+
+    /// The flat-copy cache, if the mount has one.
+    pub fn flat(&self) -> Option<&Arc<FlatCache>> {
+        self.flat.as_ref()
+    }
+
+    /// Called at FUSE init: whether the kernel granted passthrough.
+    pub fn set_passthrough(&self, on: bool) {
+        self.passthrough.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether new version opens may be passed through.
+    pub fn passthrough(&self) -> bool {
+        self.flat.is_some() && self.passthrough.load(Ordering::Relaxed)
     }
 
     /// The inode of `node`, allocated on first use.
@@ -310,7 +396,7 @@ impl Model {
             Node::Root | Node::Images | Node::Versions | Node::InstancesDir | Node::Image(_) => {
                 Ok(self.dir_attr(ino))
             }
-            Node::Tagged(name, tag) => Ok(self.version_attr(ino, &self.resolve_tag(&name, &tag)?)),
+            Node::Tagged(_, _, id) => Ok(self.version_attr(ino, &self.store.version(&id)?)),
             Node::Version(id) => Ok(self.version_attr(ino, &self.store.version(&id)?)),
             Node::Instance(id) => Ok(self.instance_attr(ino, &*self.instance(&id)?)),
         }
@@ -335,8 +421,8 @@ impl Model {
             Node::Image(image) => {
                 let tag = name.strip_suffix(".raw").ok_or_else(enoent)?;
                 let tag = Tag::new(tag).map_err(|_| enoent())?;
-                self.resolve_tag(&image, &tag)?;
-                Node::Tagged(image, tag)
+                let id = self.resolve_tag(&image, &tag)?.id();
+                Node::Tagged(image, tag, id)
             }
             Node::Versions => {
                 let id: VersionId = name
@@ -405,9 +491,9 @@ impl Model {
                     .find(|i| i.name == image)
                     .map(|i| i.tags)
                     .unwrap_or_default();
-                for (tag, _) in tags {
+                for (tag, id) in tags {
                     let name = format!("{tag}.raw");
-                    add(Node::Tagged(image.clone(), tag), Kind::File, name);
+                    add(Node::Tagged(image.clone(), tag, id), Kind::File, name);
                 }
             }
             Node::Versions => {
@@ -429,41 +515,130 @@ impl Model {
         Ok(out)
     }
 
-    /// Opens `ino`; returns the handle and whether the kernel may keep its page cache.
-    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, bool), Errno> {
+    /// Opens `ino`; returns the handle and how the kernel is to serve it.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<(u64, OpenMode), Errno> {
         let writable = flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0;
-        let (handle, keep) = match self.node(ino)? {
+        let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        let (handle, mode) = match self.node(ino)? {
             Node::Version(id) => {
                 if writable {
                     return Err(Errno(libc::EROFS));
                 }
-                (Handle::Version(Arc::new(self.store.version(&id)?)), true)
+                let v = self.store.version(&id)?;
+                let mode = self.version_mode(&mut io, ino, &v);
+                (Handle::Version(Arc::new(v)), mode)
             }
-            Node::Tagged(name, tag) => {
+            Node::Tagged(_, _, id) => {
                 if writable {
                     return Err(Errno(libc::EROFS));
                 }
-                let v = self.resolve_tag(&name, &tag)?;
-                // The tag may have moved since the kernel cached this inode's pages.
-                let mut seen = self.tag_seen.lock().unwrap_or_else(|p| p.into_inner());
-                let keep = seen.insert(ino, v.id()) == Some(v.id());
-                (Handle::Version(Arc::new(v)), keep)
+                let v = self.store.version(&id)?;
+                let mode = self.version_mode(&mut io, ino, &v);
+                (Handle::Version(Arc::new(v)), mode)
             }
             Node::Instance(id) => {
                 if flags & libc::O_TRUNC != 0 {
                     return Err(Errno(libc::EINVAL));
                 }
+                io.inodes.entry(ino).or_default().cached += 1;
                 // Substitution invalidates exactly what changed, so the cache stays valid.
-                (Handle::Instance(self.instance(&id)?), true)
+                (
+                    Handle::Instance(self.instance(&id)?),
+                    OpenMode::Cached { keep: true },
+                )
             }
             _ => return Err(Errno(libc::EISDIR)),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let kind = match mode {
+            OpenMode::Cached { .. } => IoKind::Cached,
+            OpenMode::Passthrough { .. } => IoKind::Passthrough,
+        };
+        io.handles.insert(fh, (ino, kind));
         self.handles
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fh, handle);
-        Ok((fh, keep))
+        Ok((fh, mode))
+    }
+
+    /// Picks the mode of a read-only open of `v` on `ino` (whose bytes never change) and
+    /// counts it.
+    fn version_mode(&self, io: &mut IoState, ino: u64, v: &Version) -> OpenMode {
+        let st = io.inodes.entry(ino).or_default();
+        if st.passthrough > 0 {
+            if let Some((id, file)) = &st.backing {
+                st.passthrough += 1;
+                return OpenMode::Passthrough {
+                    version: *id,
+                    file: file.clone(),
+                };
+            }
+        }
+        if st.cached == 0 && self.passthrough() {
+            if let Some(file) = self.flat.as_ref().and_then(|f| f.ready(&v.id())) {
+                st.passthrough = 1;
+                st.backing = Some((v.id(), file.clone()));
+                return OpenMode::Passthrough {
+                    version: v.id(),
+                    file,
+                };
+            }
+        }
+        st.cached += 1;
+        OpenMode::Cached { keep: true }
+    }
+
+    /// Entries of `images/NAME/` the kernel may hold that now name another version, or none
+    /// (a tag moved or was removed): the caller drops them from the kernel's dentry cache, so
+    /// the next lookup finds the new file at once. Forgets them.
+    pub fn moved_tags(&self) -> Vec<(u64, String)> {
+        let tagged: Vec<(u64, ImageName, Tag, VersionId)> = self
+            .inodes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .by_node
+            .iter()
+            .filter_map(|(n, &ino)| match n {
+                Node::Tagged(name, tag, id) => Some((ino, name.clone(), tag.clone(), *id)),
+                _ => None,
+            })
+            .collect();
+        let mut stale = self.stale_tags.lock().unwrap_or_else(|p| p.into_inner());
+        let mut moved = Vec::new();
+        for (ino, name, tag, id) in tagged {
+            let now = self.store.resolve(&format!("{name}:{tag}")).ok();
+            if now == Some(id) {
+                // Moved back: the name leads to this inode again.
+                stale.remove(&ino);
+            } else if stale.insert(ino) {
+                let dir = self.ino(&Node::Image(name.clone()));
+                moved.push((dir, format!("{tag}.raw")));
+            }
+        }
+        moved.sort();
+        moved.dedup();
+        moved
+    }
+
+    /// The kernel refused the passthrough open `fh` was given (the adapter could not register
+    /// its copy): serve it cached, uncached-safe (keep nothing), and stop passing through.
+    pub fn passthrough_refused(&self, fh: u64) {
+        self.passthrough.store(false, Ordering::Relaxed);
+        let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((ino, kind)) = io.handles.get(&fh).copied() else {
+            return;
+        };
+        if kind != IoKind::Passthrough {
+            return;
+        }
+        io.handles.insert(fh, (ino, IoKind::Cached));
+        let st = io.inodes.entry(ino).or_default();
+        st.passthrough = st.passthrough.saturating_sub(1);
+        if st.passthrough == 0 {
+            st.backing = None;
+        }
+        st.cached += 1;
     }
 
     /// The open file `fh`.
@@ -491,18 +666,54 @@ impl Model {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&fh);
+        let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((ino, kind)) = io.handles.remove(&fh) else {
+            return;
+        };
+        let st = io.inodes.entry(ino).or_default();
+        match kind {
+            IoKind::Cached => st.cached = st.cached.saturating_sub(1),
+            IoKind::Passthrough => {
+                st.passthrough = st.passthrough.saturating_sub(1);
+                if st.passthrough == 0 {
+                    st.backing = None;
+                }
+            }
+        }
+        if st.cached == 0 && st.passthrough == 0 {
+            io.inodes.remove(&ino);
+        }
     }
 
     /// Reads up to `size` bytes at `offset` (short at the end of the file).
-    pub fn read(&self, h: &Handle, offset: i64, size: u32) -> Result<Vec<u8>, Errno> {
-        let offset = u64::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
+    pub fn read(&self, h: &Handle, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let mut buf = vec![0u8; size as usize];
         let n = match h {
-            Handle::Version(v) => v.read_at(&self.store, offset, &mut buf)?,
+            Handle::Version(v) => {
+                let n = v.read_at(&self.store, offset, &mut buf)?;
+                self.count_served(v, n as u64);
+                n
+            }
             Handle::Instance(i) => i.read_at(&self.store, offset, &mut buf)?,
         };
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// Asks for a flat copy of a version once it is read in bulk (a `qemu-img info` or a
+    /// header peek never costs a copy); later opens then go straight to the copy.
+    fn count_served(&self, v: &Version, n: u64) {
+        let Some(flat) = self.flat.as_ref().filter(|_| self.passthrough()) else {
+            return;
+        };
+        let threshold = BULK_READ.min(v.size() / 2).max(1);
+        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        let total = served.entry(v.id()).or_insert(0);
+        let before = *total;
+        *total = before.saturating_add(n);
+        if before < threshold && *total >= threshold {
+            flat.request(&v.id());
+        }
     }
 
     fn instance_handle(h: &Handle) -> Result<&Arc<Instance>, Errno> {
@@ -513,8 +724,7 @@ impl Model {
     }
 
     /// Writes `data` at `offset` into an instance (EROFS on a version).
-    pub fn write(&self, h: &Handle, offset: i64, data: &[u8]) -> Result<u32, Errno> {
-        let offset = u64::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
+    pub fn write(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         let inst = Self::instance_handle(h)?;
         let n = inst.write_at(&self.store, offset, data)?;
         self.written
@@ -534,9 +744,7 @@ impl Model {
 
     /// fallocate: punch-hole (with keep-size) discards; plain allocation inside the disk is a
     /// no-op (blocks are allocated on write); anything else is unsupported.
-    pub fn fallocate(&self, h: &Handle, offset: i64, len: i64, mode: i32) -> Result<(), Errno> {
-        let offset = u64::try_from(offset).map_err(|_| Errno(libc::EINVAL))?;
-        let len = u64::try_from(len).map_err(|_| Errno(libc::EINVAL))?;
+    pub fn fallocate(&self, h: &Handle, offset: u64, len: u64, mode: i32) -> Result<(), Errno> {
         let inst = Self::instance_handle(h)?;
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         if mode == punch {

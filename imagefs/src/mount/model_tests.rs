@@ -6,7 +6,7 @@ use std::sync::Arc;
 use imagefs_store::instance::{InstanceId, Instances};
 use imagefs_store::{open_image, ImageName, Store};
 
-use super::{Errno, Kind, Model, ROOT_INO};
+use super::{Errno, Kind, Model, OpenMode, ROOT_INO};
 
 const BS: usize = 4096;
 
@@ -122,24 +122,70 @@ fn versions_are_read_only_and_reads_past_the_end_are_short() {
     for flags in [libc::O_WRONLY, libc::O_RDWR, libc::O_RDONLY | libc::O_TRUNC] {
         assert_eq!(f.model.open(ino, flags).unwrap_err(), Errno(libc::EROFS));
     }
-    let (fh, keep) = f.model.open(ino, libc::O_RDONLY).unwrap();
-    assert!(!keep, "first open of a tag file starts with a fresh cache");
+    let (fh, mode) = f.model.open(ino, libc::O_RDONLY).unwrap();
+    assert!(
+        matches!(mode, OpenMode::Cached { keep: true }),
+        "a tag file's inode never changes bytes: its cache stays"
+    );
     let h = f.model.handle(fh).unwrap();
     assert_eq!(f.model.write(&h, 0, b"x").unwrap_err(), Errno(libc::EROFS));
     let all = f.model.read(&h, 0, 1 << 20).unwrap();
     assert_eq!(all, f.image);
-    let len = f.image.len() as i64;
+    let len = f.image.len() as u64;
     assert_eq!(
         f.model.read(&h, len - 4, 100).unwrap(),
         &f.image[f.image.len() - 4..]
     );
     assert!(f.model.read(&h, len + 1, 100).unwrap().is_empty());
     f.model.release(fh);
-    let (_, keep) = f.model.open(ino, libc::O_RDONLY).unwrap();
+    let (_, mode) = f.model.open(ino, libc::O_RDONLY).unwrap();
     assert!(
-        keep,
+        matches!(mode, OpenMode::Cached { keep: true }),
         "the tag still names the same version: keep the page cache"
     );
+}
+
+#[test]
+fn a_moved_tag_is_a_new_inode_and_open_files_keep_the_old_bytes() {
+    let f = fixture();
+    let old = f.lookup_path("images/web/v1.raw").unwrap().ino;
+    let (fh, _) = f.model.open(old, libc::O_RDONLY).unwrap();
+    assert!(f.model.moved_tags().is_empty());
+
+    // web:v1 now names a version with other bytes.
+    let mut other = f.image.clone();
+    other[..BS].fill(7);
+    let path = f._dir.path().join("b.img");
+    std::fs::write(&path, &other).unwrap();
+    let name = ImageName::new("web").unwrap();
+    let r = f
+        .store
+        .import(
+            &name,
+            Some(BS as u32),
+            open_image(&path).unwrap().as_mut(),
+            &mut |_| {},
+        )
+        .unwrap();
+    f.store
+        .set_tag(&name, &imagefs_store::Tag::new("v1").unwrap(), &r.id)
+        .unwrap();
+
+    let images_web = f.lookup_path("images/web").unwrap().ino;
+    assert_eq!(
+        f.model.moved_tags(),
+        vec![(images_web, "v1.raw".to_string())]
+    );
+    assert!(f.model.moved_tags().is_empty(), "reported once");
+    let new = f.lookup_path("images/web/v1.raw").unwrap().ino;
+    assert_ne!(new, old);
+    let h = f.model.handle(fh).unwrap();
+    assert_eq!(f.model.read(&h, 0, BS as u32).unwrap(), f.image[..BS]);
+    let (fh2, _) = f.model.open(new, libc::O_RDONLY).unwrap();
+    let h2 = f.model.handle(fh2).unwrap();
+    assert_eq!(f.model.read(&h2, 0, BS as u32).unwrap(), other[..BS]);
+    // The old inode still answers for its version (the kernel may hold it open).
+    assert_eq!(f.model.getattr(old).unwrap().size, f.image.len() as u64);
 }
 
 #[test]
@@ -155,12 +201,12 @@ fn instance_files_write_discard_and_keep_their_size() {
     );
     let (fh, _) = f.model.open(ino, libc::O_RDWR).unwrap();
     let h = f.model.handle(fh).unwrap();
-    assert_eq!(f.model.write(&h, 5 * BS as i64 + 3, b"hello").unwrap(), 5);
+    assert_eq!(f.model.write(&h, 5 * BS as u64 + 3, b"hello").unwrap(), 5);
     let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
-    f.model.fallocate(&h, 0, BS as i64, punch).unwrap();
+    f.model.fallocate(&h, 0, BS as u64, punch).unwrap();
     assert_eq!(
         f.model
-            .fallocate(&h, 0, BS as i64, libc::FALLOC_FL_COLLAPSE_RANGE),
+            .fallocate(&h, 0, BS as u64, libc::FALLOC_FL_COLLAPSE_RANGE),
         Err(Errno(libc::EOPNOTSUPP))
     );
     f.model.fsync(&h).unwrap();
@@ -178,7 +224,7 @@ fn instance_files_write_discard_and_keep_their_size() {
         Errno(libc::EPERM)
     );
     assert_eq!(
-        f.model.write(&h, size as i64 - 1, b"ab").unwrap_err(),
+        f.model.write(&h, size - 1, b"ab").unwrap_err(),
         Errno(libc::ENOSPC)
     );
 }
