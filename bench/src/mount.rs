@@ -19,12 +19,13 @@ const MIB: f64 = 1048576.0;
 const SUB_BLOCKS: u64 = 1000;
 
 /// Every metric this module reports, for the skip lines.
-const NAMES: [&str; 5] = [
+const NAMES: [&str; 6] = [
     "mount_seq_read_cold",
     "mount_seq_read_warm",
     "mount_randread_4k_psync_1job",
     "mount_randread_4k_psync_4jobs",
     "substitute_1000_blocks_idle_vs_goal",
+    "mount_seq_read_first_cold_daemon",
 ];
 
 pub fn run(env: &Env, rep: &mut Report) {
@@ -66,11 +67,11 @@ pub fn run(env: &Env, rep: &mut Report) {
 
 fn benches(env: &Env, s: &Setup, m: &Mounted, rep: &mut Report) {
     if std::env::var("BENCH_MOUNT_ONLY").is_ok_and(|v| v == "substitute") {
-        for n in &NAMES[..4] {
+        for n in NAMES[..4].iter().chain(&NAMES[5..]) {
             rep.skip(n, "BENCH_MOUNT_ONLY=substitute");
         }
     } else {
-        reads(env, m, rep);
+        reads(env, s, m, rep);
     }
     match substitute(env, s, m) {
         Ok(metric) => rep.add(metric),
@@ -78,8 +79,14 @@ fn benches(env: &Env, s: &Setup, m: &Mounted, rep: &mut Report) {
     }
 }
 
-fn reads(env: &Env, m: &Mounted, rep: &mut Report) {
+fn reads(env: &Env, s: &Setup, m: &Mounted, rep: &mut Report) {
     let file = m.mnt.join("images/m/v1.raw");
+    // The first bulk read is served by the daemon and asks for the version's flat copy; every
+    // later open reads that copy through FUSE passthrough (what the other read metrics measure).
+    match first_read(env, s, &file) {
+        Ok(metric) => rep.add(metric),
+        Err(e) => rep.skip(NAMES[5], format!("failed: {e}")),
+    }
     match seq_reads(env, &file) {
         Ok((cold, warm)) => {
             rep.add(cold);
@@ -218,8 +225,32 @@ fn mib_per_s(secs: f64) -> f64 {
     BASE_SIZE as f64 / MIB / secs
 }
 
+/// The first read of a version, cold, served and verified by the daemon (one sample: only the
+/// first read is); then `imagefs prefetch` waits for the flat copy that read asked for.
+fn first_read(env: &Env, s: &Setup, file: &Path) -> Result<Metric> {
+    let mut first = Metric::new(
+        NAMES[5],
+        "MiB/s",
+        Better::Higher,
+        "the same raw file on local disk, page cache dropped",
+        "report only",
+    );
+    sys::drop_caches()?;
+    let (t, _) = sys::timed(|| sys::read_all(file, 1 << 20))?;
+    first.ours.push(mib_per_s(t));
+    sys::drop_caches()?;
+    let (t, _) = sys::timed(|| sys::read_all(&env.base, 1 << 20))?;
+    first.peer.push(mib_per_s(t));
+    let (t, _) = sys::timed(|| sys::run(env.imagefs(&s.store).args(["prefetch", "m:v1"])))?;
+    eprintln!(
+        "bench: the flat copy of m:v1 was ready {:.0} ms after the first read",
+        t * 1e3
+    );
+    Ok(first)
+}
+
 /// Sequential 1 MiB reads of the whole version through the mount vs the raw file: cold (page
-/// cache dropped before each read) and warm.
+/// cache dropped before each read) and warm; the version has its flat copy by now.
 fn seq_reads(env: &Env, file: &Path) -> Result<(Metric, Metric)> {
     let mut cold = Metric::new(
         NAMES[0],
