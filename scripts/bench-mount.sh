@@ -8,33 +8,20 @@
 #     mount serving the new bytes.
 # Usage: scripts/bench-mount.sh [IMAGEFS_BINARY]   (default: target/release/imagefs)
 #
-# Notes on the warm-read gap (engineer warm-read, kernel 6.18.44-fc-v595, 2 cores, load ~8):
-# - The whole gap is folio size. ext4 fills its page cache with large folios on a cold read
-#   (perf tracepoint filemap:mm_filemap_add_to_page_cache over a cold 64 MiB read: orders 0-9,
-#   most bytes order 9); this kernel's FUSE gives every file order-0 folios only (16416 x order 0
-#   for the same read). After this script's drop + cold read: large-folio share mount 0.00,
-#   local 1.00 (the "large folios" line below measures it with pagemap + kpageflags).
-# - Warm, dd-like 1 MiB reads, median of 5 alternating: mount 2.6 GB/s (6.3 GB/s per reader
-#   CPU-second), local 8.6 GB/s (19.3): 0.30x wall, 0.33x CPU. With both caches order-0 (the raw
-#   file's pages as written by `head`, never re-read): mount 8.4 vs local 7.8 GB/s per CPU-second,
-#   1.08x. FUSE is not slower per page; it cannot have large pages.
-# - The daemon is not in the warm path: 10 ms of daemon CPU over 5 warm passes (10 GiB). So the
-#   attr/entry TTLs, FUSE_AUTO_INVAL_DATA (fuser 0.15 does not ask for it; the kernel then only
-#   revalidates on reads past EOF), init flags, max_pages/max_read and worker threads cannot move
-#   it. Read size does not close it either: 128 KiB / 1 MiB / 4 MiB reads, mount 9.0/11.0/11.2,
-#   local 10.1/13.7/13.2 GB/s per CPU-second (one run).
-# - MADV_COLLAPSE on a mapping of the mount: EINVAL (CONFIG_READ_ONLY_THP_FOR_FS is not set).
-# - What would close it: a kernel whose FUSE enables large folios (upstream "fuse: enable large
-#   folios (if writeback cache is unused)", Aug 2025, reports ~8x on warm sequential reads with
-#   passthrough_hp --nopassthrough; absent here), or FUSE passthrough (CONFIG_FUSE_PASSTHROUGH=y
-#   here; needs a fuser with BackingId (0.18) and a backing file holding a version's bytes, which
-#   the content-addressed packs are not: a flat copy per version would double disk and cache).
-#   The brief's passthrough_hp 10.2 GB/s is most likely passthrough mode (libfuse >= 3.16 turns it
-#   on by default; Debian's 3.14 here has none): not verified.
-# - Cold, 1 MiB reads after drop_caches: mount 0.30-0.49 GB/s, local 0.55 GB/s; the daemon spent
-#   1.7 CPU-s serving 2 GiB.
-# - st_blksize 4096 -> 1 MiB (mount/fuse.rs): cat/cp read 1 MiB at a time through the mount
-#   (strace: 2048 reads of 1 MiB for 2 GiB); 1 MiB vs 128 KiB reads: 7.8 vs 7.2 GB/s per CPU-s.
+# Version files: the first bulk read is served (and verified) by the daemon and asks for a flat
+# copy of the version (STORE/flat); `imagefs prefetch` waits for it; later opens are FUSE
+# passthrough to the copy, so cold and warm reads run at the local file's speed.
+#
+# Notes on the warm-read gap before passthrough (session 1, kernel 6.18.44-fc-v595, 2 cores):
+# - The whole gap was folio size. ext4 fills its page cache with large folios on a cold read
+#   (orders 0-9, most bytes order 9); this kernel's FUSE gives every file order-0 folios only.
+#   Served by the daemon, warm reads were 0.30-0.55x the local file; with both caches order-0
+#   they were 1.08x per CPU-second: FUSE was not slower per page, it could not have large pages.
+# - The daemon is not in the warm path (10 ms of daemon CPU over 5 warm passes of 2 GiB): TTLs,
+#   init flags, max_pages, worker threads and read sizes could not move it.
+# - What closed it: passthrough to a flat copy (fuser 0.18 BackingId, CONFIG_FUSE_PASSTHROUGH=y),
+#   whose pages are dropped after the build so reads refill them in large folios (the "large
+#   folios" line below). Passthrough through the mount measured 0.99x warm, 0.98x cold.
 set -euo pipefail
 
 BIN=${1:-${IMAGEFS_BIN:-target/release/imagefs}}
@@ -65,6 +52,10 @@ head -c "${SIZE_MIB}M" /dev/urandom > "$W/raw.img"
 F=$M/images/big/v1.raw
 
 echo "== sequential read (dd bs=1M; warm: median of 5 alternating passes)"
+drop; first_m=$(secs dd if="$F" of=/dev/null bs=1M)
+t0=$(date +%s%N); "$BIN" --store "$S" prefetch big:v1 >/dev/null; t1=$(date +%s%N)
+printf '%-28s %8s MiB/s   (served by the daemon; flat copy ready %s ms later)\n' \
+    "first read, cold" "$(rate "$first_m")" "$(( (t1 - t0) / 1000000 ))"
 drop; cold_m=$(secs dd if="$F" of=/dev/null bs=1M)
 drop; cold_l=$(secs dd if="$W/raw.img" of=/dev/null bs=1M)
 # Other work on the machine can evict either file: both must be wholly cached before timing.
