@@ -20,24 +20,36 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
     let mut versions_total = 0;
     o.start("fsck", 0);
     let mut out_err = None;
-    let r = store.fsck(&mut |done, total| {
+    let mut progress = |done, total| {
         versions_total = total;
         if let Err(e) = o.progress("fsck", done, total) {
             out_err.get_or_insert(e);
         }
-    })?;
+    };
+    // only a repair run (store opened to itself) may delete bad flat copies
+    let r = if repaired {
+        store.fsck_repair(&mut progress)?
+    } else {
+        store.fsck(&mut progress)?
+    };
     if let Some(e) = out_err {
         return Err(e);
     }
-    let problems: Vec<_> = r
-        .problems
-        .iter()
-        .map(|p| {
-            json!({"image": p.image, "version": p.version.map(|v| v.to_hex()),
-                   "block": p.block, "offset": p.offset, "detail": p.detail})
-        })
-        .collect();
+    let as_json = |list: &[imagefs_store::Problem]| -> Vec<serde_json::Value> {
+        list.iter()
+            .map(|p| {
+                json!({"image": p.image, "version": p.version.map(|v| v.to_hex()),
+                       "block": p.block, "offset": p.offset, "detail": p.detail})
+            })
+            .collect()
+    };
+    let problems = as_json(&r.problems);
+    let flat_removed = as_json(&r.flat_removed);
     let mut text = String::new();
+    for p in &r.flat_removed {
+        let v = p.version.map(|v| v.short()).unwrap_or_default();
+        text.push_str(&format!("REPAIRED {} {v}: {}\n", p.image, p.detail));
+    }
     for p in &r.problems {
         match (p.version, p.block, p.offset) {
             (Some(v), Some(b), Some(off)) => text.push_str(&format!(
@@ -56,12 +68,14 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
         }
     }
     text.push_str(&format!(
-        "{}checked {} versions, {} blocks ({} distinct bytes), {} nodes: {}",
+        "{}checked {} versions, {} blocks ({} distinct bytes), {} nodes, {} flat copies ({}): {}",
         if repaired { "index rebuilt; " } else { "" },
         r.versions,
         r.blocks,
         human_bytes(r.bytes_checked),
         r.nodes,
+        r.flat_copies,
+        human_bytes(r.flat_bytes_checked),
         if r.problems.is_empty() {
             "clean".to_string()
         } else {
@@ -71,7 +85,9 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
     let ok = r.problems.is_empty();
     o.result(
         json!({"ok": ok, "repaired": repaired, "versions": r.versions, "blocks": r.blocks,
-               "nodes": r.nodes, "bytes_checked": r.bytes_checked, "problems": problems}),
+               "nodes": r.nodes, "bytes_checked": r.bytes_checked, "problems": problems,
+               "flat_copies": r.flat_copies, "flat_bytes_checked": r.flat_bytes_checked,
+               "flat_removed": flat_removed}),
         &text,
     )?;
     if ok {

@@ -10,14 +10,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::SystemTime;
 
 use crate::error::{ErrorKind, StoreError};
 use crate::ids::VersionId;
-use crate::store::{now_secs, Store};
+use crate::store::{is_zero, now_secs, Store};
 use crate::version::Version;
 
 /// The directory of the copies, inside the store directory.
@@ -635,6 +635,222 @@ fn builder(cache: Weak<FlatCache>, rx: Receiver<VersionId>) {
             let _ = cache.run_build(&id);
         }
     }
+}
+
+/// One flat copy that does not match its version, as [`check_copies`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BadCopy {
+    pub id: VersionId,
+    /// The version's image, when the store holds the version.
+    pub image: Option<String>,
+    /// The first block that differs and the version's block size; `None` when the copy is
+    /// wrong as a whole (its size, a version the store lacks, a file that cannot be opened).
+    pub block: Option<(u64, u64)>,
+    pub path: PathBuf,
+    pub detail: String,
+}
+
+/// What [`check_copies`] looked at and found.
+#[derive(Debug, Default)]
+pub(crate) struct CopiesChecked {
+    pub copies: u64,
+    pub bytes: u64,
+    pub bad: Vec<BadCopy>,
+}
+
+/// Checks every complete copy (`<hex>.raw`) in STORE/flat against its version: the version
+/// exists, the sizes agree, every data block hashes to the version's block hash (zero-padded
+/// tail, as blocks are named) and every hole reads as zeros. Passthrough reads bypass the
+/// per-block verification, so this is what catches a copy damaged after it was built. Only
+/// reads; at most one `BadCopy` per copy (its first bad block). Builds under way (`.tmp`) and
+/// copies evicted meanwhile are skipped.
+pub(crate) fn check_copies(store: &Store) -> Result<CopiesChecked, StoreError> {
+    let dir = store.dir().join(DIR);
+    let mut out = CopiesChecked::default();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(StoreError::io("read dir", &dir)(e)),
+    };
+    let mut ids = Vec::new();
+    for entry in entries {
+        let name = entry.map_err(StoreError::io("read dir", &dir))?.file_name();
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".raw"))
+            .and_then(|h| h.parse::<VersionId>().ok());
+        ids.extend(id);
+    }
+    ids.sort();
+    for id in ids {
+        let path = dir.join(format!("{}.raw", id.to_hex()));
+        match check_copy(store, &id, &path) {
+            Checked::Gone => {}
+            Checked::Good(bytes) => {
+                out.copies += 1;
+                out.bytes += bytes;
+            }
+            Checked::Bad(bad) => {
+                out.copies += 1;
+                out.bad.push(*bad);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Deletes the copy of `id` in STORE_DIR/flat, if any. Only for a store no `FlatCache` has
+/// open (fsck --repair, gc): an open cache would keep handing out the unlinked file.
+pub(crate) fn remove_copy(store_dir: &Path, id: &VersionId) -> Result<(), FlatError> {
+    remove(&store_dir.join(DIR).join(format!("{}.raw", id.to_hex())))
+}
+
+enum Checked {
+    /// Unlinked since the directory was listed (an eviction): nothing to check.
+    Gone,
+    /// Matches; this many bytes read.
+    Good(u64),
+    Bad(Box<BadCopy>),
+}
+
+fn check_copy(store: &Store, id: &VersionId, path: &Path) -> Checked {
+    let bad = |image: Option<String>, block: Option<(u64, u64)>, detail: String| {
+        Checked::Bad(Box::new(BadCopy {
+            id: *id,
+            image,
+            block,
+            path: path.to_path_buf(),
+            detail,
+        }))
+    };
+    let shown = path.display();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Checked::Gone,
+        Err(e) => return bad(None, None, format!("flat copy {shown}: open: {e}")),
+    };
+    let version = match store.version(id) {
+        Ok(v) => v,
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            let detail = format!("flat copy {shown} is of a version the store does not hold");
+            return bad(None, None, detail);
+        }
+        Err(e) => {
+            let detail = format!("flat copy {shown} cannot be checked: {e}");
+            return bad(None, None, detail);
+        }
+    };
+    let image = Some(version.image().to_string());
+    let len = match file.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => return bad(image, None, format!("flat copy {shown}: stat: {e}")),
+    };
+    if len != version.size() {
+        let detail = format!(
+            "flat copy {shown} is {len} bytes, the version {}",
+            version.size()
+        );
+        return bad(image, None, detail);
+    }
+    let bytes = AtomicU64::new(0);
+    match first_bad_block(&version, &file, &bytes) {
+        None => Checked::Good(bytes.into_inner()),
+        Some((block, why)) => {
+            let bs = u64::from(version.block_size());
+            let detail =
+                format!("flat copy {shown} differs from the version at block {block}: {why}");
+            bad(image, Some((block, bs)), detail)
+        }
+    }
+}
+
+/// The first block of `file` that does not match `version` and why, reading pieces of
+/// `RUN_MAX` on a few threads (hashing costs about as much as reading). Pieces are handed
+/// out in order and a worker stops past a bad block already found, so the lowest bad block
+/// is found without reading the rest of a bad copy.
+fn first_bad_block(version: &Version, file: &File, bytes: &AtomicU64) -> Option<(u64, String)> {
+    let bs = u64::from(version.block_size());
+    let size = version.size();
+    let per_piece = (RUN_MAX / bs).max(1);
+    let pieces = version.block_count().div_ceil(per_piece);
+    let next = AtomicU64::new(0);
+    let first_bad = AtomicU64::new(u64::MAX);
+    let work = || {
+        let mut found: Option<(u64, String)> = None;
+        let mut record = |block: u64, why: String| {
+            if found.as_ref().is_none_or(|f| block < f.0) {
+                found = Some((block, why));
+            }
+            first_bad.fetch_min(block, Ordering::Relaxed);
+        };
+        let mut buf = vec![0u8; (per_piece * bs) as usize];
+        let mut padded = vec![0u8; bs as usize];
+        loop {
+            let piece = next.fetch_add(1, Ordering::Relaxed);
+            let first = piece.saturating_mul(per_piece);
+            if piece >= pieces || first > first_bad.load(Ordering::Relaxed) {
+                break;
+            }
+            let offset = first * bs;
+            let len = (per_piece * bs).min(size - offset) as usize;
+            let Some(data) = buf.get_mut(..len) else {
+                record(first, format!("a piece of {len} bytes"));
+                break;
+            };
+            if let Err(e) = file.read_exact_at(data, offset) {
+                record(first, format!("reading at offset {offset}: {e}"));
+                continue;
+            }
+            bytes.fetch_add(len as u64, Ordering::Relaxed);
+            for (i, block) in (first..).zip(data.chunks(bs as usize)) {
+                let why = match version.block_hash(i) {
+                    Err(e) => Some(format!("its block map is unreadable: {e}")),
+                    Ok(None) => (!is_zero(block))
+                        .then_some("nonzero bytes where the version has a hole")
+                        .map(str::to_string),
+                    Ok(Some(h)) => {
+                        // blocks are named by the hash of the whole block, the tail zero-padded
+                        let whole = if block.len() == padded.len() {
+                            block
+                        } else {
+                            padded.fill(0);
+                            padded[..block.len()].copy_from_slice(block);
+                            &padded[..]
+                        };
+                        (*blake3::hash(whole).as_bytes() != h.0)
+                            .then(|| "the bytes do not match the block's hash".to_string())
+                    }
+                };
+                if let Some(why) = why {
+                    record(i, why);
+                    break;
+                }
+            }
+        }
+        found
+    };
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(MAX_WORKERS)
+        .min(usize::try_from(pieces).unwrap_or(usize::MAX).max(1));
+    std::thread::scope(|s| {
+        // a helper that fails to start leaves its share to the others
+        let helpers: Vec<_> = (1..workers)
+            .filter_map(|_| std::thread::Builder::new().spawn_scoped(s, work).ok())
+            .collect();
+        let mut found = work();
+        for h in helpers {
+            let r = h
+                .join()
+                .unwrap_or_else(|_| Some((0, "a checking thread panicked".to_string())));
+            if let Some(r) = r {
+                if found.as_ref().is_none_or(|f| r.0 < f.0) {
+                    found = Some(r);
+                }
+            }
+        }
+        found
+    })
 }
 
 fn remove(path: &Path) -> Result<(), FlatError> {

@@ -377,3 +377,257 @@ fn flat_build_throughput() {
         assert!(is_zero(&buf));
     }
 }
+
+/// Overwrites bytes of `id`'s copy on disk (the copy files are opened read-only by the cache).
+fn damage_copy(store: &Store, id: &VersionId, offset: u64, bytes: &[u8]) {
+    let path = store.dir().join(format!("flat/{}.raw", id.to_hex()));
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn copy_exists(store: &Store, id: &VersionId) -> bool {
+    store
+        .dir()
+        .join(format!("flat/{}.raw", id.to_hex()))
+        .exists()
+}
+
+/// 4 KiB blocks, every third a hole, a partial tail, three 4 MiB pieces: block 1 is a hole,
+/// blocks 0 and 2 hold data.
+const CHECKED_LEN: usize = 3 * 4096 * 1000 + 1234;
+
+#[test]
+fn fsck_checks_flat_copies_and_finds_them_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path());
+    let a = import(&store, "a", &image_bytes(CHECKED_LEN, 40), Some(4096));
+    let b = import(&store, "b", &dense_bytes(3 << 20, 41), None);
+    let cache = FlatCache::open(store.clone(), 1 << 30).unwrap();
+    cache.ensure(&a).unwrap();
+    cache.ensure(&b).unwrap();
+    let r = store.fsck(&mut |_, _| {}).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.flat_copies, 2);
+    // every byte of both copies was read (the padded tail hashed right, or it would differ)
+    assert_eq!(r.flat_bytes_checked, CHECKED_LEN as u64 + (3 << 20));
+    assert!(r.flat_removed.is_empty());
+}
+
+#[test]
+fn fsck_reports_the_first_bad_block_of_a_damaged_copy_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path());
+    let a = import(&store, "a", &image_bytes(CHECKED_LEN, 42), Some(4096));
+    let b = import(&store, "b", &image_bytes(CHECKED_LEN, 43), Some(4096));
+    let cache = FlatCache::open(store.clone(), 1 << 30).unwrap();
+    cache.ensure(&a).unwrap();
+    cache.ensure(&b).unwrap();
+    // two bad data blocks in different pieces: one problem, naming the first
+    let f = cache.ready(&a).unwrap();
+    let mut byte = [0u8; 1];
+    for block in [2001u64, 2700] {
+        let off = block * 4096 + 17;
+        f.read_exact_at(&mut byte, off).unwrap();
+        damage_copy(&store, &a, off, &[byte[0] ^ 0x40]);
+    }
+    let r = store.fsck(&mut |_, _| {}).unwrap();
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    let p = &r.problems[0];
+    assert_eq!(p.version, Some(a));
+    assert_eq!(p.image, "a");
+    assert_eq!(p.block, Some(2001));
+    assert_eq!(p.offset, Some(2001 * 4096));
+    assert!(
+        p.detail.contains("flat copy") && p.detail.contains("block 2001"),
+        "{p:?}"
+    );
+    assert_eq!(r.flat_copies, 2);
+    // a plain fsck deletes nothing
+    assert!(copy_exists(&store, &a));
+    assert!(r.flat_removed.is_empty());
+}
+
+#[test]
+fn fsck_reports_a_damaged_partial_tail_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path());
+    let a = import(&store, "a", &image_bytes(CHECKED_LEN, 44), Some(4096));
+    let cache = FlatCache::open(store.clone(), 1 << 30).unwrap();
+    cache.ensure(&a).unwrap();
+    let last = (CHECKED_LEN as u64).div_ceil(4096) - 1;
+    let mut byte = [0u8; 1];
+    let off = CHECKED_LEN as u64 - 1;
+    cache
+        .ready(&a)
+        .unwrap()
+        .read_exact_at(&mut byte, off)
+        .unwrap();
+    damage_copy(&store, &a, off, &[byte[0] ^ 0xff]);
+    let r = store.fsck(&mut |_, _| {}).unwrap();
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    assert_eq!(r.problems[0].block, Some(last));
+}
+
+#[test]
+fn fsck_reports_nonzero_bytes_in_a_hole_of_a_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path());
+    let a = import(&store, "a", &image_bytes(CHECKED_LEN, 45), Some(4096));
+    let cache = FlatCache::open(store.clone(), 1 << 30).unwrap();
+    cache.ensure(&a).unwrap();
+    assert_eq!(store.version(&a).unwrap().block_hash(1).unwrap(), None);
+    damage_copy(&store, &a, 4096 + 100, &[1]);
+    let r = store.fsck(&mut |_, _| {}).unwrap();
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    assert_eq!(r.problems[0].block, Some(1));
+    assert!(r.problems[0].detail.contains("hole"), "{:?}", r.problems[0]);
+}
+
+#[test]
+fn fsck_reports_a_copy_of_the_wrong_size_or_of_no_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path());
+    let a = import(&store, "a", &image_bytes(1 << 20, 46), None);
+    let cache = FlatCache::open(store.clone(), 1 << 30).unwrap();
+    cache.ensure(&a).unwrap();
+    let path = store.dir().join(format!("flat/{}.raw", a.to_hex()));
+    // one zero byte more: every block still matches, only the size is wrong
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len((1 << 20) + 1)
+        .unwrap();
+    let gone = VersionId([0xab; 32]);
+    std::fs::write(
+        store.dir().join(format!("flat/{}.raw", gone.to_hex())),
+        b"stale",
+    )
+    .unwrap();
+    // builds under way and foreign files are not copies
+    std::fs::write(store.dir().join("flat/.x.tmp"), b"half").unwrap();
+    std::fs::write(store.dir().join("flat/notes.txt"), b"x").unwrap();
+    let r = store.fsck(&mut |_, _| {}).unwrap();
+    assert_eq!(r.problems.len(), 2, "{:?}", r.problems);
+    let mut by_id: Vec<_> = r.problems.iter().map(|p| (p.version, p.block)).collect();
+    by_id.sort();
+    let mut want = vec![(Some(a), None), (Some(gone), None)];
+    want.sort();
+    assert_eq!(by_id, want);
+    assert!(r
+        .problems
+        .iter()
+        .any(|p| p.detail.contains("bytes, the version")));
+}
+
+#[test]
+fn fsck_repair_deletes_only_bad_copies_and_then_fsck_is_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path());
+    let a = import(&store, "a", &image_bytes(CHECKED_LEN, 47), Some(4096));
+    let b = import(&store, "b", &image_bytes(CHECKED_LEN, 48), Some(4096));
+    let cache = FlatCache::open(store.clone(), 1 << 30).unwrap();
+    cache.ensure(&a).unwrap();
+    cache.ensure(&b).unwrap();
+    drop(cache);
+    damage_copy(&store, &a, 0, &[0xee, 0xee]);
+    assert_eq!(store.fsck(&mut |_, _| {}).unwrap().problems.len(), 1);
+
+    let r = store.fsck_repair(&mut |_, _| {}).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.flat_removed.len(), 1);
+    assert_eq!(r.flat_removed[0].version, Some(a));
+    assert_eq!(r.flat_removed[0].block, Some(0));
+    assert!(r.flat_removed[0].detail.contains("deleted"));
+    assert!(!copy_exists(&store, &a));
+    assert!(copy_exists(&store, &b));
+
+    let r = store.fsck(&mut |_, _| {}).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.flat_copies, 1);
+    // the cache rebuilds the deleted copy
+    let cache = FlatCache::open(store.clone(), 1 << 30).unwrap();
+    assert!(cache.ready(&a).is_none());
+    assert_eq!(
+        file_bytes(&cache.ensure(&a).unwrap()),
+        image_bytes(CHECKED_LEN, 47)
+    );
+    assert!(store.fsck(&mut |_, _| {}).unwrap().problems.is_empty());
+}
+
+#[test]
+fn gc_deletes_the_copies_of_the_versions_it_drops() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = new_store(dir.path());
+    let a = import(&store, "web", &image_bytes(1 << 20, 49), None);
+    let b = import(&store, "web", &image_bytes(1 << 20, 50), None);
+    store
+        .set_tag(
+            &ImageName::new("web").unwrap(),
+            &Tag::new("keep").unwrap(),
+            &a,
+        )
+        .unwrap();
+    let cache = FlatCache::open(store.clone(), 1 << 30).unwrap();
+    cache.ensure(&a).unwrap();
+    cache.ensure(&b).unwrap();
+    drop(cache);
+    // no cache open to prune after gc, as with `imagefs gc` and no mount
+    assert_eq!(store.gc().unwrap().versions_removed, vec![b]);
+    assert!(!copy_exists(&store, &b));
+    assert!(copy_exists(&store, &a));
+    let r = store.fsck(&mut |_, _| {}).unwrap();
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+    assert_eq!(r.flat_copies, 1);
+}
+
+/// fsck throughput on a large flat copy (FLAT_BENCH_MIB, default 2048; in FLAT_BENCH_DIR or
+/// the temp dir):
+/// `cargo test --release -p imagefs-store fsck_flat_throughput -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn fsck_flat_throughput() {
+    let mib: u64 = std::env::var("FLAT_BENCH_MIB")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2048);
+    let dir = match std::env::var_os("FLAT_BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
+    let store = new_store(dir.path());
+    let web = ImageName::new("web").unwrap();
+    import(&store, "web", &dense_bytes(65536, 1), None);
+    let bs = 65536u64;
+    let count = (mib << 20) / bs;
+    let mut block = vec![0u8; bs as usize];
+    let mut changes = Vec::new();
+    for i in 0..count {
+        // every 10th block a hole, the rest distinct
+        if i % 10 == 9 {
+            continue;
+        }
+        for (j, w) in block.chunks_exact_mut(8).enumerate() {
+            w.copy_from_slice(&(i * 8192 + j as u64 + 1).to_le_bytes());
+        }
+        changes.push((i, store.put_block(&block).unwrap()));
+    }
+    let id = store
+        .create_version(&web, None, count * bs, &changes)
+        .unwrap();
+    let cache = FlatCache::open(store.clone(), 1 << 40).unwrap();
+    cache.ensure(&id).unwrap();
+    let t = Instant::now();
+    let r = store.fsck(&mut |_, _| {}).unwrap();
+    eprintln!("whole fsck: {:.2} s", t.elapsed().as_secs_f64());
+    assert!(r.problems.is_empty());
+    let t = Instant::now();
+    let c = check_copies(&store).unwrap();
+    let secs = t.elapsed().as_secs_f64();
+    assert!(c.bad.is_empty());
+    eprintln!(
+        "checked a {mib} MiB flat copy in {secs:.2} s, {:.0} MiB/s",
+        mib as f64 / secs
+    );
+}

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::error::StoreError;
+use crate::flat;
 use crate::ids::{BlockHash, ImageName, VersionId};
 use crate::log::RecordLog;
 use crate::objindex::Key;
@@ -47,6 +48,12 @@ pub struct FsckReport {
     pub blocks: u64,
     pub bytes_checked: u64,
     pub problems: Vec<Problem>,
+    /// Flat copies (STORE/flat) checked, and the bytes read from those that matched.
+    pub flat_copies: u64,
+    pub flat_bytes_checked: u64,
+    /// Bad flat copies [`Store::fsck_repair`] deleted; not in `problems`, since a flat copy
+    /// is only a cache that the next bulk read or `imagefs prefetch` rebuilds.
+    pub flat_removed: Vec<Problem>,
 }
 
 /// Per pack: live objects to keep, dead keys to drop, bytes the index accounts for.
@@ -238,6 +245,13 @@ impl Store {
         if !drops.is_empty() {
             inner.commit_locked(&mut w, &drops)?;
         }
+        for id in &report.versions_removed {
+            // with no mount to prune it, fsck would report the copy of a dropped version; a
+            // mount's cache (which prunes after gc) keeps reading a file unlinked under it
+            if let Err(e) = flat::remove_copy(&inner.dir, id) {
+                tracing::warn!(id = %id.short(), "removing the flat copy of a dropped version: {e}");
+            }
+        }
         let mut live_objs: HashSet<Key> = extra_blocks
             .iter()
             .map(|h| key(ObjKind::Block, &h.0))
@@ -330,8 +344,62 @@ impl Store {
     }
 
     /// Checks every version: each node and block read back and verified against its hash,
-    /// and the index against the refs log. Reports every problem found instead of stopping.
+    /// the index against the refs log, and every flat copy against its version (see
+    /// [`Store::fsck_repair`]). Reports every problem found instead of stopping; changes
+    /// nothing, so it may run beside a mount.
     pub fn fsck(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<FsckReport, StoreError> {
+        let mut report = self.fsck_versions(progress)?;
+        self.fsck_flat(false, &mut report)?;
+        Ok(report)
+    }
+
+    /// `fsck`, and deletes the flat copies that do not match their versions (reported in
+    /// `flat_removed` instead of `problems`). Only with the store to itself (`fsck --repair`,
+    /// after `open_rebuilding_index`): a mount's `FlatCache` would keep serving the
+    /// unlinked files.
+    pub fn fsck_repair(
+        &self,
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<FsckReport, StoreError> {
+        let mut report = self.fsck_versions(progress)?;
+        self.fsck_flat(true, &mut report)?;
+        Ok(report)
+    }
+
+    /// Checks the flat copies; with `repair`, deletes the bad ones.
+    fn fsck_flat(&self, repair: bool, report: &mut FsckReport) -> Result<(), StoreError> {
+        let checked = flat::check_copies(self)?;
+        report.flat_copies += checked.copies;
+        report.flat_bytes_checked += checked.bytes;
+        for bad in checked.bad {
+            let mut p = Problem {
+                image: bad.image.unwrap_or_default(),
+                version: Some(bad.id),
+                block: bad.block.map(|b| b.0),
+                offset: bad.block.map(|(b, bs)| b.saturating_mul(bs)),
+                detail: bad.detail,
+            };
+            if !repair {
+                report.problems.push(p);
+                continue;
+            }
+            match flat::remove_copy(&self.inner.dir, &bad.id) {
+                Ok(()) => {
+                    p.detail
+                        .push_str("; deleted (rebuilt on the next bulk read or prefetch)");
+                    report.flat_removed.push(p);
+                }
+                Err(e) => {
+                    p.detail.push_str(&format!("; deleting it failed: {e}"));
+                    report.problems.push(p);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The version, block and index part of fsck.
+    fn fsck_versions(&self, progress: &mut dyn FnMut(u64, u64)) -> Result<FsckReport, StoreError> {
         let inner = &self.inner;
         let mut report = FsckReport::default();
         self.check_index(&mut report)?;
