@@ -99,7 +99,7 @@ impl FuseFs {
         version: VersionId,
         file: &std::fs::File,
         fh: u64,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<Arc<BackingId>> {
         let mut b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
         let id = match b.by_file.get(&(ino, version)).and_then(Weak::upgrade) {
             Some(id) => id,
@@ -110,8 +110,8 @@ impl FuseFs {
                 id
             }
         };
-        b.by_fh.insert(fh, id);
-        Ok(())
+        b.by_fh.insert(fh, id.clone());
+        Ok(id)
     }
 
     fn attr(&self, a: &Attr) -> FileAttr {
@@ -235,21 +235,10 @@ impl Filesystem for FuseFs {
             Err(e) => return reply.error(errno(e)),
         };
         match mode {
-            OpenMode::Cached { keep: true } => {
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-            }
-            OpenMode::Cached { keep: false } => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             OpenMode::Passthrough { version, file } => {
                 match self.backing(&reply, ino.0, version, &file, fh) {
-                    Ok(()) => {
-                        let b = self.backings.lock().unwrap_or_else(|p| p.into_inner());
-                        match b.by_fh.get(&fh) {
-                            Some(id) => {
-                                reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id)
-                            }
-                            None => reply.error(fuser::Errno::EIO),
-                        }
-                    }
+                    Ok(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
                     Err(e) => {
                         tracing::warn!(error = %e, "the kernel refused a passthrough backing file: version files are served by the daemon from now on");
                         self.model.passthrough_refused(fh);

@@ -144,11 +144,9 @@ pub enum Handle {
 /// How the kernel serves an open file.
 #[derive(Debug, Clone)]
 pub enum OpenMode {
-    /// Through the daemon, with the kernel's page cache; `keep`: what it caches is still valid.
-    Cached {
-        /// Keep the inode's cached pages (FOPEN_KEEP_CACHE).
-        keep: bool,
-    },
+    /// Through the daemon, with the kernel's page cache kept across opens: a file inode's bytes
+    /// never change, except an instance's, whose changed ranges substitution invalidates.
+    Cached,
     /// Straight from `version`'s flat copy `file` (FUSE passthrough): the daemon sees no reads.
     Passthrough {
         /// The version whose bytes `file` holds.
@@ -542,16 +540,13 @@ impl Model {
                 }
                 io.inodes.entry(ino).or_default().cached += 1;
                 // Substitution invalidates exactly what changed, so the cache stays valid.
-                (
-                    Handle::Instance(self.instance(&id)?),
-                    OpenMode::Cached { keep: true },
-                )
+                (Handle::Instance(self.instance(&id)?), OpenMode::Cached)
             }
             _ => return Err(Errno(libc::EISDIR)),
         };
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let kind = match mode {
-            OpenMode::Cached { .. } => IoKind::Cached,
+            OpenMode::Cached => IoKind::Cached,
             OpenMode::Passthrough { .. } => IoKind::Passthrough,
         };
         io.handles.insert(fh, (ino, kind));
@@ -586,7 +581,7 @@ impl Model {
             }
         }
         st.cached += 1;
-        OpenMode::Cached { keep: true }
+        OpenMode::Cached
     }
 
     /// Entries of `images/NAME/` the kernel may hold that now name another version, or none
@@ -622,7 +617,7 @@ impl Model {
     }
 
     /// The kernel refused the passthrough open `fh` was given (the adapter could not register
-    /// its copy): serve it cached, uncached-safe (keep nothing), and stop passing through.
+    /// its copy): serve it cached, and stop passing through.
     pub fn passthrough_refused(&self, fh: u64) {
         self.passthrough.store(false, Ordering::Relaxed);
         let mut io = self.io.lock().unwrap_or_else(|p| p.into_inner());

@@ -124,7 +124,7 @@ fn versions_are_read_only_and_reads_past_the_end_are_short() {
     }
     let (fh, mode) = f.model.open(ino, libc::O_RDONLY).unwrap();
     assert!(
-        matches!(mode, OpenMode::Cached { keep: true }),
+        matches!(mode, OpenMode::Cached),
         "a tag file's inode never changes bytes: its cache stays"
     );
     let h = f.model.handle(fh).unwrap();
@@ -140,7 +140,7 @@ fn versions_are_read_only_and_reads_past_the_end_are_short() {
     f.model.release(fh);
     let (_, mode) = f.model.open(ino, libc::O_RDONLY).unwrap();
     assert!(
-        matches!(mode, OpenMode::Cached { keep: true }),
+        matches!(mode, OpenMode::Cached),
         "the tag still names the same version: keep the page cache"
     );
 }
