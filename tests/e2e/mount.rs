@@ -435,6 +435,101 @@ fn bulk_read_versions_are_passed_through_to_a_flat_copy() {
     m.stop();
 }
 
+#[test]
+fn readers_racing_copies_and_tag_moves_never_fail_or_see_wrong_bytes() {
+    if !is_root() {
+        skip!("FUSE mounts and passthrough need root here");
+    }
+    let mut m = Mounted::new();
+    let a = source_image(512, "ra");
+    let b = source_image(512, "rb");
+    m.import("a.img", &a, "web:v1");
+    m.import("b.img", &b, "web:v2");
+    m.ok(&["tag", "web:latest", "web:v1"]);
+    m.start();
+    let versions = Arc::new((a, b));
+    let stop = Arc::new(AtomicBool::new(false));
+    let reads = Arc::new(AtomicUsize::new(0));
+    // Readers open, read a stretch, keep some files open across others' opens, and close:
+    // every open and read must succeed, in whatever mode the kernel serves it.
+    let readers: Vec<_> = (0..4)
+        .map(|n| {
+            let (versions, stop, reads) = (versions.clone(), stop.clone(), reads.clone());
+            let mnt = m.mnt.clone();
+            std::thread::spawn(move || -> Result<(), String> {
+                let names = [
+                    "images/web/v1.raw",
+                    "images/web/v2.raw",
+                    "images/web/latest.raw",
+                ];
+                let mut held: Vec<File> = Vec::new();
+                let mut i: u64 = n;
+                while !stop.load(Ordering::Relaxed) {
+                    i = i
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let name = names[((i >> 33) % 3) as usize];
+                    let f = File::open(mnt.join(name)).map_err(|e| format!("open {name}: {e}"))?;
+                    let len = versions.0.len();
+                    let off = (i >> 20) % (len as u64 - 64 * 1024);
+                    let whole = i % 5 == 0;
+                    let mut buf = vec![0u8; if whole { len } else { 64 * 1024 }];
+                    let got = if buf.len() == len {
+                        f.read_exact_at(&mut buf, 0).map(|_| 0)
+                    } else {
+                        f.read_exact_at(&mut buf, off).map(|_| off)
+                    }
+                    .map_err(|e| format!("read {name}: {e}"))?
+                        as usize;
+                    let want_a = &versions.0[got..got + buf.len()];
+                    let want_b = &versions.1[got..got + buf.len()];
+                    let ok = match name {
+                        "images/web/v1.raw" => buf == want_a,
+                        "images/web/v2.raw" => buf == want_b,
+                        _ => buf == want_a || buf == want_b,
+                    };
+                    if !ok {
+                        return Err(format!("{name} at {got}: bytes of neither version"));
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                    if i % 3 == 0 {
+                        held.push(f);
+                    }
+                    if held.len() > 3 {
+                        held.remove(0);
+                    }
+                    // Now and then hold nothing, so an inode can leave cached mode for its copy.
+                    if i % 7 == 0 {
+                        held.clear();
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    // Meanwhile: copies get built, the tag moves back and forth.
+    for round in 0..6 {
+        let target = if round % 2 == 0 { "web:v2" } else { "web:v1" };
+        m.ok(&["tag", "web:latest", target]);
+        if round == 2 {
+            m.ok(&["prefetch", "web:v1", "web:v2"]);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap().unwrap();
+    }
+    assert!(
+        reads.load(Ordering::Relaxed) > 50,
+        "too few reads to mean anything"
+    );
+    assert_eq!(flat_copies(&m).len(), 2);
+    m.stop();
+    let log = std::fs::read_to_string(m.dir.path().join("daemon.stderr")).unwrap();
+    assert!(!log.contains("refused a passthrough"), "{log}");
+}
+
 fn pwrite_all(f: &File, data: &[u8], off: u64) {
     f.write_all_at(data, off).unwrap();
 }
