@@ -472,7 +472,7 @@ fn readers_racing_copies_and_tag_moves_never_fail_or_see_wrong_bytes() {
                     let f = File::open(mnt.join(name)).map_err(|e| format!("open {name}: {e}"))?;
                     let len = versions.0.len();
                     let off = (i >> 20) % (len as u64 - 64 * 1024);
-                    let whole = i % 5 == 0;
+                    let whole = i.is_multiple_of(5);
                     let mut buf = vec![0u8; if whole { len } else { 64 * 1024 }];
                     let got = if buf.len() == len {
                         f.read_exact_at(&mut buf, 0).map(|_| 0)
@@ -492,14 +492,14 @@ fn readers_racing_copies_and_tag_moves_never_fail_or_see_wrong_bytes() {
                         return Err(format!("{name} at {got}: bytes of neither version"));
                     }
                     reads.fetch_add(1, Ordering::Relaxed);
-                    if i % 3 == 0 {
+                    if i.is_multiple_of(3) {
                         held.push(f);
                     }
                     if held.len() > 3 {
                         held.remove(0);
                     }
                     // Now and then hold nothing, so an inode can leave cached mode for its copy.
-                    if i % 7 == 0 {
+                    if i.is_multiple_of(7) {
                         held.clear();
                     }
                 }
