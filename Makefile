@@ -33,8 +33,16 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
+# Every retry a test harness made (tests/nested.rs: an outer VM that never reached its /init) is
+# written to target/test-retries.log, printed at the end whether the run passed or failed.
+RETRIES := target/test-retries.log
+SHOW_RETRIES := if [ -s $(RETRIES) ]; then echo "=== retries in this run ($(RETRIES)) ==="; \
+	cat $(RETRIES); else echo "=== no retries in this run ==="; fi
 test: guest fullguest build
-	$(CARGO) test --workspace -- --test-threads=2
+	@rm -f $(RETRIES)
+	@echo "$(CARGO) test --workspace -- --test-threads=2"
+	@$(CARGO) test --workspace -- --test-threads=2 || { $(SHOW_RETRIES); exit 1; }
+	@$(SHOW_RETRIES)
 
 # The whole story on this machine (root): build an image, patch one file, boot three VMs, roll
 # the patch out live, show each guest reading the new bytes without a reboot, roll back.

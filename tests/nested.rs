@@ -45,9 +45,14 @@ kvm_exits=$(cat /sys/kernel/debug/kvm/exits 2>/dev/null)\"\n\
       echo \"$hb\"\n\
     done) &\n";
 /// How long the outer VM may take to reach its /init before the attempt counts as an emulator
-/// failure (it is then retried once; software emulation on a loaded host occasionally fails to
-/// boot, which says nothing about the scenario).
+/// failure. That, and only that, is retried (once): software emulation on a loaded host
+/// occasionally fails to boot, which says nothing about the scenario. A stall of the outer VM
+/// after it booted (its heartbeat stops) and a scenario that hangs while the heartbeat goes on
+/// are failures of the test.
 const OUTER_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// With no heartbeat for this long before a timeout, the outer VM itself had stalled.
+const HEARTBEAT_SILENCE: Duration = Duration::from_secs(45);
 
 /// The outer VM never reached its /init (an infrastructure failure, retried once).
 #[derive(Debug)]
@@ -57,7 +62,7 @@ impl std::fmt::Display for OuterBootFailed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the outer VM never reached its /init; console tail (newest first):\n{}",
+            "the outer VM never reached its /init; console tail:\n{}",
             self.0
         )
     }
@@ -65,19 +70,54 @@ impl std::fmt::Display for OuterBootFailed {
 
 impl std::error::Error for OuterBootFailed {}
 
-/// The outer VM booted but the scenario never finished before its timeout. Two such hangs were
-/// seen in about 20 software-emulated runs on a loaded host, cause unknown; the first attempt's
-/// console is printed in full and the scenario is retried once, so a real hang still fails.
-#[derive(Debug)]
-struct ScenarioHung(String);
+/// Where every retry of this run is written (reason and console tail); `make test` prints the
+/// file at its end, so a green run shows how it got there.
+pub fn retry_log() -> PathBuf {
+    crate::workspace_root().join("target/test-retries.log")
+}
 
-impl std::fmt::Display for ScenarioHung {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+/// Runs `attempt`, and once more only if the outer VM never reached its /init; a retry is
+/// printed and recorded in `log`. Every other failure (a stall or hang after boot included)
+/// is the test's failure.
+fn with_boot_retry(
+    log: &Path,
+    mut attempt: impl FnMut() -> anyhow::Result<Outcome>,
+) -> anyhow::Result<Outcome> {
+    match attempt() {
+        Err(e) if e.is::<OuterBootFailed>() => {
+            record_retry(log, &format!("{e:#}"));
+            attempt()
+        }
+        other => other,
     }
 }
 
-impl std::error::Error for ScenarioHung {}
+/// Records a retry: on stderr now, and in `log` (`retry_log()`) for the end of the run.
+fn record_retry(log: &Path, why: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("(unnamed test)")
+        .to_string();
+    let entry = format!("*** RETRY in {test}: {why}\n*** (retried once)\n\n");
+    eprintln!("\n{entry}");
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, entry.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("could not record the retry in {}: {e}", log.display());
+    }
+}
+
+/// The last `n` lines of `text`, oldest first.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
 
 /// Where `scripts/fetch-kernel.sh` unpacked the guest kernel package.
 pub fn kernel_dir() -> PathBuf {
@@ -286,15 +326,7 @@ impl Scenario {
                 .with_context(|| format!("creating export file {}", e.host.display()))?;
             f.set_len(e.max_bytes)?;
         }
-        let outcome = match self.boot(&initrd) {
-            Err(e) if e.is::<OuterBootFailed>() || e.is::<ScenarioHung>() => {
-                eprintln!(
-                    "\n*** nested harness: INFRASTRUCTURE RETRY: {e:#}\n*** retrying once ***\n"
-                );
-                self.boot(&initrd)?
-            }
-            other => other?,
-        };
+        let outcome = with_boot_retry(&retry_log(), || self.boot(&initrd))?;
         for (i, e) in self.exports.iter().enumerate() {
             let size = export_size(&outcome.console, i)
                 .with_context(|| format!("export {} did not come back", e.guest))?;
@@ -464,6 +496,7 @@ impl Scenario {
         let deadline = start + self.timeout;
         let mut timed_out = false;
         let mut booted = false;
+        let mut last_heartbeat: Option<Instant> = None;
         loop {
             let until = if booted {
                 deadline
@@ -474,6 +507,9 @@ impl Scenario {
             match rx.recv_timeout(left.max(Duration::from_millis(1))) {
                 Ok(line) => {
                     booted |= line.contains(BOOTED);
+                    if line.contains("NESTED-HEARTBEAT") {
+                        last_heartbeat = Some(Instant::now());
+                    }
                     console.push_str(&line);
                     console.push('\n');
                 }
@@ -488,21 +524,20 @@ impl Scenario {
             let _ = child.kill();
         }
         let _ = child.wait();
-        if !booted {
-            let _ = reader.join();
-            return Err(OuterBootFailed(
-                console
-                    .lines()
-                    .rev()
-                    .take(20)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-            )
-            .into());
-        }
         let _ = reader.join();
         let qemu_err = err_reader.join().unwrap_or_default();
         let elapsed = start.elapsed();
+        if !booted {
+            return Err(OuterBootFailed(format!(
+                "{}{} after {:.1}s; runner stderr: {}\n{}",
+                if timed_out { "timed out" } else { "exited" },
+                if timed_out { "" } else { " early" },
+                elapsed.as_secs_f64(),
+                qemu_err.trim(),
+                tail(&console, 30)
+            ))
+            .into());
+        }
         let output: String = console
             .lines()
             .filter_map(|l| l.split_once(OUT_PREFIX).map(|(_, rest)| rest))
@@ -513,25 +548,30 @@ impl Scenario {
             .find_map(|l| l.split_once(RC_PREFIX).map(|(_, rc)| rc))
             .and_then(|s| s.trim().parse::<i32>().ok());
         let Some(status) = status else {
-            let tail: Vec<&str> = console.lines().rev().take(40).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            let message = format!(
-                "the scenario did not finish{} after {:.1}s ({}); runner stderr: {}; \
+            let what = if !timed_out {
+                "the outer VM ended before the scenario did".to_string()
+            } else {
+                match last_heartbeat.map(|t| t.elapsed()) {
+                    Some(quiet) if quiet < HEARTBEAT_SILENCE => format!(
+                        "the scenario hung while the outer VM ran (last heartbeat {:.0}s before \
+                         the timeout)",
+                        quiet.as_secs_f64()
+                    ),
+                    Some(quiet) => format!(
+                        "the outer VM stalled: no heartbeat in the last {:.0}s",
+                        quiet.as_secs_f64()
+                    ),
+                    None => "the outer VM stalled: it booted but printed no heartbeat".into(),
+                }
+            };
+            bail!(
+                "the scenario did not finish{} after {:.1}s: {what}; runner stderr: {}; \
                  console tail:\n{}",
                 if timed_out { " (timed out)" } else { "" },
                 elapsed.as_secs_f64(),
-                if console.contains("NESTED-BOOTED") {
-                    "the outer VM booted; the scenario hung"
-                } else {
-                    "the outer VM never reached its /init"
-                },
                 qemu_err.trim(),
-                tail.join("\n")
+                tail(&console, 60)
             );
-            if timed_out && console.contains("NESTED-BOOTED") {
-                return Err(ScenarioHung(message).into());
-            }
-            bail!(message);
         };
         Ok(Outcome {
             output,
@@ -629,6 +669,82 @@ mod tests {
         assert!(o.output.contains("/dev/null"), "{}", o.output);
         assert_eq!(std::fs::read_to_string(&back)?, "produced\n");
         Ok(())
+    }
+
+    /// A runner that prints `lines` and then sleeps past the scenario's 2 s timeout.
+    fn hanging(lines: &str) -> anyhow::Result<Outcome> {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("printf '{lines}'; exec sleep 30"));
+        Scenario::new("")
+            .timeout(Duration::from_secs(2))
+            .collect(cmd)
+    }
+
+    #[test]
+    fn a_hang_after_boot_is_a_failure_and_says_whether_the_heartbeat_went_on() {
+        let e = hanging("NESTED-BOOTED\\nNESTED-HEARTBEAT up=20\\n").unwrap_err();
+        assert!(!e.is::<OuterBootFailed>(), "{e:#}");
+        assert!(
+            format!("{e:#}").contains("hung while the outer VM ran"),
+            "{e:#}"
+        );
+        let e = hanging("NESTED-BOOTED\\n").unwrap_err();
+        assert!(!e.is::<OuterBootFailed>(), "{e:#}");
+        assert!(format!("{e:#}").contains("outer VM stalled"), "{e:#}");
+        let e = hanging("SeaBIOS\\n").unwrap_err();
+        assert!(e.is::<OuterBootFailed>(), "{e:#}");
+        assert!(format!("{e:#}").contains("SeaBIOS"), "{e:#}");
+    }
+
+    #[test]
+    fn only_an_outer_vm_that_never_booted_is_retried_and_each_retry_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("retries.log");
+        let ok = || Outcome {
+            output: String::new(),
+            status: 0,
+            console: String::new(),
+            elapsed: Duration::ZERO,
+        };
+        // A scenario that fails after boot (a hang, a stall, an error) runs once.
+        let mut calls = 0;
+        let r = with_boot_retry(&log, || {
+            calls += 1;
+            bail!("the scenario did not finish (timed out): the outer VM stalled")
+        });
+        assert!(r.is_err());
+        assert_eq!(calls, 1);
+        assert!(
+            !log.exists(),
+            "a failure after boot was recorded as a retry"
+        );
+        // An outer VM that never reached its /init is retried once, and the retry recorded
+        // with its console tail.
+        let mut calls = 0;
+        let r = with_boot_retry(&log, || {
+            calls += 1;
+            if calls == 1 {
+                Err(OuterBootFailed("console line before /init".into()).into())
+            } else {
+                Ok(ok())
+            }
+        });
+        assert!(r.is_ok());
+        assert_eq!(calls, 2);
+        let recorded = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            recorded.contains("RETRY") && recorded.contains("console line before /init"),
+            "{recorded}"
+        );
+        // Twice in a row is a failure.
+        let mut calls = 0;
+        let r = with_boot_retry(&log, || {
+            calls += 1;
+            Err(OuterBootFailed("again".into()).into())
+        });
+        assert!(r.is_err());
+        assert_eq!(calls, 2);
     }
 
     #[test]

@@ -26,19 +26,6 @@ const VIRTIO_MODULES: [&str; 4] = [
 pub(crate) const INNER_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd";
 
-/// Runs a nested-VM scenario, and once more if it fails. Software-emulated nested KVM on a loaded
-/// 2-core host hung twice in about 20 runs (cause not found yet); the first failure is printed in
-/// full, so a flake stays visible in the log, while a real fault fails both attempts.
-fn twice_if_flaky(scenario: impl Fn() -> anyhow::Result<()>) -> anyhow::Result<()> {
-    match scenario() {
-        Ok(()) => Ok(()),
-        Err(first) => {
-            eprintln!("\n*** NESTED SCENARIO FAILED, RETRYING ONCE: {first:#}\n");
-            scenario().map_err(|second| second.context(format!("failed twice; first: {first:#}")))
-        }
-    }
-}
-
 /// Builds a busybox initramfs whose /init runs `script` after loading the virtio modules.
 fn inner_initramfs(dir: &Path, script: &str) -> anyhow::Result<PathBuf> {
     inner_initramfs_with(dir, script, &VIRTIO_MODULES, &[])
@@ -155,7 +142,7 @@ fn vmm_boots_cloud_kernel_reads_and_writes_ext4_disk_and_powers_off() {
     if let Some(why) = prerequisites() {
         skip!("{why}");
     }
-    twice_if_flaky(boot_read_write_poweroff).unwrap_or_else(|e| panic!("{e:#}"));
+    boot_read_write_poweroff().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn boot_read_write_poweroff() -> anyhow::Result<()> {
@@ -342,7 +329,7 @@ fn agent_socket_reaches_guest_ttys1_and_sigterm_stops_a_guest_that_ignores_it() 
     if let Some(why) = prerequisites() {
         skip!("{why}");
     }
-    twice_if_flaky(agent_and_sigterm).unwrap_or_else(|e| panic!("{e:#}"));
+    agent_and_sigterm().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn agent_and_sigterm() -> anyhow::Result<()> {
@@ -420,7 +407,7 @@ fn guest_reboot_ends_the_vmm_cleanly() {
     if let Some(why) = prerequisites() {
         skip!("{why}");
     }
-    twice_if_flaky(reboot_exits).unwrap_or_else(|e| panic!("{e:#}"));
+    reboot_exits().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn reboot_exits() -> anyhow::Result<()> {
@@ -476,7 +463,7 @@ fn vmm_boots_guest_agent_from_an_instance_on_the_imagefs_mount() {
         Ok(paths) => paths,
         Err(why) => skip!("{why}"),
     };
-    twice_if_flaky(|| agent_on_mount(&initramfs)).unwrap_or_else(|e| panic!("{e:#}"));
+    agent_on_mount(&initramfs).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn agent_on_mount(initramfs: &Path) -> anyhow::Result<()> {
@@ -553,7 +540,7 @@ fn sigterm_presses_the_acpi_power_button_and_a_listening_guest_powers_off() {
     if let Some(why) = prerequisites() {
         skip!("{why}");
     }
-    twice_if_flaky(power_button).unwrap_or_else(|e| panic!("{e:#}"));
+    power_button().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn power_button() -> anyhow::Result<()> {
@@ -614,7 +601,7 @@ fn a_corrupt_store_block_is_an_io_error_in_the_guest_and_the_vmm_runs_on() {
     if !bin("imagefs").is_file() {
         skip!("{} is not built", bin("imagefs").display());
     }
-    twice_if_flaky(corrupt_block_in_guest).unwrap_or_else(|e| panic!("{e:#}"));
+    corrupt_block_in_guest().unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn corrupt_block_in_guest() -> anyhow::Result<()> {
@@ -728,7 +715,7 @@ fn sigterm_powers_off_a_guest_agent_init_cleanly() {
         Ok(paths) => paths,
         Err(why) => skip!("{why}"),
     };
-    twice_if_flaky(|| agent_power_button(&initramfs)).unwrap_or_else(|e| panic!("{e:#}"));
+    agent_power_button(&initramfs).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn agent_power_button(initramfs: &Path) -> anyhow::Result<()> {
@@ -782,7 +769,7 @@ fn vmm_boots_a_full_debian_guest_under_systemd_and_sigterm_powers_it_off() {
         Ok(paths) => paths,
         Err(why) => skip!("{why}"),
     };
-    twice_if_flaky(|| full_guest_under_vmm(&initramfs, &image)).unwrap_or_else(|e| panic!("{e:#}"));
+    full_guest_under_vmm(&initramfs, &image).unwrap_or_else(|e| panic!("{e:#}"));
 }
 
 fn full_guest_under_vmm(initramfs: &Path, image: &Path) -> anyhow::Result<()> {
