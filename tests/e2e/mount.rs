@@ -1,8 +1,9 @@
 //! Scenario module: mount. Real FUSE mounts of a real store (root needed): version files read
 //! byte-identical to their sources (and `qemu-img compare` agrees), instances are private,
-//! partial-write capable, durable on fsync and committable, O_DIRECT readers never see a torn
-//! read while substitutions race them, and kill -9 of the daemon mid-write or mid-substitution
-//! leaves a consistent store. Every mount is unmounted on drop, lazily if a test failed.
+//! partial-write capable, durable on fsync and committable, readers (O_DIRECT and buffered) never
+//! see a torn or stale read while substitutions race them, and kill -9 of the daemon mid-write or
+//! mid-substitution leaves a consistent store. Every mount is unmounted on drop, lazily if a test
+//! failed.
 // The harness helpers below are test code: a panic there is a test failure with its message.
 #![allow(clippy::unwrap_used)]
 
@@ -10,7 +11,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -636,8 +637,22 @@ fn ab_images() -> (Vec<u8>, Vec<u8>) {
     (a, b)
 }
 
+/// What one reader of the substituted range has seen: its reads so far, the version of its
+/// latest read (0xAA, 0xBB, or MIXED for a buffered read that spanned a substitution), and how
+/// many reads showed each version whole.
+#[derive(Default)]
+struct ReaderSeen {
+    reads: AtomicUsize,
+    last: AtomicU8,
+    a: AtomicUsize,
+    b: AtomicUsize,
+}
+
+/// A buffered read whose blocks are whole but not all of one version.
+const MIXED: u8 = 1;
+
 #[test]
-fn direct_readers_never_see_a_torn_read_while_substitutions_race() {
+fn readers_never_see_a_torn_or_stale_read_while_substitutions_race() {
     if !is_root() {
         skip!("FUSE mounts need root here");
     }
@@ -649,30 +664,63 @@ fn direct_readers_never_see_a_torn_read_while_substitutions_race() {
     m.ok(&["instance", "create", "web:v1", "vm1"]);
     let path = m.path("instances/vm1.raw");
     let stop = Arc::new(AtomicBool::new(false));
-    let reads = Arc::new(AtomicUsize::new(0));
+    // Readers 0-2 use O_DIRECT: each read is one FUSE request, wholly v1 or wholly v2. Readers
+    // 3-4 go through the page cache: a read may span a substitution (its blocks then come from
+    // both versions), but no block is ever torn, and once `substitute` has returned (the kernel's
+    // cached pages of the range invalidated) every read is the new version.
+    const DIRECT: usize = 3;
+    let seen: Arc<Vec<ReaderSeen>> = Arc::new((0..5).map(|_| ReaderSeen::default()).collect());
     let mut threads = Vec::new();
-    for r in 0..3 {
-        let (path, stop, reads) = (path.clone(), stop.clone(), reads.clone());
+    for r in 0..seen.len() {
+        let (path, stop, seen) = (path.clone(), stop.clone(), seen.clone());
         threads.push(std::thread::spawn(move || -> Result<(), String> {
-            let f = OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_DIRECT)
-                .open(&path)
-                .map_err(|e| e.to_string())?;
+            let direct = r < DIRECT;
+            let mut open = OpenOptions::new();
+            open.read(true);
+            if direct {
+                open.custom_flags(libc::O_DIRECT);
+            }
+            let f = open.open(&path).map_err(|e| e.to_string())?;
             let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
             // O_DIRECT needs an aligned buffer.
             let mut buf = AlignedBuf::new(layout);
+            let (len, at) = [
+                (1 << 20, 256 * BS),
+                (512 << 10, 256 * BS),
+                (128 << 10, 256 * BS),
+                (1 << 20, 256 * BS),
+                (64 << 10, 400 * BS),
+            ][r];
+            let me = &seen[r];
             while !stop.load(Ordering::Relaxed) {
-                let len = [1 << 20, 512 << 10, 128 << 10][r];
                 let n = f
-                    .read_at(&mut buf.as_mut()[..len], 256 * BS as u64)
+                    .read_at(&mut buf.as_mut()[..len], at as u64)
                     .map_err(|e| e.to_string())?;
-                let got = &buf.as_mut()[..n];
-                let first = got[0];
-                if (first != 0xAA && first != 0xBB) || got.iter().any(|&x| x != first) {
-                    return Err(format!("torn read of {len} bytes"));
+                if n != len {
+                    return Err(format!("reader {r}: short read of {n} bytes"));
                 }
-                reads.fetch_add(1, Ordering::Relaxed);
+                let got = &buf.as_mut()[..n];
+                let whole = |part: &[u8]| {
+                    let first = part[0];
+                    (first == 0xAA || first == 0xBB) && part.iter().all(|&x| x == first)
+                };
+                let version = if whole(got) {
+                    got[0]
+                } else if !direct && got.chunks(BS).all(whole) {
+                    MIXED
+                } else {
+                    return Err(format!(
+                        "reader {r} ({}): torn read of {len} bytes",
+                        if direct { "O_DIRECT" } else { "buffered" }
+                    ));
+                };
+                match version {
+                    0xAA => me.a.fetch_add(1, Ordering::SeqCst),
+                    0xBB => me.b.fetch_add(1, Ordering::SeqCst),
+                    _ => 0,
+                };
+                me.last.store(version, Ordering::SeqCst);
+                me.reads.fetch_add(1, Ordering::SeqCst);
             }
             Ok(())
         }));
@@ -694,19 +742,53 @@ fn direct_readers_never_see_a_torn_read_while_substitutions_race() {
             Ok(())
         }));
     }
-    for i in 0..20 {
-        let target = if i % 2 == 0 { "web:v2" } else { "web:v1" };
+    // An odd number of substitutions, v2 first: the range ends on v2, not where it started.
+    let mut stale = None;
+    for i in 0..21 {
+        let (target, byte) = if i % 2 == 0 {
+            ("web:v2", 0xBB)
+        } else {
+            ("web:v1", 0xAA)
+        };
         m.ok(&["substitute", "vm1", target]);
+        // Every reader's second read from now on began after `substitute` returned: it must
+        // show the target whole.
+        let since: Vec<usize> = seen
+            .iter()
+            .map(|s| s.reads.load(Ordering::SeqCst))
+            .collect();
+        let caught_up = wait_until(Duration::from_secs(20), || {
+            seen.iter()
+                .zip(&since)
+                .all(|(s, &n)| s.reads.load(Ordering::SeqCst) >= n + 2)
+        });
+        let lasts: Vec<u8> = seen.iter().map(|s| s.last.load(Ordering::SeqCst)).collect();
+        if !caught_up || lasts.iter().any(|&l| l != byte) {
+            stale = Some(format!(
+                "after substitution {i} to {target}: readers caught up {caught_up}, their latest \
+                 reads {lasts:02x?} (want {byte:02x} for all)"
+            ));
+            break;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     stop.store(true, Ordering::Relaxed);
     for t in threads {
         t.join().unwrap().unwrap();
     }
-    assert!(reads.load(Ordering::Relaxed) > 20, "readers barely ran");
-    // 20 substitutions: back on v1 in the substituted range.
+    if let Some(why) = stale {
+        panic!("a reader did not see the substitution: {why}");
+    }
+    for (r, s) in seen.iter().enumerate() {
+        let (na, nb) = (s.a.load(Ordering::SeqCst), s.b.load(Ordering::SeqCst));
+        assert!(
+            na > 0 && nb > 0,
+            "reader {r} did not see both versions whole: {na} reads of v1, {nb} of v2"
+        );
+    }
+    // 21 substitutions: the range is v2 now, to a fresh reader too.
     let now = m.read("instances/vm1.raw");
-    assert!(now[256 * BS..512 * BS].iter().all(|&x| x == 0xAA));
+    assert!(now[256 * BS..512 * BS].iter().all(|&x| x == 0xBB));
     m.stop();
 }
 
