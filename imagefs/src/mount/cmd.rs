@@ -220,7 +220,7 @@ pub struct MountArgs {
     /// Detach into the background once mounted (logs to STORE/daemon.log).
     #[arg(long)]
     pub daemon: bool,
-    /// Worker threads serving reads and writes.
+    /// Threads reading and answering requests, each on its own /dev/fuse clone.
     #[arg(long, default_value_t = 8)]
     pub threads: usize,
     /// Disk kept for flat copies of opened versions (STORE/flat), which the kernel reads
@@ -567,7 +567,7 @@ pub fn log(ctx: &Ctx, a: &LogArgs, json: bool, out: &mut dyn Write) -> Result<()
             Record::Committed { version, tag, at } => {
                 format!("{} committed as {tag} ({})", utc(*at), short(version))
             }
-            Record::Writes { .. } => continue,
+            Record::Writes { .. } | Record::Overlay { .. } => continue,
         };
         writeln!(out, "{line}").map_err(io_err)?;
     }

@@ -354,8 +354,8 @@ impl Model {
         let view = inst.view();
         let base = view.base();
         let mut count = self.allocated_blocks(base);
-        for (i, hash) in view.overlay_entries() {
-            match (!matches!(base.block_hash(i), Ok(None)), hash.is_some()) {
+        for (i, holds) in view.written() {
+            match (!matches!(base.block_hash(i), Ok(None)), holds) {
                 (false, true) => count += 1,
                 (true, false) => count = count.saturating_sub(1),
                 _ => {}
@@ -689,10 +689,30 @@ impl Model {
                 self.count_served(v, n as u64);
                 n
             }
-            Handle::Instance(i) => i.read_at(&self.store, offset, &mut buf)?,
+            Handle::Instance(i) => {
+                self.find_base_copy(i);
+                i.read_at(&self.store, offset, &mut buf)?
+            }
         };
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// Unwritten blocks of an instance are read from a flat copy of its base once there is one
+    /// (a VM's disk is its hot path): asks for the copy, and hands it to the view when ready.
+    fn find_base_copy(&self, inst: &Instance) {
+        let Some(flat) = self.flat.as_ref() else {
+            return;
+        };
+        let view = inst.view();
+        if view.has_base_copy() {
+            return;
+        }
+        let id = view.base().id();
+        match flat.ready(&id) {
+            Some(copy) => view.set_base_copy(copy),
+            None => flat.request(&id),
+        }
     }
 
     /// Asks for a flat copy of a version once it is read in bulk (a `qemu-img info` or a
@@ -722,10 +742,13 @@ impl Model {
     pub fn write(&self, h: &Handle, offset: u64, data: &[u8]) -> Result<u32, Errno> {
         let inst = Self::instance_handle(h)?;
         let n = inst.write_at(&self.store, offset, data)?;
-        self.written
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(inst.id().clone(), SystemTime::now());
+        let mut written = self.written.lock().unwrap_or_else(|p| p.into_inner());
+        match written.get_mut(inst.id()) {
+            Some(t) => *t = SystemTime::now(),
+            None => {
+                written.insert(inst.id().clone(), SystemTime::now());
+            }
+        }
         u32::try_from(n).map_err(|_| Errno(libc::EINVAL))
     }
 

@@ -1,17 +1,21 @@
-//! Copy-on-write instances: a base version plus an overlay of whole written blocks.
-//! Invariants: shared blocks are never modified (a write puts a new block and points the overlay
-//! at it); a reader sees one `View` (base + overlay) for a whole request, so a substitution
-//! (which swaps the view) is all-or-nothing to it; the on-disk log only names blocks that were
-//! synced before the record was written, so replay never points at a missing block.
+//! Copy-on-write instances: a base version plus an overlay of written 4 KiB sub-blocks whose
+//! bytes live in the instance's own data file (`overlay`).
+//! Invariants: shared blocks are never modified; a reader sees one `View` (base + overlay) for
+//! a whole request, so a substitution (which swaps the view) is all-or-nothing to it; the log
+//! only names data slots that were synced before the record was written, and a slot a durable
+//! record names is never overwritten, so replay never points at missing or changed bytes.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
-use crate::instance_log::{BlockChange, LogError, Record, RecordLog};
-use crate::{BlockHash, ErrorKind, Store, StoreError, Version, VersionId};
+use crate::instance_log::{LogError, Record, RecordLog};
+use crate::overlay::{checksum, DataFile, Op, Overlay, OverlayError, Sub, SUB};
+use crate::{is_zero, BlockHash, ErrorKind, Store, StoreError, Version, VersionId};
 
 pub use crate::instance_sub::{
     ConflictPolicy, Range, SubstituteOutcome, SubstituteRequest, SubstituteTimes,
@@ -63,6 +67,9 @@ pub enum InstanceError {
     /// The instance log failed
     #[error(transparent)]
     Log(#[from] LogError),
+    /// The overlay's data file failed, or a slot does not match its checksum
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
     /// Not a valid instance name (1-64 of A-Za-z0-9._-, not starting with . or -)
     #[error("invalid instance name {0:?} (use 1-64 of A-Za-z0-9._-)")]
     BadId(String),
@@ -118,6 +125,9 @@ impl InstanceError {
         match self {
             InstanceError::Store(e) => e.kind(),
             InstanceError::Log(_) => ErrorKind::Io,
+            InstanceError::Overlay(OverlayError::Corrupt { .. }) => ErrorKind::Corrupt,
+            InstanceError::Overlay(OverlayError::BadRecord(_)) => ErrorKind::Corrupt,
+            InstanceError::Overlay(OverlayError::Io { .. }) => ErrorKind::Io,
             InstanceError::BadId(_)
             | InstanceError::PastEnd { .. }
             | InstanceError::SizeMismatch { .. }
@@ -129,57 +139,93 @@ impl InstanceError {
     }
 }
 
-/// What an instance shows at one moment: a base version and the blocks written over it.
+/// What an instance shows at one moment: a base version and what was written over it.
 #[derive(Debug)]
 pub struct View {
     pub(crate) base: Version,
-    /// Block index -> new full block (`None`: a hole). Written blocks only.
-    pub(crate) overlay: RwLock<HashMap<u64, Option<BlockHash>>>,
+    /// Written blocks, at sub-block grain (see `overlay`).
+    pub(crate) overlay: RwLock<Overlay>,
+    /// A flat copy of `base` (verified when built), read instead of the packs once there.
+    base_copy: ArcSwapOption<File>,
 }
 
 impl View {
+    pub(crate) fn new(base: Version, overlay: Overlay) -> View {
+        View {
+            base,
+            overlay: RwLock::new(overlay),
+            base_copy: ArcSwapOption::empty(),
+        }
+    }
+
     /// The base version.
     pub fn base(&self) -> &Version {
         &self.base
     }
 
-    /// The hash of block `index` as the instance shows it (`None`: a hole).
-    pub fn block(&self, index: u64) -> Result<Option<BlockHash>, StoreError> {
-        let over = self
-            .overlay
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&index)
-            .copied();
-        match over {
-            Some(entry) => Ok(entry),
-            None => self.base.block_hash(index),
+    /// Serves unwritten blocks from `copy`, a complete flat copy of the base version.
+    pub fn set_base_copy(&self, copy: Arc<File>) {
+        self.base_copy.store(Some(copy));
+    }
+
+    /// Whether unwritten blocks are read from a flat copy.
+    pub fn has_base_copy(&self) -> bool {
+        self.base_copy.load().is_some()
+    }
+
+    pub(crate) fn read_overlay(&self) -> RwLockReadGuard<'_, Overlay> {
+        self.overlay.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The hash of block `index` when it is one whole stored block (`Some(None)`: a hole);
+    /// `None` when sub-blocks are written in it (its bytes then live in the data file).
+    pub fn block(&self, index: u64) -> Result<Option<Option<BlockHash>>, StoreError> {
+        match self.read_overlay().get(index) {
+            None => Ok(Some(self.base.block_hash(index)?)),
+            Some(e) => Ok(e.whole()),
         }
     }
 
-    /// The blocks the instance has written: `(index, hash)`, `None` for a hole.
-    pub fn overlay_entries(&self) -> Vec<(u64, Option<BlockHash>)> {
-        self.overlay
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+    /// Pack blocks the overlay names (whole blocks written by older versions of imagefs).
+    pub fn pack_blocks(&self) -> Vec<BlockHash> {
+        self.read_overlay()
             .iter()
-            .map(|(&i, &h)| (i, h))
+            .filter_map(|(_, e)| e.under.flatten())
+            .collect()
+    }
+
+    /// Written blocks: `(index, whether the host holds bytes for it)`; a block discarded
+    /// whole, or written only with zeros over a discard, holds none.
+    pub fn written(&self) -> Vec<(u64, bool)> {
+        self.read_overlay()
+            .iter()
+            .map(|(&i, e)| {
+                let data = e.subs.iter().any(|s| matches!(s, Some(Sub::Data { .. })));
+                (i, data || e.under != Some(None))
+            })
             .collect()
     }
 
     /// Number of blocks the instance has written.
     pub fn written_blocks(&self) -> usize {
-        self.overlay.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.read_overlay().len()
     }
 }
 
-/// Serialized writer side: the log and the changes not yet made durable.
+/// Serialized writer side: the log, the data file's allocation, the changes not yet durable.
 #[derive(Debug)]
 pub(crate) struct Writer {
     pub(crate) log: RecordLog,
-    pub(crate) pending: Vec<BlockChange>,
+    pub(crate) pending: Vec<Op>,
     /// Write records in the log since it was last compacted.
     pub(crate) write_records: usize,
+    /// The next free slot of the data file (slots are allocated at its end).
+    pub(crate) next_slot: u64,
+    /// Slots from here on are named by no durable record, so a later write may reuse them in
+    /// place; slots below are never overwritten.
+    pub(crate) mutable_from: u64,
+    /// Slots written since the data file was last synced.
+    pub(crate) dirty: bool,
 }
 
 /// A live copy-on-write instance.
@@ -188,6 +234,7 @@ pub struct Instance {
     pub(crate) id: InstanceId,
     pub(crate) view: ArcSwap<View>,
     pub(crate) writer: Mutex<Writer>,
+    pub(crate) data: DataFile,
 }
 
 fn parse_hash(id: &InstanceId, s: &str) -> Result<BlockHash, InstanceError> {
@@ -207,9 +254,18 @@ pub(crate) fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn zero(buf: &mut [u8]) {
-    buf.iter_mut().for_each(|b| *b = 0);
+/// The path of an instance's data file beside its log.
+pub(crate) fn data_path(log: &std::path::Path) -> PathBuf {
+    log.with_extension("data")
 }
+
+/// Sub-blocks per block of `v`.
+fn per_block(v: &Version) -> usize {
+    (u64::from(v.block_size()) / SUB).max(1) as usize
+}
+
+/// Most overlay ops in one compaction record (keeps records well under the log's limit).
+const OPS_PER_RECORD: usize = 1 << 16;
 
 impl Instance {
     /// Opens an instance from its log, replaying every complete record.
@@ -220,7 +276,8 @@ impl Instance {
     ) -> Result<Instance, InstanceError> {
         let (log, records) = RecordLog::open(&path)?;
         let mut base: Option<VersionId> = None;
-        let mut overlay = HashMap::new();
+        let mut ops: Vec<Op> = Vec::new();
+        let mut dropped_after: Vec<(usize, Vec<u64>)> = Vec::new();
         let mut write_records = 0;
         for r in records {
             match r {
@@ -232,31 +289,60 @@ impl Instance {
                             Some(h) => Some(parse_hash(&id, &h)?),
                             None => None,
                         };
-                        overlay.insert(c.index, hash);
+                        ops.push(Op::Whole {
+                            index: c.index,
+                            hash,
+                        });
                     }
+                }
+                Record::Overlay { ops: more } => {
+                    write_records += 1;
+                    ops.extend(more);
                 }
                 Record::Rebased { to, dropped, .. } => {
                     base = Some(parse_version(&id, &to)?);
-                    for i in dropped {
-                        overlay.remove(&i);
-                    }
+                    dropped_after.push((ops.len(), dropped));
                 }
                 Record::Committed { .. } => {}
             }
         }
         let base = base.ok_or_else(|| LogError::NoHeader(path.clone()))?;
         let base = store.version(&base)?;
+        let mut overlay = Overlay::new(per_block(&base));
+        let mut drops = dropped_after.into_iter().peekable();
+        for (n, op) in ops.iter().enumerate() {
+            while let Some((_, dropped)) = drops.next_if(|(at, _)| *at == n) {
+                for i in dropped {
+                    overlay.remove(i);
+                }
+            }
+            overlay
+                .apply(op)
+                .map_err(|e| InstanceError::BadRecord(id.clone(), e.to_string()))?;
+        }
+        for (_, dropped) in drops {
+            for i in dropped {
+                overlay.remove(i);
+            }
+        }
+        let data = DataFile::open(&data_path(&path))?;
+        // Slots past the last one a durable record names were written but never flushed.
+        let next_slot = overlay.max_slot().map_or(0, |s| s + 1);
+        if data.slots()? > next_slot {
+            data.truncate(next_slot)?;
+        }
         let inst = Instance {
             id,
-            view: ArcSwap::from_pointee(View {
-                base,
-                overlay: RwLock::new(overlay),
-            }),
+            view: ArcSwap::from_pointee(View::new(base, overlay)),
             writer: Mutex::new(Writer {
                 log,
                 pending: Vec::new(),
                 write_records,
+                next_slot,
+                mutable_from: next_slot,
+                dirty: false,
             }),
+            data,
         };
         if write_records > COMPACT_AFTER {
             inst.compact()?;
@@ -264,8 +350,8 @@ impl Instance {
         Ok(inst)
     }
 
-    /// Rewrites the log as its events plus one record of the whole overlay (after making
-    /// pending writes durable, so the record names only synced blocks).
+    /// Rewrites the log as its events plus the whole overlay as ops (only when no write is
+    /// pending, so the records name only synced slots).
     pub fn compact(&self) -> Result<(), InstanceError> {
         let mut writer = self.lock_writer();
         if !writer.pending.is_empty() {
@@ -274,20 +360,15 @@ impl Instance {
         let path = writer.log.path().to_path_buf();
         let mut records: Vec<Record> = RecordLog::read(&path)?
             .into_iter()
-            .filter(|r| !matches!(r, Record::Writes { .. }))
+            .filter(|r| !matches!(r, Record::Writes { .. } | Record::Overlay { .. }))
             .collect();
-        let mut changes = self.view().overlay_entries();
-        changes.sort_by_key(|&(i, _)| i);
-        // Last, so that replay applies it after every rebase's dropped entries.
-        records.push(Record::Writes {
-            changes: changes
-                .into_iter()
-                .map(|(index, hash)| BlockChange {
-                    index,
-                    hash: hash.map(|h| h.to_string()),
-                })
-                .collect(),
-        });
+        let ops = self.view().read_overlay().to_ops();
+        // Last, so that replay applies them after every rebase's dropped entries.
+        for chunk in ops.chunks(OPS_PER_RECORD) {
+            records.push(Record::Overlay {
+                ops: chunk.to_vec(),
+            });
+        }
         writer.log = RecordLog::rewrite(&path, &records)?;
         writer.write_records = 1;
         Ok(())
@@ -313,6 +394,18 @@ impl Instance {
         u64::from(self.view.load().base.block_size())
     }
 
+    /// Bytes the instance's data file spans on the host (live and dead slots).
+    pub fn data_bytes(&self) -> u64 {
+        self.lock_writer().next_slot.saturating_mul(SUB)
+    }
+
+    /// Bytes of the data file no sub-block names any more (replaced by later writes).
+    pub fn dead_bytes(&self) -> u64 {
+        let next = self.lock_writer().next_slot;
+        next.saturating_sub(self.view().read_overlay().live_slots())
+            .saturating_mul(SUB)
+    }
+
     pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -325,7 +418,15 @@ impl Instance {
         buf: &mut [u8],
     ) -> Result<usize, InstanceError> {
         let view = self.view();
-        read_view(store, &view, offset, buf)
+        match read_view(store, &view, &self.data, offset, buf) {
+            Err(InstanceError::Overlay(OverlayError::Corrupt { .. })) => {
+                // A slot not yet durable may have been rewritten in place while it was read:
+                // read again with writes held off; a mismatch now is real damage.
+                let _writer = self.lock_writer();
+                read_view(store, &self.view(), &self.data, offset, buf)
+            }
+            other => other,
+        }
     }
 
     /// Writes `data` at `offset`, copy-on-write. Durable after `flush`.
@@ -371,57 +472,109 @@ impl Instance {
         // The writer lock keeps substitution out, so this view stays current throughout.
         let view = self.view();
         let bs = u64::from(view.base.block_size());
-        // Blocks are always stored whole; the tail past the disk's end stays zero.
-        let mut block = vec![0u8; view.base.block_size() as usize];
-        let mut changes = Vec::new();
+        let mut ops: Vec<Op> = Vec::new();
+        // New slots are taken in order, so their bytes go out in one write at the end.
+        let first_new = writer.next_slot;
+        let mut fresh: Vec<u8> = Vec::new();
+        let mut in_place: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut pos = offset;
         while pos < end {
             let index = pos / bs;
             let block_start = index * bs;
-            let in_block = (pos - block_start) as usize;
-            let n = (end - pos).min(bs - in_block as u64) as usize;
-            let src_off = (pos - offset) as usize;
-            let whole = in_block == 0 && (n as u64 == bs || block_start + n as u64 == size);
-            if whole {
-                zero(&mut block);
-            } else {
-                read_block_into(store, &view, index, &mut block)?;
+            if data.is_none() && pos == block_start && (end - pos >= bs || end == size) {
+                // A discard of a whole block: a hole, nothing stored.
+                ops.push(Op::Whole { index, hash: None });
+                pos = (block_start + bs).min(end);
+                continue;
             }
-            let dst = block
-                .get_mut(in_block..in_block + n)
-                .ok_or(StoreError::BadBuffer {
-                    expected: bs,
-                    got: (in_block + n) as u64,
-                })?;
+            let sub_start = pos - pos % SUB;
+            let sub = ((sub_start - block_start) / SUB) as u16;
+            let in_sub = (pos - sub_start) as usize;
+            let n = (end - pos).min(SUB - in_sub as u64) as usize;
+            let src_off = (pos - offset) as usize;
+            // The sub-block's new bytes: whole when the write covers it (or reaches the end
+            // of the disk), else read, modified, written.
+            let mut bytes = vec![0u8; SUB as usize];
+            let covers = in_sub == 0 && (n as u64 == SUB || sub_start + n as u64 == size);
+            if !covers {
+                let visible = (size - sub_start).min(SUB) as usize;
+                let ov = view.read_overlay();
+                read_block_range(
+                    store,
+                    &view,
+                    &ov,
+                    &self.data,
+                    sub_start,
+                    &mut bytes[..visible],
+                )?;
+            }
+            let dst = &mut bytes[in_sub..in_sub + n];
             match data.and_then(|d| d.get(src_off..src_off + n)) {
                 Some(d) => dst.copy_from_slice(d),
-                None => zero(dst),
+                None => dst.fill(0),
             }
-            changes.push((index, store.put_block(&block)?));
+            let to = if is_zero(&bytes) {
+                Sub::Zero
+            } else {
+                let sum = checksum(&bytes);
+                let current = view
+                    .read_overlay()
+                    .get(index)
+                    .and_then(|e| e.sub(sub.into()));
+                let reuse = match current {
+                    Some(Sub::Data { slot, .. }) if slot >= writer.mutable_from => Some(slot),
+                    _ => None,
+                };
+                let slot = match reuse {
+                    Some(slot) => {
+                        in_place.push((slot, bytes));
+                        slot
+                    }
+                    None => {
+                        let slot = writer.next_slot;
+                        writer.next_slot += 1;
+                        fresh.extend_from_slice(&bytes);
+                        slot
+                    }
+                };
+                Sub::Data { slot, sum }
+            };
+            ops.push(Op::Sub { index, sub, to });
             pos += n as u64;
         }
+        let written = (|| {
+            if !fresh.is_empty() {
+                self.data.write(first_new, &fresh)?;
+            }
+            for (slot, bytes) in &in_place {
+                self.data.write(*slot, bytes)?;
+            }
+            Ok::<(), OverlayError>(())
+        })();
+        if let Err(e) = written {
+            writer.next_slot = first_new.max(writer.mutable_from).min(writer.next_slot);
+            return Err(e.into());
+        }
+        writer.dirty |= !fresh.is_empty() || !in_place.is_empty();
         {
             let mut overlay = view.overlay.write().unwrap_or_else(|p| p.into_inner());
-            for &(index, hash) in &changes {
-                overlay.insert(index, hash);
+            for op in &ops {
+                overlay
+                    .apply(op)
+                    .map_err(|e| InstanceError::BadRecord(self.id.clone(), e.to_string()))?;
             }
         }
-        writer
-            .pending
-            .extend(changes.into_iter().map(|(index, hash)| BlockChange {
-                index,
-                hash: hash.map(|h| h.to_string()),
-            }));
+        writer.pending.extend(ops);
         if writer.pending.len() >= AUTO_FLUSH_CHANGES {
-            flush_writer(store, &mut writer)?;
+            self.flush_locked(&mut writer)?;
         }
         Ok(())
     }
 
-    /// Makes every write so far durable (blocks synced, then the log record fsynced).
-    pub fn flush(&self, store: &Store) -> Result<(), InstanceError> {
+    /// Makes every write so far durable (slots synced, then the log record fsynced).
+    pub fn flush(&self, _store: &Store) -> Result<(), InstanceError> {
         let mut writer = self.lock_writer();
-        flush_writer(store, &mut writer)?;
+        self.flush_locked(&mut writer)?;
         let compact = writer.write_records > COMPACT_AFTER;
         drop(writer);
         if compact {
@@ -429,36 +582,101 @@ impl Instance {
         }
         Ok(())
     }
+
+    /// Syncs the data file if slots were written; pending ops stay pending.
+    pub(crate) fn sync_data(&self, writer: &mut Writer) -> Result<(), InstanceError> {
+        if writer.dirty {
+            self.data.sync()?;
+            writer.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Writes pending overlay changes to the log after the slots they name are durable.
+    pub(crate) fn flush_locked(&self, writer: &mut Writer) -> Result<(), InstanceError> {
+        if writer.pending.is_empty() {
+            return Ok(());
+        }
+        self.sync_data(writer)?;
+        let ops = std::mem::take(&mut writer.pending);
+        let records: Vec<Record> = ops
+            .chunks(OPS_PER_RECORD)
+            .map(|c| Record::Overlay { ops: c.to_vec() })
+            .collect();
+        if let Err(e) = writer.log.append_durable(&records) {
+            writer.pending = ops;
+            return Err(e.into());
+        }
+        writer.write_records += 1;
+        writer.mutable_from = writer.next_slot;
+        Ok(())
+    }
 }
 
-/// Writes pending overlay changes to the log after the blocks they name are durable.
-pub(crate) fn flush_writer(store: &Store, writer: &mut Writer) -> Result<(), InstanceError> {
-    if writer.pending.is_empty() {
-        return Ok(());
+/// Reads `buf.len()` bytes at disk offset `pos` that lie inside one block, from what the
+/// overlay `ov` of `view` shows there.
+fn read_block_range(
+    store: &Store,
+    view: &View,
+    ov: &Overlay,
+    data: &DataFile,
+    pos: u64,
+    buf: &mut [u8],
+) -> Result<(), InstanceError> {
+    let bs = u64::from(view.base.block_size());
+    let index = pos / bs;
+    let Some(entry) = ov.get(index) else {
+        return read_base(store, view, pos, buf);
+    };
+    let block_start = index * bs;
+    let mut done = 0usize;
+    let mut scratch: Option<Vec<u8>> = None;
+    while done < buf.len() {
+        let at = pos + done as u64;
+        let sub_start = at - at % SUB;
+        let in_sub = (at - sub_start) as usize;
+        let sub = ((sub_start - block_start) / SUB) as usize;
+        // The run of sub-blocks with the same source goes in one read.
+        let mut n = (buf.len() - done).min(SUB as usize - in_sub);
+        let out = &mut buf[done..];
+        match entry.sub(sub) {
+            Some(Sub::Zero) => out[..n].fill(0),
+            Some(Sub::Data { slot, sum }) => {
+                let s = scratch.get_or_insert_with(|| vec![0u8; SUB as usize]);
+                data.read(slot, &sum, s)?;
+                out[..n].copy_from_slice(&s[in_sub..in_sub + n]);
+            }
+            None => {
+                let mut next = sub + 1;
+                while n < out.len() && entry.sub(next).is_none() && next < ov.per_block() {
+                    n = (n + SUB as usize).min(out.len());
+                    next += 1;
+                }
+                match entry.under {
+                    None => read_base(store, view, at, &mut out[..n])?,
+                    Some(None) => out[..n].fill(0),
+                    Some(Some(h)) => {
+                        store.read_block_part(&h, (at - block_start) as usize, &mut out[..n])?
+                    }
+                }
+            }
+        }
+        done += n;
     }
-    store.sync()?;
-    let changes = std::mem::take(&mut writer.pending);
-    if let Err(e) = writer.log.append_durable(&[Record::Writes {
-        changes: changes.clone(),
-    }]) {
-        writer.pending = changes;
-        return Err(e.into());
-    }
-    writer.write_records += 1;
     Ok(())
 }
 
-/// Reads block `index` of `view` whole into `block` (zeros for a hole).
-fn read_block_into(
-    store: &Store,
-    view: &View,
-    index: u64,
-    block: &mut [u8],
-) -> Result<(), InstanceError> {
-    match view.block(index)? {
-        None => zero(block),
-        Some(hash) => store.read_block(&hash, block)?,
+/// Reads base-version bytes inside one block: from the flat copy when there is one (built from
+/// verified blocks), else through the store (verified per block).
+fn read_base(store: &Store, view: &View, pos: u64, buf: &mut [u8]) -> Result<(), InstanceError> {
+    if let Some(copy) = view.base_copy.load().as_ref() {
+        if copy.read_exact_at(buf, pos).is_ok() {
+            return Ok(());
+        }
+        // A copy shorter than the version cannot be trusted: go to the store.
     }
+    let n = view.base.read_at(store, pos, buf)?;
+    buf[n..].fill(0);
     Ok(())
 }
 
@@ -466,6 +684,7 @@ fn read_block_into(
 pub fn read_view(
     store: &Store,
     view: &View,
+    data: &DataFile,
     offset: u64,
     buf: &mut [u8],
 ) -> Result<usize, InstanceError> {
@@ -475,25 +694,19 @@ pub fn read_view(
     }
     let want = (buf.len() as u64).min(size - offset) as usize;
     let bs = u64::from(view.base.block_size());
-    let mut scratch = Vec::new();
+    let ov = view.read_overlay();
+    if ov.is_empty() {
+        if let Some(copy) = view.base_copy.load().as_ref() {
+            if copy.read_exact_at(&mut buf[..want], offset).is_ok() {
+                return Ok(want);
+            }
+        }
+    }
     let mut done = 0usize;
     while done < want {
         let pos = offset + done as u64;
-        let index = pos / bs;
-        let in_block = (pos % bs) as usize;
-        let n = (want - done).min(bs as usize - in_block);
-        let Some(dst) = buf.get_mut(done..done + n) else {
-            break;
-        };
-        if in_block == 0 && n as u64 == bs {
-            read_block_into(store, view, index, dst)?;
-        } else {
-            scratch.resize(bs as usize, 0);
-            read_block_into(store, view, index, &mut scratch)?;
-            if let Some(src) = scratch.get(in_block..in_block + n) {
-                dst.copy_from_slice(src);
-            }
-        }
+        let n = (want - done).min((bs - pos % bs) as usize);
+        read_block_range(store, view, &ov, data, pos, &mut buf[done..done + n])?;
         done += n;
     }
     Ok(want)
@@ -567,6 +780,10 @@ impl Instances {
         })?;
         store.version(base)?;
         let path = self.path(id);
+        if !path.exists() {
+            // A data file without a log is left from an instance removed mid-way: not ours.
+            let _ = std::fs::remove_file(data_path(&path));
+        }
         let first = Record::Created {
             base: base.to_string(),
             source: source.to_string(),
@@ -610,7 +827,16 @@ impl Instances {
     /// Deletes an instance (its log); open handles keep their in-memory state.
     pub fn remove(&self, id: &InstanceId) -> Result<(), InstanceError> {
         let path = self.path(id);
-        match std::fs::remove_file(&path) {
+        let removed = std::fs::remove_file(&path);
+        if removed.is_ok() {
+            match std::fs::remove_file(data_path(&path)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    tracing::warn!(error = %e, "instance {id}: its data file was not removed")
+                }
+                _ => {}
+            }
+        }
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(InstanceError::NotFound(id.clone()))
@@ -630,7 +856,7 @@ impl Instances {
         }
         Ok(RecordLog::read(&path)?
             .into_iter()
-            .filter(|r| !matches!(r, Record::Writes { .. }))
+            .filter(|r| !matches!(r, Record::Writes { .. } | Record::Overlay { .. }))
             .collect())
     }
 
@@ -647,3 +873,7 @@ impl Instances {
 #[cfg(test)]
 #[path = "instance_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "overlay_model_tests.rs"]
+mod overlay_model_tests;

@@ -56,6 +56,13 @@ pub enum Record {
         /// Seconds since the epoch.
         at: u64,
     },
+    /// Overlay changes made durable by a flush (sub-block writes, whole-block discards);
+    /// stored as a binary record of kind 2 (`overlay` module), never as JSON.
+    #[serde(skip)]
+    Overlay {
+        /// The changes, in order.
+        ops: Vec<crate::overlay::Op>,
+    },
     /// The instance's contents were committed as a new version.
     Committed {
         /// The new version id.
@@ -69,6 +76,8 @@ pub enum Record {
 
 /// Record kind of instance records in the shared record log (payload: one JSON `Record`).
 const KIND_INSTANCE: u8 = 1;
+/// Record kind of overlay records (payload: the `overlay` module's binary ops).
+const KIND_OVERLAY: u8 = 2;
 
 /// Errors of an instance log.
 #[derive(Debug, thiserror::Error)]
@@ -101,15 +110,31 @@ pub enum LogError {
 }
 
 fn decode_all(path: &Path, raw: Vec<crate::log::Record>) -> Result<Vec<Record>, LogError> {
+    let undecodable = |offset| LogError::Undecodable {
+        path: path.to_path_buf(),
+        offset,
+    };
     raw.into_iter()
-        .filter(|r| r.kind == KIND_INSTANCE)
+        .filter(|r| r.kind == KIND_INSTANCE || r.kind == KIND_OVERLAY)
         .map(|r| {
-            serde_json::from_slice(&r.payload).map_err(|_| LogError::Undecodable {
-                path: path.to_path_buf(),
-                offset: r.offset,
-            })
+            if r.kind == KIND_OVERLAY {
+                let ops = crate::overlay::decode(&r.payload).map_err(|_| undecodable(r.offset))?;
+                return Ok(Record::Overlay { ops });
+            }
+            serde_json::from_slice(&r.payload).map_err(|_| undecodable(r.offset))
         })
         .collect()
+}
+
+/// A record's kind and payload as the record log stores it.
+fn encode(r: &Record) -> Result<(u8, Vec<u8>), LogError> {
+    match r {
+        Record::Overlay { ops } => Ok((KIND_OVERLAY, crate::overlay::encode(ops))),
+        other => Ok((
+            KIND_INSTANCE,
+            serde_json::to_vec(other).map_err(LogError::Encode)?,
+        )),
+    }
 }
 
 /// An open instance log (the store's checksummed record log holding JSON records).
@@ -149,8 +174,8 @@ impl RecordLog {
         {
             let (mut log, _) = crate::log::RecordLog::open(&tmp)?;
             for r in records {
-                let payload = serde_json::to_vec(r).map_err(LogError::Encode)?;
-                log.append(KIND_INSTANCE, &payload)?;
+                let (kind, payload) = encode(r)?;
+                log.append(kind, &payload)?;
             }
             log.sync()?;
         }
@@ -186,8 +211,8 @@ impl RecordLog {
     /// Appends records and makes them durable before returning.
     pub fn append_durable(&mut self, records: &[Record]) -> Result<(), LogError> {
         for r in records {
-            let payload = serde_json::to_vec(r).map_err(LogError::Encode)?;
-            self.log.append(KIND_INSTANCE, &payload)?;
+            let (kind, payload) = encode(r)?;
+            self.log.append(kind, &payload)?;
         }
         Ok(self.log.sync()?)
     }

@@ -3,14 +3,14 @@
 //! before the in-memory view is swapped, so a crash leaves it wholly applied or not at all, and
 //! a reader holding the old view never sees a block of the new one.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
-use crate::instance::{flush_writer, now_secs, Instance, InstanceError, View};
+use crate::instance::{now_secs, Instance, InstanceError, View};
 use crate::instance_log::Record;
+use crate::overlay::Overlay;
 use crate::tree::{self, Node, FANOUT, ZERO};
 use crate::{BlockHash, Store, StoreError, Version};
 
@@ -262,23 +262,32 @@ impl Instance {
         times.diff_us = micros(t);
 
         let t = Instant::now();
-        let overlay = view.overlay.read().unwrap_or_else(|p| p.into_inner());
+        let overlay = view.read_overlay();
+        let per_block = overlay.per_block();
         let mut changed = Vec::new();
         let mut conflicts = Vec::new();
         for &(i, theirs) in &diff {
-            match overlay.get(&i) {
+            match overlay.get(i) {
                 None => changed.push(i),
-                Some(mine) if *mine == theirs => {}
-                Some(_) => {
+                Some(mine) if mine.whole() == Some(theirs) => {}
+                Some(mine) => {
                     conflicts.push(i);
-                    if req.policy == ConflictPolicy::Force {
-                        changed.push(i);
+                    match req.policy {
+                        ConflictPolicy::Force => changed.push(i),
+                        // The guest's sub-blocks stay over the target's block: what shows
+                        // through between them changes.
+                        ConflictPolicy::KeepLocal
+                            if mine.under.is_none() && !mine.covers_all(per_block) =>
+                        {
+                            changed.push(i)
+                        }
+                        _ => {}
                     }
                 }
             }
         }
-        // A written block the target does not change but whose write equals neither: nothing
-        // to do; overlay entries outside the diff keep showing the instance's bytes.
+        // A written block the target does not change: nothing to do; overlay entries
+        // outside the diff keep showing the instance's bytes.
         let bs = u64::from(base.block_size());
         let size = base.size();
         let conflict_ranges = block_ranges(&conflicts, bs, size);
@@ -305,10 +314,10 @@ impl Instance {
         } else {
             Vec::new()
         };
-        let mut new_overlay: HashMap<u64, Option<BlockHash>> = overlay.clone();
+        let mut new_overlay: Overlay = overlay.clone();
         drop(overlay);
         for i in &dropped {
-            new_overlay.remove(i);
+            new_overlay.remove(*i);
         }
         let mut outcome = outcome;
 
@@ -319,12 +328,12 @@ impl Instance {
         let pending = std::mem::take(&mut writer.pending);
         let mut records = Vec::with_capacity(2);
         if !pending.is_empty() {
-            if let Err(e) = store.sync() {
+            if let Err(e) = self.sync_data(&mut writer) {
                 writer.pending = pending;
-                return Err(e.into());
+                return Err(e);
             }
-            records.push(Record::Writes {
-                changes: pending.clone(),
+            records.push(Record::Overlay {
+                ops: pending.clone(),
             });
         }
         records.push(Record::Rebased {
@@ -344,13 +353,12 @@ impl Instance {
         if !pending.is_empty() {
             writer.write_records += 1;
         }
+        writer.mutable_from = writer.next_slot;
         outcome.times.persist_us = micros(t);
 
         let t = Instant::now();
-        self.view.store(std::sync::Arc::new(View {
-            base: target.clone(),
-            overlay: RwLock::new(new_overlay),
-        }));
+        self.view
+            .store(std::sync::Arc::new(View::new(target.clone(), new_overlay)));
         outcome.times.swap_us = micros(t);
         drop(writer);
         Ok(outcome)
@@ -358,14 +366,38 @@ impl Instance {
 
     /// The instance's current contents as `(base, overlay changes)`, after making pending
     /// writes durable: what `Store::create_version` needs to commit it in O(changed blocks).
+    /// Blocks with written sub-blocks are read whole and stored as pack blocks (synced).
     pub fn snapshot_changes(&self, store: &Store) -> Result<(Version, Changes), InstanceError> {
         let mut writer = self.lock_writer();
-        flush_writer(store, &mut writer)?;
+        self.flush_locked(&mut writer)?;
         let view = self.view();
-        let overlay = view.overlay.read().unwrap_or_else(|p| p.into_inner());
-        let mut changes: Vec<(u64, Option<BlockHash>)> =
-            overlay.iter().map(|(&i, &h)| (i, h)).collect();
-        changes.sort_by_key(|&(i, _)| i);
+        let bs = u64::from(view.base.block_size());
+        let size = view.base.size();
+        let mut written: Vec<u64> = view.read_overlay().iter().map(|(&i, _)| i).collect();
+        written.sort_unstable();
+        let mut block = vec![0u8; bs as usize];
+        let mut changes = Vec::with_capacity(written.len());
+        for i in written {
+            let whole = view.read_overlay().get(i).and_then(|e| e.whole());
+            let hash = match whole {
+                Some(h) => h,
+                None => {
+                    let start = i * bs;
+                    let visible = (size - start).min(bs) as usize;
+                    block.fill(0);
+                    crate::instance::read_view(
+                        store,
+                        &view,
+                        &self.data,
+                        start,
+                        &mut block[..visible],
+                    )?;
+                    store.put_block(&block)?
+                }
+            };
+            changes.push((i, hash));
+        }
+        store.sync()?;
         Ok((view.base.clone(), changes))
     }
 

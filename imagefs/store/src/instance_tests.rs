@@ -113,7 +113,7 @@ fn punch_hole_reads_zeros_and_survives_reopen() {
     assert_eq!(f.read_all(&inst), want);
     assert_eq!(
         inst.view().block(2).unwrap(),
-        None,
+        Some(None),
         "a whole block became a hole"
     );
     inst.flush(&f.store).unwrap();

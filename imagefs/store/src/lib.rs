@@ -60,6 +60,7 @@ pub mod log;
 mod maint;
 mod objects;
 mod objindex;
+pub mod overlay;
 mod pack;
 mod qcow2;
 mod refs;

@@ -89,7 +89,7 @@ impl GcRoots for crate::instance::Instances {
             };
             let view = inst.view();
             versions.push(view.base().id());
-            blocks.extend(view.overlay_entries().into_iter().filter_map(|(_, h)| h));
+            blocks.extend(view.pack_blocks());
         }
         Ok((versions, blocks))
     }
@@ -139,6 +139,12 @@ fn instance_log_roots(
                             blocks.push(BlockHash(id(&h)?.0));
                         }
                     }
+                }
+                Record::Overlay { ops } => {
+                    blocks.extend(ops.into_iter().filter_map(|op| match op {
+                        crate::overlay::Op::Whole { hash, .. } => hash,
+                        crate::overlay::Op::Sub { .. } => None,
+                    }));
                 }
             }
         }
