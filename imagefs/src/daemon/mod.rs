@@ -117,6 +117,9 @@ impl Lifecycle {
     }
 }
 
+/// Worker threads for requests that wait on the disk (flush, fsync, fallocate).
+const SYNC_WORKERS: usize = 4;
+
 /// How to run the daemon.
 #[derive(Debug, Clone)]
 pub struct MountConfig {
@@ -124,7 +127,7 @@ pub struct MountConfig {
     pub store_dir: PathBuf,
     /// Where to mount (absolute).
     pub mountpoint: PathBuf,
-    /// Worker threads serving data requests.
+    /// Session threads reading and answering requests (one /dev/fuse clone each).
     pub threads: usize,
     /// Detach into the background once the mount is up.
     pub daemonize: bool,
@@ -205,7 +208,7 @@ fn serve(
         }
     }
     let model = Arc::new(model);
-    let pool = Pool::new(cfg.threads).map_err(DaemonError::Setup)?;
+    let pool = Pool::new(SYNC_WORKERS).map_err(DaemonError::Setup)?;
     let fs = FuseFs::new(model.clone(), pool);
     let mut options = fuser::Config::default();
     options.mount_options = vec![
@@ -215,6 +218,10 @@ fn serve(
         fuser::MountOption::CUSTOM(format!("max_read={MAX_IO}")),
     ];
     options.acl = fuser::SessionACL::All;
+    // Each session thread reads requests from its own clone of the /dev/fuse descriptor and
+    // answers reads and writes itself (FUSE_DEV_IOC_CLONE, as libfuse's clone_fd).
+    options.n_threads = Some(cfg.threads.max(1));
+    options.clone_fd = true;
     let session = fuser::Session::new(fs, &cfg.mountpoint, &options).map_err(|source| {
         DaemonError::Mount {
             path: cfg.mountpoint.clone(),

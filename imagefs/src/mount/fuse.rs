@@ -1,7 +1,8 @@
 //! The fuser 0.18 adapter, and the only file that knows fuser's request API: each method calls
-//! a `Model` method and replies. Invariant: no storage logic here; data requests (read, write,
-//! fsync, fallocate) run on a worker pool so the session thread keeps reading requests, and
-//! every request gets exactly one reply. It also holds the kernel's backing ids of passthrough
+//! a `Model` method and replies. Invariant: no storage logic here; the session runs several
+//! threads, each on its own clone of /dev/fuse; reads and writes are answered on them, requests
+//! that wait on the disk (flush, fsync, fallocate) on a worker pool, and every request gets
+//! exactly one reply. It also holds the kernel's backing ids of passthrough
 //! opens (a fuser type): one per (inode, version) while any open uses it.
 
 use std::collections::{HashMap, VecDeque};
@@ -230,7 +231,14 @@ impl Filesystem for FuseFs {
         // The kernel may cap these lower; the nearest allowed value is fine.
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
-        let _ = config.set_max_background(64);
+        let _ = config.set_max_background(128);
+        // O_DIRECT reads and writes from io_uring or libaio stay in flight together (QEMU's
+        // cache=none at queue depth), instead of one at a time per submitting thread.
+        if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
+            tracing::warn!(
+                "the kernel offers no FUSE_ASYNC_DIO: O_DIRECT requests go one at a time"
+            );
+        }
         // Passthrough lets version files read at the backing file's speed (its large folios);
         // stack depth 1: our copies live on a plain local filesystem.
         if self.model.flat().is_some() {
@@ -318,15 +326,16 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let model = self.model.clone();
-        let h = match model.handle(fh.0) {
+        // Served on this session thread: each of the session's threads reads its own clone of
+        // /dev/fuse, so a hand-off to another thread would only add a wake-up per request.
+        let h = match self.model.handle(fh.0) {
             Ok(h) => h,
             Err(e) => return reply.error(errno(e)),
         };
-        self.pool.run(move || match model.read(&h, offset, size) {
+        match self.model.read(&h, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(errno(e)),
-        });
+        }
     }
 
     fn write(
@@ -341,17 +350,16 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let model = self.model.clone();
-        let h = match model.handle(fh.0) {
+        // On this session thread, as read: writes go to the page cache of the instance's data
+        // file; only flush, fsync and fallocate wait on the disk, and those go to the pool.
+        let h = match self.model.handle(fh.0) {
             Ok(h) => h,
             Err(e) => return reply.error(errno(e)),
         };
-        // fuser reuses its request buffer, so the data is copied before leaving this thread.
-        let data = data.to_vec();
-        self.pool.run(move || match model.write(&h, offset, &data) {
+        match self.model.write(&h, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
-        });
+        }
     }
 
     fn flush(
