@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Installs, idempotently, every system package the project needs beyond a fresh machine:
-# QEMU (one matching version of qemu-system-x86/-common/-data and qemu-utils), busybox-static,
-# cpio, fuse3 tools, e2fsprogs, debootstrap (the full guest's root filesystem), and (with --bench)
-# the bench peers. Safe to run again: it installs only what is missing.
+# QEMU (one matching version of qemu-system-x86/-common/-data and qemu-utils, which gives
+# qemu-img), busybox-static, cpio, fuse3 tools, e2fsprogs (mkfs.ext4, debugfs), binutils (as,
+# objcopy), file, debootstrap (the full guest's root filesystem), and (with --bench) the bench
+# peers. Every tool a test runs is here (tests/lib.rs TOOLS), so under IMAGEFS_STRICT no test
+# skips. Safe to run again: it installs only what is missing.
 set -euo pipefail
 bench=0
 [ "${1:-}" = "--bench" ] && bench=1
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for p in busybox-static cpio debootstrap e2fsprogs fuse3 xz-utils zstd; do have "$p" || need+=("$p"); done
+for p in binutils busybox-static cpio debootstrap e2fsprogs file fuse3 util-linux xz-utils zstd; do have "$p" || need+=("$p"); done
 if [ "$bench" = 1 ]; then
   for p in casync fio b3sum time; do have "$p" || need+=("$p"); done
 fi
 qemu_ok=1
 command -v qemu-system-x86_64 >/dev/null 2>&1 || qemu_ok=0
+command -v qemu-img >/dev/null 2>&1 || qemu_ok=0
 
 if [ ${#need[@]} -gt 0 ] || [ "$qemu_ok" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
@@ -38,4 +41,5 @@ if [ ${#need[@]} -gt 0 ] || [ "$qemu_ok" = 0 ]; then
       "qemu-system-x86=$ver" "qemu-system-common=$ver" "qemu-system-data=$datav" "qemu-utils=$ver" >/dev/null
   fi
 fi
-command -v qemu-system-x86_64 >/dev/null && [ -x /bin/busybox ] && echo "setup: system packages present"
+command -v qemu-system-x86_64 >/dev/null && command -v qemu-img >/dev/null && [ -x /bin/busybox ] &&
+  echo "setup: system packages present"

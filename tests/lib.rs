@@ -62,6 +62,49 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// The external tools tests run, each with the Debian package `scripts/setup.sh` installs it from.
+pub const TOOLS: &[(&str, &str)] = &[
+    ("mkfs.ext4", "e2fsprogs"),
+    ("debugfs", "e2fsprogs"),
+    ("qemu-img", "qemu-utils"),
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("as", "binutils"),
+    ("objcopy", "binutils"),
+    ("file", "file"),
+    ("fincore", "util-linux"),
+    ("cpio", "cpio"),
+];
+
+/// Where `name` is: the first match on PATH, then /usr/sbin and /sbin (a non-root PATH often
+/// lacks them, and mkfs.ext4 and debugfs live there). None when it is nowhere.
+pub fn tool(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A command for the tool `name`, found as `tool` finds it (the bare name if nowhere, so the
+/// spawn error names it).
+pub fn tool_command(name: &str) -> std::process::Command {
+    std::process::Command::new(tool(name).unwrap_or_else(|| PathBuf::from(name)))
+}
+
+/// Why a test needing `names` cannot run, if one is missing: names the tool and the package
+/// `make setup` installs it from. Use with `skip!`, so a missing tool fails under IMAGEFS_STRICT.
+pub fn missing_tools(names: &[&str]) -> Option<String> {
+    let missing: Vec<String> = names
+        .iter()
+        .filter(|n| tool(n).is_none())
+        .map(|n| {
+            let package = TOOLS.iter().find(|(t, _)| t == n).map_or("?", |(_, p)| p);
+            format!("{n} (package {package})")
+        })
+        .collect();
+    (!missing.is_empty()).then(|| format!("needs {} (make setup)", missing.join(", ")))
+}
+
 /// Skips the current test loudly: prints why on stderr. Under `IMAGEFS_STRICT=1` (CI, after the
 /// set-up has installed everything) a skip is a failure instead, so nothing passes silently.
 #[macro_export]

@@ -37,7 +37,8 @@ impl Disk {
     }
 }
 
-/// The guest kernel and initramfs that `make guest` builds.
+/// The guest kernel and initramfs that `make guest` builds, once QEMU and e2fsprogs (which the
+/// guest tests use to build root disks) are here.
 pub fn guest_artifacts() -> Result<(PathBuf, PathBuf), String> {
     let guest = workspace_root().join("target/guest");
     let kernel = guest.join("kernel/vmlinuz");
@@ -49,6 +50,10 @@ pub fn guest_artifacts() -> Result<(PathBuf, PathBuf), String> {
     }
     if !has_program("qemu-system-x86_64") {
         return Err("qemu-system-x86_64 not installed (run make setup)".into());
+    }
+    // The guest tests build their root disks with mkfs.ext4 and find blocks with debugfs.
+    if let Some(why) = crate::missing_tools(&["mkfs.ext4", "debugfs"]) {
+        return Err(why);
     }
     Ok((kernel, initrd))
 }
@@ -253,7 +258,7 @@ pub fn build_rootfs(
         }
     }
     let image = workdir.join("rootfs.ext4");
-    let out = Command::new("mkfs.ext4")
+    let out = crate::tool_command("mkfs.ext4")
         .args(["-q", "-F", "-b", "4096", "-E", "root_owner=0:0", "-d"])
         .arg(&tree)
         .arg(&image)
@@ -268,7 +273,7 @@ pub fn build_rootfs(
 
 /// The filesystem blocks of `path` inside an ext4 image (debugfs `blocks`).
 pub fn file_blocks(image: &Path, path: &str) -> anyhow::Result<Vec<u64>> {
-    let out = Command::new("debugfs")
+    let out = crate::tool_command("debugfs")
         .arg("-R")
         .arg(format!("blocks {path}"))
         .arg(image)

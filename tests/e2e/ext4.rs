@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use imagefs_tests::{bin, noise, skip};
+use imagefs_tests::{bin, missing_tools, noise, skip, tool_command};
 use serde_json::Value;
 
 fn run(cmd: &mut Command) -> String {
@@ -38,7 +38,7 @@ fn result(stdout: &str) -> Value {
 }
 
 fn debugfs(img: &Path, write: bool, cmd: &str) -> String {
-    let mut c = Command::new("/usr/sbin/debugfs");
+    let mut c = tool_command("debugfs");
     if write {
         c.arg("-w");
     }
@@ -60,8 +60,11 @@ fn files(v: &Value) -> Vec<String> {
 
 #[test]
 fn diff_files_names_the_patched_file_and_the_renamed_directory() {
-    if !Path::new("/usr/sbin/mkfs.ext4").exists() || !bin("imagefs").exists() {
-        skip!("needs mkfs.ext4/debugfs and the imagefs binary (cargo build -p imagefs)");
+    if let Some(why) = missing_tools(&["mkfs.ext4", "debugfs"]) {
+        skip!("{why}");
+    }
+    if !bin("imagefs").exists() {
+        skip!("needs the imagefs binary (cargo build -p imagefs)");
     }
     let dir = tempfile::tempdir().unwrap();
     let (root, store) = (dir.path().join("root"), dir.path().join("store"));
@@ -73,7 +76,7 @@ fn diff_files_names_the_patched_file_and_the_renamed_directory() {
         std::fs::write(root.join(format!("etc/app{i}.conf")), format!("n = {i}\n")).unwrap();
     }
     let v1 = dir.path().join("v1.img");
-    run(Command::new("/usr/sbin/mkfs.ext4")
+    run(tool_command("mkfs.ext4")
         .args(["-q", "-F", "-b", "4096", "-E", "root_owner=0:0", "-d"])
         .arg(&root)
         .arg(&v1)

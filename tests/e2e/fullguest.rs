@@ -144,7 +144,7 @@ fn scenario(
         .write(true)
         .open(&v2)?
         .write_all_at(V2, block * 4096)?;
-    let host_v1 = Command::new("debugfs")
+    let host_v1 = imagefs_tests::tool_command("debugfs")
         .args(["-R", "cat /opt/app/version"])
         .arg(image)
         .output()?

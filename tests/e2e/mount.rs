@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use imagefs_tests::{bin, is_root, noise, skip, wait_until};
+use imagefs_tests::{bin, is_root, missing_tools, noise, skip, tool_command, wait_until};
 
 const BS: usize = 4096;
 
@@ -183,6 +183,9 @@ fn version_files_read_identical_to_their_sources() {
     if !is_root() {
         skip!("FUSE mounts need root here");
     }
+    if let Some(why) = missing_tools(&["qemu-img"]) {
+        skip!("{why}");
+    }
     let mut m = Mounted::new();
     let a = source_image(768, "a");
     let a_path = m.import("a.img", &a, "web:v1");
@@ -216,7 +219,7 @@ fn version_files_read_identical_to_their_sources() {
     assert!(meta.blocks() * 512 >= a.len() as u64 - (1 << 20));
 
     let compare = |x: &Path, y: &Path| {
-        Command::new("qemu-img")
+        tool_command("qemu-img")
             .args(["compare", "-q", "-f", "raw", "-F", "raw"])
             .arg(x)
             .arg(y)
@@ -309,7 +312,7 @@ fn flat_copies(m: &Mounted) -> Vec<(String, u64)> {
 
 /// Bytes of `path` in the page cache (util-linux fincore).
 fn resident(path: &Path) -> u64 {
-    let out = Command::new("fincore")
+    let out = tool_command("fincore")
         .args(["--bytes", "--noheadings", "-o", "RES"])
         .arg(path)
         .output()
@@ -322,8 +325,8 @@ fn bulk_read_versions_are_passed_through_to_a_flat_copy() {
     if !is_root() {
         skip!("FUSE mounts and passthrough need root here");
     }
-    if Command::new("fincore").arg("--version").output().is_err() {
-        skip!("needs fincore (util-linux)");
+    if let Some(why) = missing_tools(&["fincore", "qemu-img"]) {
+        skip!("{why}");
     }
     let mut m = Mounted::new();
     let a = source_image(768, "pa");
@@ -383,7 +386,7 @@ fn bulk_read_versions_are_passed_through_to_a_flat_copy() {
         resident(&v1_copy),
         copy_meta.blocks() * 512
     );
-    let out = Command::new("qemu-img")
+    let out = tool_command("qemu-img")
         .args(["compare", "-q", "-f", "raw", "-F", "raw"])
         .arg(m.path("images/web/v1.raw"))
         .arg(m.dir.path().join("a.img"))

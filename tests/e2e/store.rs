@@ -12,27 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use imagefs_tests::{bin, noise, skip};
+use imagefs_tests::{bin, missing_tools, noise, skip, tool_command};
 use serde_json::Value;
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args([
-            "-c",
-            &format!("command -v {tool} || test -x /usr/sbin/{tool}"),
-        ])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-fn tool(name: &str) -> String {
-    if Path::new(&format!("/usr/sbin/{name}")).exists() {
-        format!("/usr/sbin/{name}")
-    } else {
-        name.to_string()
-    }
-}
 
 fn run_ok(cmd: &mut Command) {
     let out = cmd.output().expect("spawn");
@@ -62,7 +43,7 @@ fn make_ext4(dir: &Path, name: &str, mb: u64, seed: &str) -> PathBuf {
     }
     let img = dir.join(name);
     run_ok(
-        Command::new(tool("mkfs.ext4"))
+        tool_command("mkfs.ext4")
             .args(["-q", "-F", "-E", "root_owner=0:0", "-U", "clear", "-d"])
             .arg(&root)
             .arg(&img)
@@ -79,7 +60,7 @@ fn patch_ext4(dir: &Path, base: &Path, name: &str) -> PathBuf {
     let new = dir.join(format!("{name}.tool3"));
     std::fs::write(&new, noise("patched tool3", 203_000)).unwrap();
     run_ok(
-        Command::new(tool("debugfs"))
+        tool_command("debugfs")
             .arg("-w")
             .arg("-R")
             .arg(format!("write {} usr/bin/tool3.new", new.display()))
@@ -89,8 +70,12 @@ fn patch_ext4(dir: &Path, base: &Path, name: &str) -> PathBuf {
     img
 }
 
-fn prerequisites() -> bool {
-    have("mkfs.ext4") && have("debugfs") && bin("imagefs").exists()
+/// Why the scenarios cannot run here, if they cannot.
+fn prerequisites() -> Option<String> {
+    if let Some(why) = missing_tools(&["mkfs.ext4", "debugfs", "qemu-img"]) {
+        return Some(why);
+    }
+    (!bin("imagefs").exists()).then(|| "needs a built imagefs binary (cargo build)".to_string())
 }
 
 struct Run {
@@ -157,8 +142,8 @@ fn state(store: &Path) -> Value {
 
 #[test]
 fn user_story_import_diff_bundle_apply_export_gc() {
-    if !prerequisites() {
-        skip!("needs mkfs.ext4, debugfs and a built imagefs binary");
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
@@ -168,16 +153,11 @@ fn user_story_import_diff_bundle_apply_export_gc() {
     ok(&st, &["init"]);
     let r1 = ok(&st, &["import", s(&base), "web:v1", "--json"]).result();
     assert_eq!(r1["format"], "raw");
-    // the patched image goes in as qcow2 when qemu-img is here (detected by its header)
-    let v2_src = if have("qemu-img") {
-        let q = d.join("patched.qcow2");
-        run_ok(Command::new("qemu-img").args(["convert", "-O", "qcow2", s(&patched), s(&q)]));
-        q
-    } else {
-        eprintln!("qemu-img missing: importing the patched image as raw");
-        patched.clone()
-    };
+    // the patched image goes in as qcow2 (detected by its header)
+    let v2_src = d.join("patched.qcow2");
+    run_ok(tool_command("qemu-img").args(["convert", "-O", "qcow2", s(&patched), s(&v2_src)]));
     let r2 = ok(&st, &["import", s(&v2_src), "web:v2", "--json"]).result();
+    assert_eq!(r2["format"], "qcow2");
     let blocks = r2["new_blocks"].as_u64().unwrap();
     let shared = r2["dedup_blocks"].as_u64().unwrap();
     assert!(
@@ -270,8 +250,8 @@ fn dir_size(p: &Path) -> u64 {
 
 #[test]
 fn bad_inputs_get_one_line_a_code_and_change_nothing() {
-    if !prerequisites() {
-        skip!("needs mkfs.ext4, debugfs and a built imagefs binary");
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
@@ -358,8 +338,8 @@ fn bad_inputs_get_one_line_a_code_and_change_nothing() {
 
 #[test]
 fn corrupt_pack_byte_fails_export_with_5_and_fsck_lists_it() {
-    if !prerequisites() {
-        skip!("needs mkfs.ext4, debugfs and a built imagefs binary");
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
@@ -403,8 +383,8 @@ fn corrupt_pack_byte_fails_export_with_5_and_fsck_lists_it() {
 
 #[test]
 fn deleted_or_damaged_index_is_rebuilt_by_fsck_repair() {
-    if !prerequisites() {
-        skip!("needs mkfs.ext4, debugfs and a built imagefs binary");
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();
@@ -465,8 +445,8 @@ impl Lcg {
 
 #[test]
 fn kill_9_during_import_apply_tag_gc_leaves_a_consistent_store() {
-    if !prerequisites() {
-        skip!("needs mkfs.ext4, debugfs and a built imagefs binary");
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
     }
     let t = tempfile::tempdir().unwrap();
     let d = t.path();

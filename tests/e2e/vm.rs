@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use imagefs_tests::nested::{self, module, pack_cpio, Scenario};
-use imagefs_tests::{bin, skip};
+use imagefs_tests::{bin, skip, tool_command};
 
 #[path = "vm_bench.rs"]
 mod bench;
@@ -79,7 +79,7 @@ fn ext4_image(dir: &Path, size_mib: u64, files: &[(&str, &str)]) -> anyhow::Resu
     }
     let img = dir.join("disk.img");
     std::fs::File::create(&img)?.set_len(size_mib << 20)?;
-    let st = Command::new("mkfs.ext4")
+    let st = tool_command("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(&content)
         .arg(&img)
@@ -91,7 +91,7 @@ fn ext4_image(dir: &Path, size_mib: u64, files: &[(&str, &str)]) -> anyhow::Resu
 
 /// `debugfs -R 'cat PATH' IMAGE`.
 fn debugfs_cat(img: &Path, path: &str) -> anyhow::Result<String> {
-    let out = Command::new("debugfs")
+    let out = tool_command("debugfs")
         .args(["-R", &format!("cat {path}")])
         .arg(img)
         .output()
@@ -129,12 +129,7 @@ pub(crate) fn prerequisites() -> Option<String> {
             bin("vmm").display()
         ));
     }
-    for tool in ["mkfs.ext4", "debugfs"] {
-        if Command::new(tool).arg("-V").output().is_err() {
-            return Some(format!("{tool} is not installed (e2fsprogs)"));
-        }
-    }
-    None
+    imagefs_tests::missing_tools(&["mkfs.ext4", "debugfs"])
 }
 
 #[test]
@@ -442,7 +437,7 @@ fn agent_root_image(dir: &Path, marker: &str) -> anyhow::Result<PathBuf> {
     std::fs::write(content.join("marker"), marker)?;
     let img = dir.join("root.img");
     std::fs::File::create(&img)?.set_len(64 << 20)?;
-    let st = Command::new("mkfs.ext4")
+    let st = tool_command("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(&content)
         .arg(&img)
