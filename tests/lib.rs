@@ -118,3 +118,15 @@ macro_rules! skip {
         return;
     }};
 }
+
+/// Ends the current test loudly, and as a pass, because its premise does not hold on this host
+/// (for example a refusal of kvm_pvm on a host whose KVM is not kvm_pvm). Not a missing
+/// prerequisite: nothing can be installed to change it, so IMAGEFS_STRICT does not fail it.
+#[macro_export]
+macro_rules! not_applicable {
+    ($($arg:tt)*) => {{
+        let why = format!($($arg)*);
+        eprintln!("\n*** NOT APPLICABLE {}: {why} ***\n", module_path!());
+        return;
+    }};
+}

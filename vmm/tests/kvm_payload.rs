@@ -161,7 +161,10 @@ fn disk_pattern() -> Vec<u8> {
 #[test]
 fn payload_reads_and_writes_a_file_through_virtio_mmio_on_kvm() -> Result<()> {
     if !Path::new("/dev/kvm").exists() {
-        eprintln!("SKIPPED payload_reads_and_writes_a_file_through_virtio_mmio_on_kvm: /dev/kvm is missing");
+        eprintln!(
+            "\n*** NOT APPLICABLE payload_reads_and_writes_a_file_through_virtio_mmio_on_kvm: \
+             this host has no /dev/kvm ***\n"
+        );
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
