@@ -64,11 +64,15 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
                 v.short(),
                 p.detail
             )),
+            (None, _, Some(off)) => {
+                text.push_str(&format!("PROBLEM at offset {off}: {}\n", p.detail))
+            }
             _ => text.push_str(&format!("PROBLEM store: {}\n", p.detail)),
         }
     }
     text.push_str(&format!(
-        "{}checked {} versions, {} blocks ({} distinct bytes), {} nodes, {} flat copies ({}): {}",
+        "{}checked {} versions, {} blocks ({} distinct bytes), {} nodes, {} flat copies ({}), \
+         instance data ({}): {}",
         if repaired { "index rebuilt; " } else { "" },
         r.versions,
         r.blocks,
@@ -76,6 +80,7 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
         r.nodes,
         r.flat_copies,
         human_bytes(r.flat_bytes_checked),
+        human_bytes(r.instance_bytes_checked),
         if r.problems.is_empty() {
             "clean".to_string()
         } else {
@@ -87,7 +92,8 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
         json!({"ok": ok, "repaired": repaired, "versions": r.versions, "blocks": r.blocks,
                "nodes": r.nodes, "bytes_checked": r.bytes_checked, "problems": problems,
                "flat_copies": r.flat_copies, "flat_bytes_checked": r.flat_bytes_checked,
-               "flat_removed": flat_removed}),
+               "flat_removed": flat_removed,
+               "instance_bytes_checked": r.instance_bytes_checked}),
         &text,
     )?;
     if ok {

@@ -264,6 +264,133 @@ fn per_block(v: &Version) -> usize {
     (u64::from(v.block_size()) / SUB).max(1) as usize
 }
 
+/// Replays an instance's records: its base version, its overlay and how many write records
+/// the log holds.
+fn replay(
+    store: &Store,
+    id: &InstanceId,
+    path: &std::path::Path,
+    records: Vec<Record>,
+) -> Result<(Version, Overlay, usize), InstanceError> {
+    let mut base: Option<VersionId> = None;
+    let mut ops: Vec<Op> = Vec::new();
+    let mut dropped_after: Vec<(usize, Vec<u64>)> = Vec::new();
+    let mut write_records = 0;
+    for r in records {
+        match r {
+            Record::Created { base: b, .. } => base = Some(parse_version(id, &b)?),
+            Record::Writes { changes } => {
+                write_records += 1;
+                for c in changes {
+                    let hash = match c.hash {
+                        Some(h) => Some(parse_hash(id, &h)?),
+                        None => None,
+                    };
+                    ops.push(Op::Whole {
+                        index: c.index,
+                        hash,
+                    });
+                }
+            }
+            Record::Overlay { ops: more } => {
+                write_records += 1;
+                ops.extend(more);
+            }
+            Record::Rebased { to, dropped, .. } => {
+                base = Some(parse_version(id, &to)?);
+                dropped_after.push((ops.len(), dropped));
+            }
+            Record::Committed { .. } => {}
+        }
+    }
+    let base = base.ok_or_else(|| LogError::NoHeader(path.to_path_buf()))?;
+    let base = store.version(&base)?;
+    let mut overlay = Overlay::new(per_block(&base));
+    let mut drops = dropped_after.into_iter().peekable();
+    for (n, op) in ops.iter().enumerate() {
+        while let Some((_, dropped)) = drops.next_if(|(at, _)| *at == n) {
+            for i in dropped {
+                overlay.remove(i);
+            }
+        }
+        overlay
+            .apply(op)
+            .map_err(|e| InstanceError::BadRecord(id.clone(), e.to_string()))?;
+    }
+    for (_, dropped) in drops {
+        for i in dropped {
+            overlay.remove(i);
+        }
+    }
+    Ok((base, overlay, write_records))
+}
+
+/// One damaged instance found by [`check_instances`].
+#[derive(Debug, Clone)]
+pub struct InstanceProblem {
+    /// The instance.
+    pub instance: String,
+    /// Disk offset of the damaged sub-block, when one is.
+    pub offset: Option<u64>,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// Checks every instance of `store` read-only (for fsck): its log replays and every data
+/// slot it names matches its checksum. Returns the problems and the bytes checked.
+pub fn check_instances(store: &Store) -> Result<(Vec<InstanceProblem>, u64), StoreError> {
+    let instances = Instances::new(store);
+    let ids = instances
+        .list()
+        .map_err(|e| StoreError::IndexInconsistent(format!("instances: {e}")))?;
+    let mut problems = Vec::new();
+    let mut bytes = 0u64;
+    for id in ids {
+        let path = instances.path(&id);
+        let problem = |offset, detail: String| InstanceProblem {
+            instance: id.to_string(),
+            offset,
+            detail,
+        };
+        let replayed = RecordLog::read(&path)
+            .map_err(InstanceError::from)
+            .and_then(|records| replay(store, &id, &path, records));
+        let (base, overlay, _) = match replayed {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(problem(None, e.to_string()));
+                continue;
+            }
+        };
+        if overlay.live_slots() == 0 {
+            continue;
+        }
+        let data = match DataFile::open_read_only(&data_path(&path)) {
+            Ok(d) => d,
+            Err(e) => {
+                problems.push(problem(None, e.to_string()));
+                continue;
+            }
+        };
+        let bs = u64::from(base.block_size());
+        let mut buf = vec![0u8; SUB as usize];
+        let mut entries: Vec<(&u64, &crate::overlay::Entry)> = overlay.iter().collect();
+        entries.sort_by_key(|(i, _)| **i);
+        for (&index, entry) in entries {
+            for (sub, s) in entry.subs.iter().enumerate() {
+                if let Some(Sub::Data { slot, sum }) = s {
+                    let offset = index.saturating_mul(bs).saturating_add(sub as u64 * SUB);
+                    match data.read(*slot, sum, &mut buf) {
+                        Ok(()) => bytes += SUB,
+                        Err(e) => problems.push(problem(Some(offset), e.to_string())),
+                    }
+                }
+            }
+        }
+    }
+    Ok((problems, bytes))
+}
+
 /// Most overlay ops in one compaction record (keeps records well under the log's limit).
 const OPS_PER_RECORD: usize = 1 << 16;
 
@@ -275,56 +402,7 @@ impl Instance {
         path: PathBuf,
     ) -> Result<Instance, InstanceError> {
         let (log, records) = RecordLog::open(&path)?;
-        let mut base: Option<VersionId> = None;
-        let mut ops: Vec<Op> = Vec::new();
-        let mut dropped_after: Vec<(usize, Vec<u64>)> = Vec::new();
-        let mut write_records = 0;
-        for r in records {
-            match r {
-                Record::Created { base: b, .. } => base = Some(parse_version(&id, &b)?),
-                Record::Writes { changes } => {
-                    write_records += 1;
-                    for c in changes {
-                        let hash = match c.hash {
-                            Some(h) => Some(parse_hash(&id, &h)?),
-                            None => None,
-                        };
-                        ops.push(Op::Whole {
-                            index: c.index,
-                            hash,
-                        });
-                    }
-                }
-                Record::Overlay { ops: more } => {
-                    write_records += 1;
-                    ops.extend(more);
-                }
-                Record::Rebased { to, dropped, .. } => {
-                    base = Some(parse_version(&id, &to)?);
-                    dropped_after.push((ops.len(), dropped));
-                }
-                Record::Committed { .. } => {}
-            }
-        }
-        let base = base.ok_or_else(|| LogError::NoHeader(path.clone()))?;
-        let base = store.version(&base)?;
-        let mut overlay = Overlay::new(per_block(&base));
-        let mut drops = dropped_after.into_iter().peekable();
-        for (n, op) in ops.iter().enumerate() {
-            while let Some((_, dropped)) = drops.next_if(|(at, _)| *at == n) {
-                for i in dropped {
-                    overlay.remove(i);
-                }
-            }
-            overlay
-                .apply(op)
-                .map_err(|e| InstanceError::BadRecord(id.clone(), e.to_string()))?;
-        }
-        for (_, dropped) in drops {
-            for i in dropped {
-                overlay.remove(i);
-            }
-        }
+        let (base, overlay, write_records) = replay(store, &id, &path, records)?;
         let data = DataFile::open(&data_path(&path))?;
         // Slots past the last one a durable record names were written but never flushed.
         let next_slot = overlay.max_slot().map_or(0, |s| s + 1);
@@ -729,7 +807,7 @@ impl Instances {
         }
     }
 
-    fn path(&self, id: &InstanceId) -> PathBuf {
+    pub(crate) fn path(&self, id: &InstanceId) -> PathBuf {
         self.dir.join(format!("{id}.log"))
     }
 

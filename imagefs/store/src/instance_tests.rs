@@ -327,3 +327,37 @@ fn compaction_keeps_contents_and_events() {
         "created + the substitution survive: {events:?}"
     );
 }
+
+#[test]
+fn fsck_finds_a_flipped_byte_in_an_instance_data_file_and_reads_fail_with_corrupt() {
+    let f = fixture();
+    let v1 = f.import(&image(8, 0), "v1");
+    let inst = f.create(&v1, "vm1");
+    inst.write_at(&f.store, 3 * BS as u64 + 512, &[0x77; 1024])
+        .unwrap();
+    inst.flush(&f.store).unwrap();
+    let clean = f.store.fsck(&mut |_, _| {}).unwrap();
+    assert!(clean.problems.is_empty(), "{:?}", clean.problems);
+    assert_eq!(clean.instance_bytes_checked, 4096);
+    drop(inst);
+    let data = f.store.dir().join("instances/vm1.data");
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[600] ^= 1;
+    std::fs::write(&data, &bytes).unwrap();
+    let r = f.store.fsck(&mut |_, _| {}).unwrap();
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    assert_eq!(r.problems[0].offset, Some(3 * BS as u64));
+    assert!(
+        r.problems[0].detail.contains("vm1"),
+        "{}",
+        r.problems[0].detail
+    );
+    let inst = f.reopen("vm1");
+    let mut buf = vec![0u8; 100];
+    let err = inst
+        .read_at(&f.store, 3 * BS as u64 + 500, &mut buf)
+        .unwrap_err();
+    assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+    // the other blocks still read
+    inst.read_at(&f.store, 0, &mut buf).unwrap();
+}

@@ -399,6 +399,18 @@ impl DataFile {
         })
     }
 
+    /// Opens an existing data file read-only (fsck).
+    pub fn open_read_only(path: &Path) -> Result<DataFile, OverlayError> {
+        let file = File::open(path).map_err(|source| OverlayError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(DataFile {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
     fn io(&self) -> impl FnOnce(std::io::Error) -> OverlayError + '_ {
         move |source| OverlayError::Io {
             path: self.path.clone(),
