@@ -105,7 +105,7 @@ fn run_forwarded(
     let json = args.global.json;
     let result = match &args.command {
         Command::Store(cmd) => {
-            let result = cli::run(&ctx.store, cmd, json, out);
+            let result = cli::run(&ctx.store, &ctx.instances, cmd, json, out);
             if matches!(cmd, cli::StoreCommand::Gc) {
                 mount::cmd::prune_flat(ctx);
             }

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use imagefs_store::instance::Instances;
 use imagefs_store::Store;
 use serde_json::json;
 
@@ -105,17 +106,21 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
     }
 }
 
-pub fn gc(store: &Store, o: &mut Out<'_>) -> Result<(), CliError> {
+pub fn gc(store: &Store, instances: &Instances, o: &mut Out<'_>) -> Result<(), CliError> {
     let r = store.gc()?;
+    // Instance data replaced by later writes goes back to the filesystem at once.
+    let reclaimed = instances.reclaim_all(store)?;
     let removed: Vec<String> = r.versions_removed.iter().map(|v| v.to_hex()).collect();
     o.result(
         json!({"versions_removed": removed, "objects_freed": r.objects_freed,
-               "bytes_freed": r.bytes_freed, "packs_rewritten": r.packs_rewritten}),
+               "bytes_freed": r.bytes_freed, "packs_rewritten": r.packs_rewritten,
+               "instance_bytes_reclaimed": reclaimed}),
         &format!(
-            "removed {} versions, freed {} objects ({})",
+            "removed {} versions, freed {} objects ({}), reclaimed {} of instance data",
             removed.len(),
             r.objects_freed,
-            human_bytes(r.bytes_freed)
+            human_bytes(r.bytes_freed),
+            human_bytes(reclaimed)
         ),
     )
 }

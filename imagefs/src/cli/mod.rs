@@ -184,7 +184,10 @@ pub fn run_dir(
         }
         _ => {
             let store = Store::open(dir)?;
-            run_on(&store, cmd, &mut o)
+            // No daemon holds the store (the caller forwards otherwise): these instances are
+            // the only live ones.
+            let instances = imagefs_store::instance::Instances::new(&store);
+            run_on(&store, &instances, cmd, &mut o)
         }
     }
 }
@@ -193,15 +196,21 @@ pub fn run_dir(
 /// store closed and are refused here.
 pub fn run(
     store: &Store,
+    instances: &imagefs_store::instance::Instances,
     cmd: &StoreCommand,
     json: bool,
     out: &mut dyn Write,
 ) -> Result<(), CliError> {
     let mut o = Out::new(out, json);
-    run_on(store, cmd, &mut o)
+    run_on(store, instances, cmd, &mut o)
 }
 
-fn run_on(store: &Store, cmd: &StoreCommand, o: &mut Out<'_>) -> Result<(), CliError> {
+fn run_on(
+    store: &Store,
+    instances: &imagefs_store::instance::Instances,
+    cmd: &StoreCommand,
+    o: &mut Out<'_>,
+) -> Result<(), CliError> {
     match cmd {
         StoreCommand::Init => Err(CliError::new(
             4,
@@ -220,7 +229,7 @@ fn run_on(store: &Store, cmd: &StoreCommand, o: &mut Out<'_>) -> Result<(), CliE
             4,
             "fsck --repair needs the store to itself: stop the mount first",
         )),
-        StoreCommand::Gc => maint::gc(store, o),
+        StoreCommand::Gc => maint::gc(store, instances, o),
     }
 }
 

@@ -117,6 +117,29 @@ impl Lifecycle {
     }
 }
 
+/// How often the daemon gives instances' replaced data back to the filesystem.
+const RECLAIM_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Every `RECLAIM_EVERY`, reclaims the dead data of open instances holding more than a quarter
+/// dead (a guest rewriting its disk would otherwise grow the host's use without bound). Ends
+/// with the daemon's instances.
+fn spawn_reclaimer(instances: std::sync::Weak<Instances>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("reclaim".into())
+        .spawn(move || loop {
+            std::thread::sleep(RECLAIM_EVERY);
+            let Some(instances) = instances.upgrade() else {
+                return;
+            };
+            match instances.reclaim_open() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(bytes = n, "reclaimed replaced instance data"),
+                Err(e) => tracing::warn!(error = %e, "reclaiming instance data failed"),
+            }
+        })
+        .map(drop)
+}
+
 /// Worker threads for requests that wait on the disk (flush, fsync, fallocate).
 const SYNC_WORKERS: usize = 4;
 
@@ -248,6 +271,7 @@ fn serve(
         .spawn(move || control::serve(listener, handler))
         .map_err(DaemonError::Setup)?;
     signals::spawn_stop_thread(signals, life.clone()).map_err(DaemonError::Setup)?;
+    spawn_reclaimer(Arc::downgrade(&instances)).map_err(DaemonError::Setup)?;
 
     life.on(Event::Mounted);
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "mounted");

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::instance_log::{LogError, Record, RecordLog};
-use crate::overlay::{checksum, DataFile, Op, Overlay, OverlayError, Sub, SUB};
+use crate::overlay::{checksum, DataFile, Op, Overlay, OverlayError, Slots, Sub, SUB};
 use crate::{is_zero, BlockHash, ErrorKind, Store, StoreError, Version, VersionId};
 
 pub use crate::instance_sub::{
@@ -219,11 +219,8 @@ pub(crate) struct Writer {
     pub(crate) pending: Vec<Op>,
     /// Write records in the log since it was last compacted.
     pub(crate) write_records: usize,
-    /// The next free slot of the data file (slots are allocated at its end).
-    pub(crate) next_slot: u64,
-    /// Slots from here on are named by no durable record, so a later write may reuse them in
-    /// place; slots below are never overwritten.
-    pub(crate) mutable_from: u64,
+    /// The data file's slots: free, taken this epoch, superseded.
+    pub(crate) slots: Slots,
     /// Slots written since the data file was last synced.
     pub(crate) dirty: bool,
 }
@@ -405,9 +402,15 @@ impl Instance {
         let (base, overlay, write_records) = replay(store, &id, &path, records)?;
         let data = DataFile::open(&data_path(&path))?;
         // Slots past the last one a durable record names were written but never flushed.
-        let next_slot = overlay.max_slot().map_or(0, |s| s + 1);
-        if data.slots()? > next_slot {
-            data.truncate(next_slot)?;
+        let mut slots = Slots::recover(overlay.live_slot_numbers());
+        // Slots past the last one a durable record names were written but never flushed; free
+        // ones below it go back to the filesystem.
+        let (runs, end) = slots.reclaimable();
+        if data.slots()? > end {
+            data.truncate(end)?;
+        }
+        for (first, n) in runs {
+            data.punch(first, n)?;
         }
         let inst = Instance {
             id,
@@ -416,8 +419,7 @@ impl Instance {
                 log,
                 pending: Vec::new(),
                 write_records,
-                next_slot,
-                mutable_from: next_slot,
+                slots,
                 dirty: false,
             }),
             data,
@@ -472,16 +474,36 @@ impl Instance {
         u64::from(self.view.load().base.block_size())
     }
 
-    /// Bytes the instance's data file spans on the host (live and dead slots).
+    /// Bytes the instance's data file holds on the host (live slots, and replaced ones not yet
+    /// reclaimed).
     pub fn data_bytes(&self) -> u64 {
-        self.lock_writer().next_slot.saturating_mul(SUB)
+        self.lock_writer().slots.held().saturating_mul(SUB)
     }
 
-    /// Bytes of the data file no sub-block names any more (replaced by later writes).
+    /// Bytes of the data file no sub-block names any more (replaced by later writes), not
+    /// yet reclaimed.
     pub fn dead_bytes(&self) -> u64 {
-        let next = self.lock_writer().next_slot;
-        next.saturating_sub(self.view().read_overlay().live_slots())
+        let held = self.lock_writer().slots.held();
+        held.saturating_sub(self.view().read_overlay().live_slots())
             .saturating_mul(SUB)
+    }
+
+    /// Gives the disk of replaced slots back to the filesystem (after making pending writes
+    /// durable, so every replaced slot is safe to drop); returns the bytes reclaimed.
+    pub fn reclaim(&self) -> Result<u64, InstanceError> {
+        let mut writer = self.lock_writer();
+        self.flush_locked(&mut writer)?;
+        let before = writer.slots.held();
+        let (runs, end) = writer.slots.reclaimable();
+        if self.data.slots()? > end {
+            self.data.truncate(end)?;
+        }
+        for (first, n) in runs {
+            self.data.punch(first, n)?;
+        }
+        Ok(before
+            .saturating_sub(writer.slots.held())
+            .saturating_mul(SUB))
     }
 
     pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
@@ -551,16 +573,23 @@ impl Instance {
         let view = self.view();
         let bs = u64::from(view.base.block_size());
         let mut ops: Vec<Op> = Vec::new();
-        // New slots are taken in order, so their bytes go out in one write at the end.
-        let first_new = writer.next_slot;
-        let mut fresh: Vec<u8> = Vec::new();
-        let mut in_place: Vec<(u64, Vec<u8>)> = Vec::new();
+        // Bytes to write, by slot; slots taken and released here are committed to the
+        // allocator only once the bytes are written.
+        let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut taken: Vec<u64> = Vec::new();
+        let mut released: Vec<u64> = Vec::new();
         let mut pos = offset;
         while pos < end {
             let index = pos / bs;
             let block_start = index * bs;
             if data.is_none() && pos == block_start && (end - pos >= bs || end == size) {
                 // A discard of a whole block: a hole, nothing stored.
+                if let Some(e) = view.read_overlay().get(index) {
+                    released.extend(e.subs.iter().filter_map(|s| match s {
+                        Some(Sub::Data { slot, .. }) => Some(*slot),
+                        _ => None,
+                    }));
+                }
                 ops.push(Op::Whole { index, hash: None });
                 pos = (block_start + bs).min(end);
                 continue;
@@ -591,49 +620,45 @@ impl Instance {
                 Some(d) => dst.copy_from_slice(d),
                 None => dst.fill(0),
             }
+            let current = match view
+                .read_overlay()
+                .get(index)
+                .and_then(|e| e.sub(sub.into()))
+            {
+                Some(Sub::Data { slot, .. }) => Some(slot),
+                _ => None,
+            };
             let to = if is_zero(&bytes) {
+                released.extend(current);
                 Sub::Zero
             } else {
                 let sum = checksum(&bytes);
-                let current = view
-                    .read_overlay()
-                    .get(index)
-                    .and_then(|e| e.sub(sub.into()));
-                let reuse = match current {
-                    Some(Sub::Data { slot, .. }) if slot >= writer.mutable_from => Some(slot),
-                    _ => None,
-                };
-                let slot = match reuse {
-                    Some(slot) => {
-                        in_place.push((slot, bytes));
-                        slot
-                    }
-                    None => {
-                        let slot = writer.next_slot;
-                        writer.next_slot += 1;
-                        fresh.extend_from_slice(&bytes);
+                let slot = match current {
+                    // Named by no durable record yet: rewritten in place.
+                    Some(slot) if writer.slots.is_fresh(slot) => slot,
+                    _ => {
+                        released.extend(current);
+                        let slot = writer.slots.take();
+                        taken.push(slot);
                         slot
                     }
                 };
+                writes.push((slot, bytes));
                 Sub::Data { slot, sum }
             };
             ops.push(Op::Sub { index, sub, to });
             pos += n as u64;
         }
-        let written = (|| {
-            if !fresh.is_empty() {
-                self.data.write(first_new, &fresh)?;
+        if let Err(e) = self.write_slots(&mut writes) {
+            for slot in taken {
+                writer.slots.untake(slot);
             }
-            for (slot, bytes) in &in_place {
-                self.data.write(*slot, bytes)?;
-            }
-            Ok::<(), OverlayError>(())
-        })();
-        if let Err(e) = written {
-            writer.next_slot = first_new.max(writer.mutable_from).min(writer.next_slot);
             return Err(e.into());
         }
-        writer.dirty |= !fresh.is_empty() || !in_place.is_empty();
+        writer.dirty |= !writes.is_empty();
+        for slot in released {
+            writer.slots.release(slot);
+        }
         {
             let mut overlay = view.overlay.write().unwrap_or_else(|p| p.into_inner());
             for op in &ops {
@@ -645,6 +670,30 @@ impl Instance {
         writer.pending.extend(ops);
         if writer.pending.len() >= AUTO_FLUSH_CHANGES {
             self.flush_locked(&mut writer)?;
+        }
+        Ok(())
+    }
+
+    /// Writes slots, one write per run of consecutive slots.
+    fn write_slots(&self, writes: &mut [(u64, Vec<u8>)]) -> Result<(), OverlayError> {
+        writes.sort_unstable_by_key(|(slot, _)| *slot);
+        let mut i = 0;
+        while i < writes.len() {
+            let first = writes[i].0;
+            let mut j = i + 1;
+            while j < writes.len() && writes[j].0 == first + (j - i) as u64 {
+                j += 1;
+            }
+            if j - i == 1 {
+                self.data.write(first, &writes[i].1)?;
+            } else {
+                let run: Vec<u8> = writes[i..j]
+                    .iter()
+                    .flat_map(|(_, b)| b.iter().copied())
+                    .collect();
+                self.data.write(first, &run)?;
+            }
+            i = j;
         }
         Ok(())
     }
@@ -686,7 +735,7 @@ impl Instance {
             return Err(e.into());
         }
         writer.write_records += 1;
-        writer.mutable_from = writer.next_slot;
+        writer.slots.durable();
         Ok(())
     }
 }
@@ -936,6 +985,28 @@ impl Instances {
             .into_iter()
             .filter(|r| !matches!(r, Record::Writes { .. } | Record::Overlay { .. }))
             .collect())
+    }
+
+    /// Reclaims the replaced data of each open instance whose dead bytes exceed a quarter of
+    /// what it holds (the daemon's periodic step); returns the bytes given back.
+    pub fn reclaim_open(&self) -> Result<u64, InstanceError> {
+        let open: Vec<Arc<Instance>> = self.live().values().cloned().collect();
+        let mut total = 0u64;
+        for inst in open {
+            if inst.dead_bytes() > inst.data_bytes() / 4 {
+                total = total.saturating_add(inst.reclaim()?);
+            }
+        }
+        Ok(total)
+    }
+
+    /// Reclaims the replaced data of every instance (gc); returns the bytes given back.
+    pub fn reclaim_all(&self, store: &Store) -> Result<u64, InstanceError> {
+        let mut total = 0u64;
+        for id in self.list()? {
+            total = total.saturating_add(self.get(store, &id)?.reclaim()?);
+        }
+        Ok(total)
     }
 
     /// Flushes every open instance (on daemon shutdown).

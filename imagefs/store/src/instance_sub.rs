@@ -316,9 +316,10 @@ impl Instance {
         };
         let mut new_overlay: Overlay = overlay.clone();
         drop(overlay);
-        for i in &dropped {
-            new_overlay.remove(*i);
-        }
+        let dropped_entries: Vec<crate::overlay::Entry> = dropped
+            .iter()
+            .filter_map(|i| new_overlay.remove(*i))
+            .collect();
         let mut outcome = outcome;
 
         let t = Instant::now();
@@ -353,7 +354,16 @@ impl Instance {
         if !pending.is_empty() {
             writer.write_records += 1;
         }
-        writer.mutable_from = writer.next_slot;
+        writer.slots.durable();
+        // The dropped entries' slots are named by no record from the rebase on.
+        for e in &dropped_entries {
+            for s in &e.subs {
+                if let Some(crate::overlay::Sub::Data { slot, .. }) = s {
+                    writer.slots.release(*slot);
+                }
+            }
+        }
+        writer.slots.durable();
         outcome.times.persist_us = micros(t);
 
         let t = Instant::now();

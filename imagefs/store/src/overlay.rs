@@ -15,7 +15,7 @@
 //! - `4 | index u64 | sub u16 | slot u64 | sum [16]`: sub-block `sub` of block `index` is the
 //!   data file's slot `slot` (bytes `slot * 4096 ..`), whose blake3 starts with `sum`
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -169,8 +169,8 @@ impl Overlay {
         self.live_slots
     }
 
-    /// The highest slot named, if any.
-    pub fn max_slot(&self) -> Option<u64> {
+    /// Every slot named.
+    pub fn live_slot_numbers(&self) -> impl Iterator<Item = u64> + '_ {
         self.map
             .values()
             .flat_map(|e| e.subs.iter())
@@ -178,7 +178,6 @@ impl Overlay {
                 Some(Sub::Data { slot, .. }) => Some(*slot),
                 _ => None,
             })
-            .max()
     }
 
     fn count(sub: Option<Sub>) -> u64 {
@@ -246,6 +245,117 @@ impl Overlay {
             }
         }
         ops
+    }
+}
+
+/// Which slots of a data file are free, in use, or safe to overwrite. A slot a durable record
+/// names is never overwritten: a superseded slot becomes reusable only once the change that
+/// superseded it is durable (`durable`), and only slots taken since the last flush are
+/// rewritten in place.
+#[derive(Debug, Default)]
+pub struct Slots {
+    /// Slots the file spans.
+    end: u64,
+    /// Reusable slots that still hold disk space.
+    free: BTreeSet<u64>,
+    /// Reusable slots that are holes in the file (reclaimed).
+    punched: BTreeSet<u64>,
+    /// Taken since the last flush: no durable record names them.
+    fresh: HashSet<u64>,
+    /// Superseded since the last flush: reusable once that flush is durable.
+    dying: Vec<u64>,
+}
+
+impl Slots {
+    /// The slots of a file after replay: `live` are named by the overlay; every other slot
+    /// below the highest live one is reusable (and reported by `reclaimable`), and slots past
+    /// it are cut off by the caller.
+    pub fn recover(live: impl Iterator<Item = u64>) -> Slots {
+        let live: HashSet<u64> = live.collect();
+        let end = live.iter().max().map_or(0, |m| m + 1);
+        let free = (0..end).filter(|s| !live.contains(s)).collect();
+        Slots {
+            end,
+            free,
+            ..Slots::default()
+        }
+    }
+
+    /// Slots the file spans.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Slots that hold disk space (everything the file spans but reclaimed holes).
+    pub fn held(&self) -> u64 {
+        self.end - self.punched.len() as u64
+    }
+
+    /// How many more slots of disk `n` takes would cost (reusing held free slots first).
+    pub fn cost_of(&self, n: u64) -> u64 {
+        n.saturating_sub(self.free.len() as u64)
+    }
+
+    /// A slot to write new bytes to: a free one that holds disk first, then a reclaimed hole,
+    /// then one past the end.
+    pub fn take(&mut self) -> u64 {
+        let slot = match self.free.pop_first().or_else(|| self.punched.pop_first()) {
+            Some(s) => s,
+            None => {
+                self.end += 1;
+                self.end - 1
+            }
+        };
+        self.fresh.insert(slot);
+        slot
+    }
+
+    /// Gives back a slot taken for a write that failed (it is named nowhere).
+    pub fn untake(&mut self, slot: u64) {
+        self.fresh.remove(&slot);
+        self.free.insert(slot);
+    }
+
+    /// Whether `slot` may be rewritten in place (taken since the last flush).
+    pub fn is_fresh(&self, slot: u64) -> bool {
+        self.fresh.contains(&slot)
+    }
+
+    /// `slot` is no longer named by the overlay.
+    pub fn release(&mut self, slot: u64) {
+        if self.fresh.remove(&slot) {
+            self.free.insert(slot);
+        } else {
+            self.dying.push(slot);
+        }
+    }
+
+    /// Everything so far is durable: superseded slots become reusable, taken ones durable.
+    pub fn durable(&mut self) {
+        self.fresh.clear();
+        self.free.extend(self.dying.drain(..));
+    }
+
+    /// Free slots holding disk, as `(first, count)` runs, now counted as reclaimed (the caller
+    /// punches them), and the new end when free slots reach it (the caller truncates).
+    pub fn reclaimable(&mut self) -> (Vec<(u64, u64)>, u64) {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for &s in &self.free {
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == s => *n += 1,
+                _ => runs.push((s, 1)),
+            }
+        }
+        self.punched.append(&mut self.free);
+        while self.end > 0 && self.punched.remove(&(self.end - 1)) {
+            self.end -= 1;
+        }
+        let end = self.end;
+        runs.retain(|&(first, _)| first < end);
+        for (first, n) in &mut runs {
+            *n = (*n).min(end - *first);
+        }
+        (runs, end)
     }
 }
 
@@ -468,6 +578,30 @@ impl DataFile {
         self.file.write_all_at(data, at).map_err(self.io())
     }
 
+    /// Gives the disk of `count` slots from `first` back to the filesystem (they read as
+    /// zeros, and may be written again).
+    pub fn punch(&self, first: u64, count: u64) -> Result<(), OverlayError> {
+        let (Ok(off), Ok(len)) = (
+            i64::try_from(first.saturating_mul(SUB)),
+            i64::try_from(count.saturating_mul(SUB)),
+        ) else {
+            return Ok(());
+        };
+        // SAFETY: fallocate on a descriptor this struct owns; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&self.file),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                len,
+            )
+        };
+        if rc != 0 {
+            return Err(self.io()(std::io::Error::last_os_error()));
+        }
+        Ok(())
+    }
+
     /// Makes written slots durable.
     pub fn sync(&self) -> Result<(), OverlayError> {
         self.file.sync_data().map_err(self.io())
@@ -542,7 +676,7 @@ mod tests {
         o.apply(&data(1)).unwrap();
         o.apply(&data(2)).unwrap();
         assert_eq!(o.live_slots(), 2);
-        assert_eq!(o.max_slot(), Some(42));
+        assert_eq!(o.live_slot_numbers().max(), Some(42));
         let mut again = Overlay::new(16);
         for op in o.to_ops() {
             again.apply(&op).unwrap();
@@ -564,6 +698,39 @@ mod tests {
                 to: Sub::Zero
             })
             .is_err());
+    }
+
+    #[test]
+    fn slots_are_reused_only_once_their_successor_is_durable() {
+        let mut s = Slots::recover([0u64, 2, 5].into_iter());
+        assert_eq!(s.end(), 6);
+        assert_eq!(s.held(), 6);
+        // 1, 3, 4 are free after replay
+        assert_eq!(s.take(), 1);
+        s.release(0); // a durable slot superseded: not reusable yet
+        assert_eq!(s.take(), 3);
+        s.release(3); // taken this epoch: reusable at once
+        assert_eq!(s.take(), 3);
+        assert!(s.is_fresh(3) && !s.is_fresh(2));
+        assert_eq!(s.take(), 4);
+        assert_eq!(s.take(), 6);
+        s.durable();
+        assert!(!s.is_fresh(3));
+        assert_eq!(s.take(), 0);
+        s.release(6);
+        s.release(5);
+        s.durable();
+        let (runs, end) = s.reclaimable();
+        assert_eq!(runs, vec![]);
+        assert_eq!(end, 5);
+        assert_eq!(s.held(), 5);
+        s.release(2);
+        s.durable();
+        assert_eq!(s.reclaimable(), (vec![(2, 1)], 5));
+        assert_eq!(s.held(), 4);
+        assert_eq!(s.cost_of(1), 1);
+        assert_eq!(s.take(), 2); // a reclaimed hole is written again
+        assert_eq!(s.held(), 5);
     }
 
     #[test]

@@ -25,6 +25,7 @@ enum Step {
     Flush,
     Substitute { force: bool },
     Crash { garbage: bool },
+    Reclaim,
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -38,6 +39,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => Just(Step::Flush),
         1 => any::<bool>().prop_map(|force| Step::Substitute { force }),
         1 => any::<bool>().prop_map(|garbage| Step::Crash { garbage }),
+        1 => Just(Step::Reclaim),
     ]
 }
 
@@ -212,6 +214,23 @@ fn run(steps: Vec<Step>) {
                 on = to;
                 durable = (model.clone(), on);
             }
+            Step::Reclaim => {
+                inst.reclaim().unwrap();
+                durable = (model.clone(), on);
+                assert_eq!(inst.dead_bytes(), 0, "step {n}: dead bytes after reclaim");
+                let path = store.dir().join("instances/vm.data");
+                std::fs::File::open(&path).unwrap().sync_all().unwrap();
+                let on_disk = std::fs::metadata(&path)
+                    .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                    .unwrap();
+                // ext4 counts an extent-tree block once holes split the file in more than
+                // four extents
+                assert!(
+                    on_disk <= inst.data_bytes() + 2 * 4096,
+                    "step {n}: the data file holds {on_disk} bytes, the instance counts {}",
+                    inst.data_bytes()
+                );
+            }
             Step::Crash { garbage } => {
                 drop(inst);
                 drop(instances);
@@ -228,6 +247,11 @@ fn run(steps: Vec<Step>) {
                 inst = instances.get(&store, &id).unwrap();
                 model = durable.0.clone();
                 on = durable.1;
+                assert_eq!(
+                    inst.dead_bytes(),
+                    0,
+                    "step {n}: a reopened instance holds dead slots"
+                );
                 assert_eq!(inst.view().base().id(), versions[on].id(), "step {n}: base");
             }
         }
