@@ -981,3 +981,61 @@ fn gc_while_mounted_keeps_what_instances_use() {
     assert_eq!(m.read("instances/vm1.raw"), want);
     m.stop();
 }
+
+#[test]
+fn instance_writes_past_max_bytes_fail_with_enospc_store_nothing_and_spare_other_instances() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let mut m = Mounted::new();
+    let a = source_image(512, "a");
+    m.import("a.img", &a, "web:v1");
+    m.start();
+    m.ok(&[
+        "instance",
+        "create",
+        "web:v1",
+        "small",
+        "--max-bytes",
+        "64K",
+    ]);
+    m.ok(&["instance", "create", "web:v1", "other"]);
+    let open = |m: &Mounted, name: &str| {
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(m.path(&format!("instances/{name}.raw")))
+            .unwrap()
+    };
+    let (small, other) = (open(&m, "small"), open(&m, "other"));
+    let mut want = a.clone();
+    // 16 sub-blocks of 4 KiB fill the 64 KiB limit exactly.
+    for i in 0..16usize {
+        let d = noise(&format!("w{i}"), BS);
+        pwrite_all(&small, &d, (i * 2 * BS) as u64);
+        want[i * 2 * BS..i * 2 * BS + BS].copy_from_slice(&d);
+    }
+    let past = noise("past", BS);
+    let err = small.write_all_at(&past, (40 * BS) as u64).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    small.sync_all().unwrap();
+    // Nothing of the refused write is visible, and the other instance writes on.
+    assert_eq!(m.read("instances/small.raw"), want);
+    let d = noise("other", 64 * BS);
+    other.write_all_at(&d, 0).unwrap();
+    other.sync_all().unwrap();
+    let ls = m.ok(&["instance", "ls", "--json"]);
+    let small_line = ls.lines().find(|l| l.contains("\"small\"")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(small_line).unwrap();
+    assert_eq!(v["max_bytes"], 65536);
+    assert_eq!(v["data_bytes"], 65536, "{small_line}");
+    // The limit survives a restart; a write into an already written sub-block after its
+    // flush needs a new slot while the old one is not reclaimed, so it is refused too.
+    drop((small, other));
+    m.stop();
+    m.start();
+    let small = open(&m, "small");
+    let err = small.write_all_at(&past, 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(m.read("instances/small.raw"), want);
+}

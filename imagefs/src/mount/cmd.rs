@@ -249,6 +249,11 @@ pub enum InstanceCmd {
         source: String,
         /// Instance name.
         id: String,
+        /// Most bytes the instance's writes may hold on the host (K, M, G suffixes; replaced
+        /// data not yet reclaimed counts; default twice the disk). Past it writes fail with
+        /// ENOSPC.
+        #[arg(long, value_parser = crate::cli::parse_size)]
+        max_bytes: Option<u64>,
     },
     /// Commit the instance as it is now as a new version NAME:TAG.
     Commit {
@@ -317,10 +322,17 @@ pub fn instance(
 ) -> Result<(), CliError> {
     let store = &ctx.store;
     match cmd {
-        InstanceCmd::Create { source, id } => {
+        InstanceCmd::Create {
+            source,
+            id,
+            max_bytes,
+        } => {
             let id = instance_id(id)?;
             let base = store.resolve(source)?;
             let inst = ctx.instances.create(store, &id, &base, source)?;
+            if let Some(max) = max_bytes {
+                inst.set_max_bytes(*max)?;
+            }
             // The kernel may still cache pages of an earlier instance of this name.
             if let Some(live) = &ctx.live {
                 if let Some(ino) = live.model.known_instance_ino(&id) {
@@ -403,7 +415,9 @@ pub fn instance(
                 if json {
                     let v = json!({"instance": id.to_string(), "base": base.id().to_string(),
                         "image": base.image().to_string(), "size": base.size(),
-                        "written_blocks": view.written_blocks()});
+                        "written_blocks": view.written_blocks(),
+                        "data_bytes": inst.data_bytes(), "dead_bytes": inst.dead_bytes(),
+                        "max_bytes": inst.max_bytes()});
                     writeln!(out, "{v}").map_err(io_err)?;
                 } else {
                     writeln!(
@@ -566,6 +580,9 @@ pub fn log(ctx: &Ctx, a: &LogArgs, json: bool, out: &mut dyn Write) -> Result<()
             ),
             Record::Committed { version, tag, at } => {
                 format!("{} committed as {tag} ({})", utc(*at), short(version))
+            }
+            Record::Limits { max_bytes } => {
+                format!("limit on host data set to {}", human_bytes(*max_bytes))
             }
             Record::Writes { .. } | Record::Overlay { .. } => continue,
         };

@@ -54,6 +54,10 @@ pub struct ConfigArgs {
     pub memory: Option<String>,
     #[arg(long)]
     pub cpus: Option<u32>,
+    /// Most bytes each VM's instance may hold on the host (K, M, G suffixes; default twice
+    /// the disk); past it the guest's writes fail with an I/O error (ENOSPC).
+    #[arg(long, value_parser = crate::cli::parse_size)]
+    pub max_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -210,6 +214,9 @@ fn merge(cfg: &mut GuestConfig, c: &ConfigArgs) {
     if let Some(n) = c.cpus {
         cfg.cpus = Some(n);
     }
+    if let Some(n) = c.max_bytes {
+        cfg.max_bytes = Some(n);
+    }
 }
 
 fn start(
@@ -271,8 +278,11 @@ fn start(
             let create = InstanceCmd::Create {
                 source: a.source.clone(),
                 id: name.clone(),
+                max_bytes: a.guest.max_bytes.or(cfg.max_bytes),
             };
             crate::mount::cmd::instance(ctx, &create, false, &mut std::io::sink())?;
+        } else if let Some(max) = a.guest.max_bytes {
+            ctx.instances.get(&ctx.store, &id)?.set_max_bytes(max)?;
         }
         let spec = LaunchSpec {
             name: name.clone(),

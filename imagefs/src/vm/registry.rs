@@ -74,6 +74,9 @@ pub struct GuestConfig {
     pub initrd: Option<PathBuf>,
     pub memory: Option<String>,
     pub cpus: Option<u32>,
+    /// Default limit of a new VM's instance data on the host (bytes).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
 }
 
 /// Errors of the registry.

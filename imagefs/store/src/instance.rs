@@ -106,6 +106,16 @@ pub enum InstanceError {
         /// Target size.
         target: u64,
     },
+    /// A write would take the instance's data past its limit (`--max-bytes`)
+    #[error("instance {id}: writing would hold {would} bytes on the host, past its limit of {max} (--max-bytes)")]
+    NoSpace {
+        /// The instance.
+        id: InstanceId,
+        /// Bytes the write would have held.
+        would: u64,
+        /// The limit.
+        max: u64,
+    },
     /// Substitution refused: blocks written by the instance are also changed by the target
     #[error("{} conflicting block(s) (written by the instance and changed by the target); use --force or --keep-local", .0.len())]
     Conflicts(Vec<Range>),
@@ -133,7 +143,9 @@ impl InstanceError {
             | InstanceError::SizeMismatch { .. }
             | InstanceError::BlockSizeMismatch { .. } => ErrorKind::BadInput,
             InstanceError::NotFound(_) => ErrorKind::NotFound,
-            InstanceError::Exists(_) | InstanceError::Conflicts(_) => ErrorKind::Conflict,
+            InstanceError::Exists(_)
+            | InstanceError::Conflicts(_)
+            | InstanceError::NoSpace { .. } => ErrorKind::Conflict,
             InstanceError::BadRecord(..) => ErrorKind::Corrupt,
         }
     }
@@ -232,6 +244,13 @@ pub struct Instance {
     pub(crate) view: ArcSwap<View>,
     pub(crate) writer: Mutex<Writer>,
     pub(crate) data: DataFile,
+    /// The most bytes the data file may hold (`Limits` record; default twice the disk).
+    max_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// The default limit of an instance's data on the host: twice its disk.
+pub fn default_max_bytes(disk_size: u64) -> u64 {
+    disk_size.saturating_mul(2)
 }
 
 fn parse_hash(id: &InstanceId, s: &str) -> Result<BlockHash, InstanceError> {
@@ -297,7 +316,7 @@ fn replay(
                 base = Some(parse_version(id, &to)?);
                 dropped_after.push((ops.len(), dropped));
             }
-            Record::Committed { .. } => {}
+            Record::Committed { .. } | Record::Limits { .. } => {}
         }
     }
     let base = base.ok_or_else(|| LogError::NoHeader(path.to_path_buf()))?;
@@ -399,7 +418,15 @@ impl Instance {
         path: PathBuf,
     ) -> Result<Instance, InstanceError> {
         let (log, records) = RecordLog::open(&path)?;
+        let max_bytes = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Limits { max_bytes } => Some(*max_bytes),
+                _ => None,
+            })
+            .last();
         let (base, overlay, write_records) = replay(store, &id, &path, records)?;
+        let max_bytes = max_bytes.unwrap_or_else(|| default_max_bytes(base.size()));
         let data = DataFile::open(&data_path(&path))?;
         // Slots past the last one a durable record names were written but never flushed.
         let mut slots = Slots::recover(overlay.live_slot_numbers());
@@ -423,6 +450,7 @@ impl Instance {
                 dirty: false,
             }),
             data,
+            max_bytes: std::sync::atomic::AtomicU64::new(max_bytes),
         };
         if write_records > COMPACT_AFTER {
             inst.compact()?;
@@ -478,6 +506,21 @@ impl Instance {
     /// reclaimed).
     pub fn data_bytes(&self) -> u64 {
         self.lock_writer().slots.held().saturating_mul(SUB)
+    }
+
+    /// The most bytes the instance's data may hold on the host.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sets the most bytes the instance's data may hold on the host (durable on return).
+    /// Data already held over a lowered limit stays; writes that need more space fail.
+    pub fn set_max_bytes(&self, max_bytes: u64) -> Result<(), InstanceError> {
+        let mut writer = self.lock_writer();
+        writer.log.append_durable(&[Record::Limits { max_bytes }])?;
+        self.max_bytes
+            .store(max_bytes, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Bytes of the data file no sub-block names any more (replaced by later writes), not
@@ -649,12 +692,22 @@ impl Instance {
             ops.push(Op::Sub { index, sub, to });
             pos += n as u64;
         }
+        let held = writer.slots.held().saturating_mul(SUB);
+        let max = self.max_bytes();
+        if !taken.is_empty() && held > max {
+            // Refused whole: nothing stored, the overlay unchanged.
+            writer.slots.untake_all();
+            return Err(InstanceError::NoSpace {
+                id: self.id.clone(),
+                would: held,
+                max,
+            });
+        }
         if let Err(e) = self.write_slots(&mut writes) {
-            for slot in taken {
-                writer.slots.untake(slot);
-            }
+            writer.slots.untake_all();
             return Err(e.into());
         }
+        writer.slots.keep_taken();
         writer.dirty |= !writes.is_empty();
         for slot in released {
             writer.slots.release(slot);

@@ -63,6 +63,11 @@ pub enum Record {
         /// The changes, in order.
         ops: Vec<crate::overlay::Op>,
     },
+    /// The most bytes the instance's data file may hold on the host from now on.
+    Limits {
+        /// Bytes (live and replaced data not yet reclaimed).
+        max_bytes: u64,
+    },
     /// The instance's contents were committed as a new version.
     Committed {
         /// The new version id.

@@ -135,6 +135,7 @@ fn instance_log_roots(
                     versions.push(id(&to)?);
                 }
                 Record::Committed { version, .. } => versions.push(id(&version)?),
+                Record::Limits { .. } => {}
                 Record::Writes { changes } => {
                     for c in changes {
                         if let Some(h) = c.hash {

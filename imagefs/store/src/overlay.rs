@@ -264,6 +264,17 @@ pub struct Slots {
     fresh: HashSet<u64>,
     /// Superseded since the last flush: reusable once that flush is durable.
     dying: Vec<u64>,
+    /// Slots taken by the write in progress and where each came from, so a write that
+    /// fails (or is refused) gives them back exactly.
+    journal: Vec<(u64, Origin)>,
+}
+
+/// Where a taken slot came from.
+#[derive(Debug, Clone, Copy)]
+enum Origin {
+    Free,
+    Punched,
+    End,
 }
 
 impl Slots {
@@ -299,21 +310,35 @@ impl Slots {
     /// A slot to write new bytes to: a free one that holds disk first, then a reclaimed hole,
     /// then one past the end.
     pub fn take(&mut self) -> u64 {
-        let slot = match self.free.pop_first().or_else(|| self.punched.pop_first()) {
-            Some(s) => s,
-            None => {
-                self.end += 1;
-                self.end - 1
-            }
+        let (slot, origin) = if let Some(s) = self.free.pop_first() {
+            (s, Origin::Free)
+        } else if let Some(s) = self.punched.pop_first() {
+            (s, Origin::Punched)
+        } else {
+            self.end += 1;
+            (self.end - 1, Origin::End)
         };
         self.fresh.insert(slot);
+        self.journal.push((slot, origin));
         slot
     }
 
-    /// Gives back a slot taken for a write that failed (it is named nowhere).
-    pub fn untake(&mut self, slot: u64) {
-        self.fresh.remove(&slot);
-        self.free.insert(slot);
+    /// The slots taken since the last `keep_taken` stay taken.
+    pub fn keep_taken(&mut self) {
+        self.journal.clear();
+    }
+
+    /// Gives back every slot taken since the last `keep_taken` (the write failed or was
+    /// refused; they are named nowhere), as they were.
+    pub fn untake_all(&mut self) {
+        while let Some((slot, origin)) = self.journal.pop() {
+            self.fresh.remove(&slot);
+            match origin {
+                Origin::Free => drop(self.free.insert(slot)),
+                Origin::Punched => drop(self.punched.insert(slot)),
+                Origin::End => self.end -= 1,
+            }
+        }
     }
 
     /// Whether `slot` may be rewritten in place (taken since the last flush).
@@ -729,8 +754,14 @@ mod tests {
         assert_eq!(s.reclaimable(), (vec![(2, 1)], 5));
         assert_eq!(s.held(), 4);
         assert_eq!(s.cost_of(1), 1);
+        s.keep_taken();
         assert_eq!(s.take(), 2); // a reclaimed hole is written again
         assert_eq!(s.held(), 5);
+        assert_eq!(s.take(), 5);
+        assert_eq!(s.held(), 6);
+        s.untake_all();
+        assert_eq!((s.held(), s.end()), (4, 5), "a refused write holds nothing");
+        assert_eq!(s.take(), 2);
     }
 
     #[test]
