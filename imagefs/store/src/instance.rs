@@ -418,13 +418,10 @@ impl Instance {
         path: PathBuf,
     ) -> Result<Instance, InstanceError> {
         let (log, records) = RecordLog::open(&path)?;
-        let max_bytes = records
-            .iter()
-            .filter_map(|r| match r {
-                Record::Limits { max_bytes } => Some(*max_bytes),
-                _ => None,
-            })
-            .last();
+        let max_bytes = records.iter().rev().find_map(|r| match r {
+            Record::Limits { max_bytes } => Some(*max_bytes),
+            _ => None,
+        });
         let (base, overlay, write_records) = replay(store, &id, &path, records)?;
         let max_bytes = max_bytes.unwrap_or_else(|| default_max_bytes(base.size()));
         let data = DataFile::open(&data_path(&path))?;
