@@ -4,9 +4,10 @@
 //! the cached fixture image and the results stay under OUT.
 //!
 //! Usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only GROUP,...] [--cargo-target DIR]
-//! Groups, in priority order: import, chain, mount, vm, vm-live.
+//! Groups, in priority order: import, chain, mount, disk, vm, vm-live.
 
 mod chain;
+mod disk;
 mod fixture;
 mod import;
 mod mount;
@@ -50,7 +51,7 @@ struct Opts {
     cargo_target: PathBuf,
 }
 
-const GROUPS: [&str; 5] = ["import", "chain", "mount", "vm", "vm-live"];
+const GROUPS: [&str; 6] = ["import", "chain", "mount", "disk", "vm", "vm-live"];
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -70,7 +71,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--cargo-target" => o.cargo_target = PathBuf::from(val()?),
             "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
-                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,vm,vm-live] [--cargo-target DIR]");
+                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,disk,vm,vm-live] [--cargo-target DIR]");
                 std::process::exit(0);
             }
             _ => bail!("unknown argument {a:?} (try --help)"),
@@ -125,6 +126,7 @@ fn main() -> anyhow::Result<()> {
             "import" => import::run(&env, &mut rep),
             "chain" => chain::run(&env, &mut rep),
             "mount" => mount::run(&env, &mut rep),
+            "disk" => disk::run(&env, &mut rep),
             "vm" => vm::run(&env, &mut rep),
             _ => vm_live::run(&env, &mut rep),
         }

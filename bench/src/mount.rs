@@ -28,16 +28,21 @@ const NAMES: [&str; 6] = [
     "mount_seq_read_first_cold_daemon",
 ];
 
-pub fn run(env: &Env, rep: &mut Report) {
+/// Why this machine cannot run a mount bench, if it cannot.
+pub(crate) fn cannot_mount() -> Option<&'static str> {
     if !sys::is_root() {
-        for n in NAMES {
-            rep.skip(n, "needs root (FUSE mount, drop_caches)");
-        }
-        return;
+        Some("needs root (FUSE mount, drop_caches)")
+    } else if !Path::new("/dev/fuse").exists() {
+        Some("/dev/fuse is missing")
+    } else {
+        None
     }
-    if !Path::new("/dev/fuse").exists() {
+}
+
+pub fn run(env: &Env, rep: &mut Report) {
+    if let Some(why) = cannot_mount() {
         for n in NAMES {
-            rep.skip(n, "/dev/fuse is missing");
+            rep.skip(n, why);
         }
         return;
     }
@@ -135,10 +140,10 @@ impl Setup {
 }
 
 /// Our own `imagefs mount` daemon (a foreground child), released on drop.
-struct Mounted {
+pub(crate) struct Mounted {
     bin: PathBuf,
     store: PathBuf,
-    mnt: PathBuf,
+    pub(crate) mnt: PathBuf,
     child: Option<Child>,
 }
 
@@ -151,7 +156,7 @@ fn is_mounted(mnt: &Path) -> bool {
 }
 
 impl Mounted {
-    fn start(env: &Env, store: &Path, mnt: &Path) -> Result<Mounted> {
+    pub(crate) fn start(env: &Env, store: &Path, mnt: &Path) -> Result<Mounted> {
         std::fs::create_dir_all(mnt).map_err(io("mkdir", mnt))?;
         let log_path = env.work.join("mount.log");
         let log = std::fs::File::create(&log_path).map_err(io("create", &log_path))?;
@@ -193,8 +198,13 @@ impl Mounted {
         Ok(m)
     }
 
+    /// The daemon's process id (it runs in the foreground: no fork), while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `imagefs umount`, then wait for the daemon to exit.
-    fn stop(&mut self) -> Result<()> {
+    pub(crate) fn stop(&mut self) -> Result<()> {
         let r = sys::run(
             Command::new(&self.bin)
                 .arg("--store")
