@@ -351,7 +351,7 @@ impl Scenario {
         cmd.args(["--mount", "--propagation", "private", "chroot"])
             .arg(&root)
             .args(["/bin/sh", "/direct.sh"]);
-        let outcome = self.collect(cmd)?;
+        let outcome = self.collect(cmd, None)?;
         for e in &self.exports {
             let src = root.join(e.guest.trim_start_matches('/'));
             if src.is_file() {
@@ -444,6 +444,8 @@ impl Scenario {
             .args(["-m", &self.memory_mib.to_string()])
             .args(["-smp", &self.cpus.to_string()])
             .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            // Thread names ("CPU 0/TCG") for the state report on a timeout.
+            .args(["-name", "nested,debug-threads=on"])
             .args(["-serial", "stdio"])
             .arg("-kernel")
             .arg(kernel())
@@ -455,17 +457,23 @@ impl Scenario {
                 "-append",
                 "console=ttyS0 loglevel=1 panic=-1 no_timer_check",
             ]);
+        // QEMU's human monitor, asked for the emulated CPU's state when a scenario times out.
+        let monitor = initrd.with_file_name("monitor.sock");
+        cmd.arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", monitor.display()));
         for e in &self.exports {
             cmd.arg("-drive").arg(format!(
                 "file={},format=raw,if=virtio,cache=unsafe",
                 e.host.display()
             ));
         }
-        self.collect(cmd)
+        self.collect(cmd, Some(&monitor))
     }
 
     /// Runs `cmd` under the timeout and reads the scenario's output and status off its stdout.
-    fn collect(&self, mut cmd: Command) -> anyhow::Result<Outcome> {
+    /// `monitor` is the QEMU monitor socket of a nested run: on a timeout after boot, the
+    /// emulator's state goes into the error.
+    fn collect(&self, mut cmd: Command, monitor: Option<&Path>) -> anyhow::Result<Outcome> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -520,6 +528,10 @@ impl Scenario {
                 }
             }
         }
+        let emulator = match monitor {
+            Some(m) if timed_out && booted => emulator_state(m, child.id()),
+            _ => String::new(),
+        };
         if timed_out {
             let _ = child.kill();
         }
@@ -566,7 +578,7 @@ impl Scenario {
             };
             bail!(
                 "the scenario did not finish{} after {:.1}s: {what}; runner stderr: {}; \
-                 console tail:\n{}",
+                 console tail:\n{}{emulator}",
                 if timed_out { " (timed out)" } else { "" },
                 elapsed.as_secs_f64(),
                 qemu_err.trim(),
@@ -580,6 +592,106 @@ impl Scenario {
             elapsed,
         })
     }
+}
+
+/// What the emulator was doing when a scenario timed out: the host CPU time QEMU used over one
+/// second (a spinning emulator uses all of it, an idle outer VM almost none), its threads'
+/// states, and the emulated CPU's registers twice, a second apart (whether RIP moves; EFER.SVME
+/// and CR3 tell the outer kernel from the nested guest).
+fn emulator_state(monitor: &Path, pid: u32) -> String {
+    let ticks = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // utime and stime: fields 14 and 15, counted after the ")" that ends the command name.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map_or("", |(_, rest)| rest)
+            .split_whitespace()
+            .collect();
+        let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        field(11).unwrap_or(0) + field(12).unwrap_or(0)
+    };
+    let threads = || -> String {
+        let dir = format!("/proc/{pid}/task");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = e.path();
+            let comm = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(p.join("stat")).unwrap_or_default();
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().next())
+                .unwrap_or("?")
+                .to_string();
+            out.push(format!("{}:{state}", comm.trim()));
+        }
+        out.join(" ")
+    };
+    // The general, segment and control registers; not the FPU and vector ones.
+    let registers = || match hmp(monitor, "info registers") {
+        Ok(text) => text
+            .lines()
+            .filter(|l| {
+                !["FCW", "FPR", "XMM", "YMM", "ZMM", "DR"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect::<Vec<_>>()
+            .join("\n"),
+        Err(e) => format!("(monitor: {e})"),
+    };
+    let before = ticks();
+    let first = registers();
+    std::thread::sleep(Duration::from_secs(1));
+    let second = registers();
+    let used = ticks().saturating_sub(before);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    format!(
+        "\n--- emulator at the timeout: QEMU used {used} of {hz} CPU ticks in ~1 s; threads: {}\n\
+         --- info registers:\n{first}\n--- one second later:\n{second}",
+        threads()
+    )
+}
+
+/// One command on QEMU's human monitor socket; its answer, terminal escapes removed.
+fn hmp(monitor: &Path, command: &str) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut s = std::os::unix::net::UnixStream::connect(monitor)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let read_to_prompt = |s: &mut std::os::unix::net::UnixStream| -> std::io::Result<String> {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.ends_with(b"(qemu) ") {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&got).into_owned())
+    };
+    read_to_prompt(&mut s)?;
+    s.write_all(format!("{command}\n").as_bytes())?;
+    let answer = read_to_prompt(&mut s)?;
+    let mut clean = String::new();
+    let mut chars = answer.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            // CSI: ESC [ parameters final-byte.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else if c != '\r' {
+            clean.push(c);
+        }
+    }
+    Ok(clean
+        .lines()
+        .filter(|l| !l.contains(command) && !l.starts_with("(qemu)"))
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
 fn export_size(console: &str, index: usize) -> Option<u64> {
@@ -678,7 +790,7 @@ mod tests {
             .arg(format!("printf '{lines}'; exec sleep 30"));
         Scenario::new("")
             .timeout(Duration::from_secs(2))
-            .collect(cmd)
+            .collect(cmd, None)
     }
 
     #[test]
