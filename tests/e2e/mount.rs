@@ -1039,3 +1039,46 @@ fn instance_writes_past_max_bytes_fail_with_enospc_store_nothing_and_spare_other
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
     assert_eq!(m.read("instances/small.raw"), want);
 }
+
+#[test]
+fn below_the_store_reserve_new_data_is_refused_while_metadata_and_substitution_go_on() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let mut m = Mounted::new();
+    let a = source_image(512, "a");
+    let mut b = a.clone();
+    b[5 * BS..6 * BS].copy_from_slice(&noise("b", BS));
+    m.import("a.img", &a, "web:v1");
+    m.import("b.img", &b, "web:v2");
+    m.ok(&["instance", "create", "web:v1", "vm1"]);
+    // A reserve of the whole filesystem: the store is always below it.
+    m.start_with(&["--reserve", "100%"]);
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.path("instances/vm1.raw"))
+        .unwrap();
+    let err = f.write_all_at(&noise("w", BS), 0).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    std::fs::write(m.dir.path().join("c.img"), noise("c", 64 * BS)).unwrap();
+    let out = m.cli(&["import", "c.img", "web:v3"]);
+    assert!(
+        !out.status.success(),
+        "an import below the reserve succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no space"), "{err}");
+    // Metadata commits and substitutions go on.
+    m.ok(&["tag", "web:stable", "web:v2"]);
+    m.ok(&["substitute", "vm1", "web:stable"]);
+    assert_eq!(m.read("instances/vm1.raw"), b);
+    drop(f);
+    m.stop();
+    m.start_with(&["--reserve", "0"]);
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path("instances/vm1.raw"))
+        .unwrap();
+    f.write_all_at(&noise("w", BS), 0).unwrap();
+}

@@ -152,6 +152,29 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is not a size (e.g. 65536, 64K, 1M, 8G)"))
 }
 
+/// A free-space reserve: a size (`512M`) or a percentage of the filesystem (`5%`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserve {
+    /// Bytes.
+    Bytes(u64),
+    /// Percent of the filesystem, 0-100.
+    Percent(u64),
+}
+
+/// Parses `--reserve SIZE|PCT`.
+pub fn parse_reserve(s: &str) -> Result<Reserve, String> {
+    match s.trim().strip_suffix('%') {
+        Some(p) => p
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|&p| p <= 100)
+            .map(Reserve::Percent)
+            .ok_or_else(|| format!("{s:?} is not a percentage (0% to 100%)")),
+        None => parse_size(s).map(Reserve::Bytes),
+    }
+}
+
 /// `--store`, else `$IMAGEFS_STORE`, else the per-user data dir.
 pub fn store_dir(flag: Option<&Path>) -> PathBuf {
     if let Some(p) = flag {

@@ -156,6 +156,8 @@ pub struct MountConfig {
     pub daemonize: bool,
     /// Bytes of flat version copies kept for passthrough reads (0: none, no passthrough).
     pub flat_budget: u64,
+    /// Free space to keep on the store's filesystem (`None`: the store's default).
+    pub reserve: Option<crate::cli::Reserve>,
 }
 
 /// Runs one command forwarded over the control socket against the daemon's context.
@@ -217,6 +219,15 @@ fn serve(
     // Before any thread starts, so every thread inherits the blocked set.
     let signals = signals::block_stop_signals().map_err(DaemonError::Setup)?;
     let store = Arc::new(Store::open(&cfg.store_dir)?);
+    match cfg.reserve {
+        None => {}
+        Some(crate::cli::Reserve::Bytes(b)) => store.set_reserve(b),
+        Some(crate::cli::Reserve::Percent(p)) => {
+            let (_, total) =
+                imagefs_store::space::fs_space(&cfg.store_dir).map_err(DaemonError::Setup)?;
+            store.set_reserve(total / 100 * p);
+        }
+    }
     let instances = Arc::new(Instances::new(&store));
     crate::mount::register_gc_roots(&store, &instances);
     let listener = control::bind(&cfg.store_dir)?;

@@ -67,6 +67,7 @@ pub fn run_dir(
                 threads: a.threads,
                 daemonize: a.daemon,
                 flat_budget: a.flat_cache,
+                reserve: a.reserve,
             };
             crate::daemon::run(cfg, dispatch).map_err(|e| {
                 use crate::daemon::DaemonError;
@@ -228,6 +229,11 @@ pub struct MountArgs {
     /// them off: every read is then served, and verified, by the daemon.
     #[arg(long, default_value = "8G", value_parser = crate::cli::parse_size)]
     pub flat_cache: u64,
+    /// Free space kept on the store's filesystem (SIZE or PCT of it; default the smaller of
+    /// 1G and 5%; 0 turns it off): below it, instance writes and imports fail with ENOSPC,
+    /// while metadata commits, substitutions and rollbacks go on.
+    #[arg(long, value_parser = crate::cli::parse_reserve)]
+    pub reserve: Option<crate::cli::Reserve>,
 }
 
 /// `imagefs umount MOUNTPOINT`.

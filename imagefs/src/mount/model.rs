@@ -47,7 +47,9 @@ impl From<StoreError> for Errno {
 impl From<InstanceError> for Errno {
     fn from(e: InstanceError) -> Errno {
         match e {
-            InstanceError::PastEnd { .. } | InstanceError::NoSpace { .. } => Errno(libc::ENOSPC),
+            InstanceError::PastEnd { .. }
+            | InstanceError::NoSpace { .. }
+            | InstanceError::Store(StoreError::NoSpace { .. }) => Errno(libc::ENOSPC),
             e => {
                 if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io) {
                     tracing::error!(error = %e, "instance I/O failed: answering EIO");

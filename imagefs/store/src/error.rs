@@ -28,6 +28,14 @@ pub enum ErrorKind {
 /// Errors of the block store.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// The store's filesystem is down to its reserve
+    #[error("no space: {free} bytes free, at or below the store's reserve of {reserve} (mount --reserve)")]
+    NoSpace {
+        /// Free bytes on the filesystem.
+        free: u64,
+        /// The reserve.
+        reserve: u64,
+    },
     /// I/O failed
     #[error("{op} {path}: {source}")]
     Io {
@@ -137,7 +145,7 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         use StoreError::*;
         match self {
-            Io { .. } => ErrorKind::Io,
+            Io { .. } | NoSpace { .. } => ErrorKind::Io,
             Index(_) | IndexInconsistent(_) | MissingObject { .. } | CorruptObject { .. } => {
                 ErrorKind::Corrupt
             }

@@ -617,6 +617,7 @@ impl Instance {
         // allocator only once the bytes are written.
         let mut writes: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut taken: Vec<u64> = Vec::new();
+        let held_before = writer.slots.held().saturating_mul(SUB);
         let mut released: Vec<u64> = Vec::new();
         let mut pos = offset;
         while pos < end {
@@ -690,6 +691,13 @@ impl Instance {
             pos += n as u64;
         }
         let held = writer.slots.held().saturating_mul(SUB);
+        let grows = held.saturating_sub(held_before);
+        if grows > 0 {
+            if let Err(e) = store.ensure_space(grows) {
+                writer.slots.untake_all();
+                return Err(e.into());
+            }
+        }
         let max = self.max_bytes();
         if !taken.is_empty() && held > max {
             // Refused whole: nothing stored, the overlay unchanged.

@@ -65,6 +65,7 @@ mod pack;
 mod qcow2;
 mod refs;
 mod source;
+pub mod space;
 mod store;
 #[cfg(test)]
 mod tests;

@@ -90,6 +90,10 @@ impl Inner {
         if self.locate(kind, hash)?.is_some() {
             return Ok(());
         }
+        if kind == ObjKind::Block {
+            // New data: refused below the reserve (nodes are metadata and go on).
+            self.reserve.check(data.len() as u64)?;
+        }
         let mut w = self.lock_writer();
         self.append_locked(&mut w, kind, hash, data)?;
         if w.unsynced.len() as u64 >= SYNC_EVERY {

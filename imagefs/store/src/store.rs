@@ -80,6 +80,8 @@ pub(crate) struct Inner {
     pub block_cache: crate::cache::BlockCache,
     /// Extra gc roots (live instances, rollouts), held weakly.
     pub gc_roots: Mutex<Vec<std::sync::Weak<dyn crate::maint::GcRoots>>>,
+    /// Free space kept on the store's filesystem for metadata.
+    pub reserve: crate::space::Reserve,
     _lock: File,
 }
 
@@ -292,9 +294,26 @@ impl Store {
                 node_cache: RwLock::new(HashMap::new()),
                 gc_roots: Mutex::new(Vec::new()),
                 block_cache: crate::cache::BlockCache::new(),
+                reserve: crate::space::Reserve::new(dir.to_path_buf()),
                 _lock: lock,
             }),
         })
+    }
+
+    /// Keeps `bytes` free on the store's filesystem: below that, new data (instance writes,
+    /// imports, applied bundles) is refused with [`StoreError::NoSpace`]; 0 turns it off.
+    pub fn set_reserve(&self, bytes: u64) {
+        self.inner.reserve.set(bytes);
+    }
+
+    /// The free-space reserve in bytes.
+    pub fn reserve(&self) -> u64 {
+        self.inner.reserve.bytes()
+    }
+
+    /// Fails with [`StoreError::NoSpace`] when `need` more bytes would cut into the reserve.
+    pub fn ensure_space(&self, need: u64) -> Result<(), StoreError> {
+        self.inner.reserve.check(need)
     }
 
     /// The store's directory.
