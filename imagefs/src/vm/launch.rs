@@ -166,9 +166,11 @@ pub fn command(s: &LaunchSpec, agent: &Path, console: &Path) -> Command {
                 .args(["-device", "isa-serial,chardev=agent"])
                 .arg("-drive")
                 // The mount serves O_DIRECT; bypassing QEMU's own host caching means a
-                // substitution is seen on the next guest read.
+                // substitution is seen on the next guest read. An I/O error (the instance
+                // at its --max-bytes, the store at its reserve) goes to the guest, instead of
+                // QEMU pausing the VM.
                 .arg(format!(
-                    "file={},if=none,id=d0,format=raw,cache=none",
+                    "file={},if=none,id=d0,format=raw,cache=none,werror=report,rerror=report",
                     s.disk.display()
                 ))
                 .args(["-device", "virtio-blk-pci,drive=d0"]);
@@ -347,6 +349,7 @@ mod tests {
             "{a}"
         );
         assert!(a.contains("file=/m/instances/web-1.raw,"), "{a}");
+        assert!(a.contains(",werror=report,rerror=report"), "{a}");
         // The agent's port is the second isa-serial (COM2), after the console.
         let con = a.find("chardev=con").unwrap();
         assert!(con < a.find("chardev=agent").unwrap());
