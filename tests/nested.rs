@@ -51,8 +51,9 @@ kvm_exits=$(cat /sys/kernel/debug/kvm/exits 2>/dev/null)\"\n\
 /// are failures of the test.
 const OUTER_BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// With no heartbeat for this long before a timeout, the outer VM itself had stalled.
-const HEARTBEAT_SILENCE: Duration = Duration::from_secs(45);
+/// With no heartbeat (printed every 15 s) for this long, the outer VM has stalled: the run ends
+/// there, a failure, instead of at the scenario's timeout.
+const STALL_AFTER: Duration = Duration::from_secs(90);
 
 /// The outer VM never reached its /init (an infrastructure failure, retried once).
 #[derive(Debug)]
@@ -237,6 +238,7 @@ pub struct Scenario {
     timeout: Duration,
     memory_mib: u32,
     cpus: u32,
+    stall_after: Duration,
 }
 
 /// What a scenario did.
@@ -264,6 +266,7 @@ impl Scenario {
             timeout: Duration::from_secs(300),
             memory_mib: 2048,
             cpus: 1,
+            stall_after: STALL_AFTER,
         }
     }
 
@@ -471,8 +474,9 @@ impl Scenario {
     }
 
     /// Runs `cmd` under the timeout and reads the scenario's output and status off its stdout.
-    /// `monitor` is the QEMU monitor socket of a nested run: on a timeout after boot, the
-    /// emulator's state goes into the error.
+    /// `monitor` is the QEMU monitor socket of a nested run, whose outer VM prints heartbeats:
+    /// when they stop for `stall_after`, or on a timeout after boot, the emulator's state goes
+    /// into the error.
     fn collect(&self, mut cmd: Command, monitor: Option<&Path>) -> anyhow::Result<Outcome> {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -505,18 +509,25 @@ impl Scenario {
         let mut timed_out = false;
         let mut booted = false;
         let mut last_heartbeat: Option<Instant> = None;
+        // Since boot or the last heartbeat; only a nested run prints heartbeats.
+        let mut beat = start;
+        let mut stalled = false;
         loop {
-            let until = if booted {
-                deadline
-            } else {
-                deadline.min(boot_deadline)
+            let until = match (booted, monitor) {
+                (false, _) => deadline.min(boot_deadline),
+                (true, Some(_)) => deadline.min(beat + self.stall_after),
+                (true, None) => deadline,
             };
             let left = until.saturating_duration_since(Instant::now());
             match rx.recv_timeout(left.max(Duration::from_millis(1))) {
                 Ok(line) => {
-                    booted |= line.contains(BOOTED);
+                    if !booted && line.contains(BOOTED) {
+                        booted = true;
+                        beat = Instant::now();
+                    }
                     if line.contains("NESTED-HEARTBEAT") {
                         last_heartbeat = Some(Instant::now());
+                        beat = Instant::now();
                     }
                     console.push_str(&line);
                     console.push('\n');
@@ -524,6 +535,7 @@ impl Scenario {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     timed_out = true;
+                    stalled = booted && monitor.is_some() && beat.elapsed() >= self.stall_after;
                     break;
                 }
             }
@@ -560,26 +572,31 @@ impl Scenario {
             .find_map(|l| l.split_once(RC_PREFIX).map(|(_, rc)| rc))
             .and_then(|s| s.trim().parse::<i32>().ok());
         let Some(status) = status else {
-            let what = if !timed_out {
+            let what = if stalled {
+                format!(
+                    "the outer VM stalled: no heartbeat for {:.0}s (one every 15 s expected)",
+                    beat.elapsed().as_secs_f64()
+                )
+            } else if !timed_out {
                 "the outer VM ended before the scenario did".to_string()
             } else {
                 match last_heartbeat.map(|t| t.elapsed()) {
-                    Some(quiet) if quiet < HEARTBEAT_SILENCE => format!(
+                    Some(quiet) => format!(
                         "the scenario hung while the outer VM ran (last heartbeat {:.0}s before \
                          the timeout)",
                         quiet.as_secs_f64()
                     ),
-                    Some(quiet) => format!(
-                        "the outer VM stalled: no heartbeat in the last {:.0}s",
-                        quiet.as_secs_f64()
-                    ),
-                    None => "the outer VM stalled: it booted but printed no heartbeat".into(),
+                    None => "the scenario hung".into(),
                 }
             };
             bail!(
                 "the scenario did not finish{} after {:.1}s: {what}; runner stderr: {}; \
                  console tail:\n{}{emulator}",
-                if timed_out { " (timed out)" } else { "" },
+                if timed_out && !stalled {
+                    " (timed out)"
+                } else {
+                    ""
+                },
                 elapsed.as_secs_f64(),
                 qemu_err.trim(),
                 tail(&console, 60)
@@ -783,28 +800,37 @@ mod tests {
         Ok(())
     }
 
-    /// A runner that prints `lines` and then sleeps past the scenario's 2 s timeout.
-    fn hanging(lines: &str) -> anyhow::Result<Outcome> {
+    /// A nested runner (heartbeats expected, stall after 3 s without) that prints `lines` and
+    /// then sleeps past the scenario's timeout.
+    fn hanging(lines: &str, timeout: Duration) -> anyhow::Result<Outcome> {
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg(format!("printf '{lines}'; exec sleep 30"));
-        Scenario::new("")
-            .timeout(Duration::from_secs(2))
-            .collect(cmd, None)
+            .arg(format!("printf '{lines}'; exec sleep 60"));
+        let mut sc = Scenario::new("").timeout(timeout);
+        sc.stall_after = Duration::from_secs(3);
+        sc.collect(cmd, Some(Path::new("/nonexistent/monitor.sock")))
     }
 
     #[test]
     fn a_hang_after_boot_is_a_failure_and_says_whether_the_heartbeat_went_on() {
-        let e = hanging("NESTED-BOOTED\\nNESTED-HEARTBEAT up=20\\n").unwrap_err();
+        let beats = "NESTED-BOOTED\\nNESTED-HEARTBEAT up=20\\n";
+        let e = hanging(beats, Duration::from_secs(2)).unwrap_err();
         assert!(!e.is::<OuterBootFailed>(), "{e:#}");
         assert!(
             format!("{e:#}").contains("hung while the outer VM ran"),
             "{e:#}"
         );
-        let e = hanging("NESTED-BOOTED\\n").unwrap_err();
+        // Silence after boot ends the run at `stall_after`, long before the timeout.
+        let t = Instant::now();
+        let e = hanging("NESTED-BOOTED\\n", Duration::from_secs(50)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
         assert!(!e.is::<OuterBootFailed>(), "{e:#}");
         assert!(format!("{e:#}").contains("outer VM stalled"), "{e:#}");
-        let e = hanging("SeaBIOS\\n").unwrap_err();
+        assert!(
+            format!("{e:#}").contains("emulator at the timeout"),
+            "{e:#}"
+        );
+        let e = hanging("SeaBIOS\\n", Duration::from_secs(2)).unwrap_err();
         assert!(e.is::<OuterBootFailed>(), "{e:#}");
         assert!(format!("{e:#}").contains("SeaBIOS"), "{e:#}");
     }
