@@ -130,3 +130,39 @@ macro_rules! not_applicable {
         return;
     }};
 }
+
+/// Runs `args` as the unprivileged user nobody (setpriv, util-linux), for checks that a local
+/// user cannot reach what is not theirs. `None` when setpriv is missing.
+pub fn as_nobody(args: &[&str]) -> Option<std::process::Output> {
+    std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .args(args)
+        .output()
+        .ok()
+}
+
+/// Fails the test unless user nobody is refused each of: reading the files in `read` and
+/// connecting to the Unix sockets in `connect`.
+pub fn assert_nobody_is_refused(read: &[&std::path::Path], connect: &[&std::path::Path]) {
+    for p in read {
+        let p = p.to_string_lossy();
+        let out = as_nobody(&["head", "-c", "1", &p]).expect("setpriv");
+        assert!(
+            !out.status.success(),
+            "user nobody read {p}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    for p in connect {
+        let code = format!(
+            "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})",
+            p.to_string_lossy()
+        );
+        let out = as_nobody(&["python3", "-c", &code]).expect("setpriv");
+        assert!(
+            !out.status.success(),
+            "user nobody connected to {}",
+            p.display()
+        );
+    }
+}

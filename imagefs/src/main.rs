@@ -57,6 +57,10 @@ fn main() -> ExitCode {
         command => Args { command, ..args },
     };
     let dir = cli::store_dir(args.global.store.as_deref());
+    // Everything this process (and a daemon it becomes, and the VMs that daemon starts)
+    // creates is for the store's owner and group only, before any thread starts.
+    let access = imagefs_store::access::Access::of(&dir).unwrap_or_default();
+    imagefs_store::access::set_umask(&access);
     // A rollout drives the daemon from this process, so its state outlives a kill of either.
     if let Command::Rollout(r) = &args.command {
         let code = rollout::run(&dir, r, args.global.json);

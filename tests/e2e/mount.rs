@@ -1128,3 +1128,63 @@ fn below_the_store_reserve_new_data_is_refused_while_metadata_and_substitution_g
         .unwrap();
     f.write_all_at(&noise("w", BS), 0).unwrap();
 }
+
+#[test]
+fn local_users_cannot_read_disks_versions_packs_or_the_control_socket() {
+    if !is_root() {
+        skip!("FUSE mounts and setpriv need root here");
+    }
+    if let Some(t) = missing_tools(&["setpriv", "python3"]) {
+        skip!("{t} missing");
+    }
+    let mut m = Mounted::new();
+    // Only the store's own protections count: its parent is open to all.
+    std::fs::set_permissions(m.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let a = source_image(512, "a");
+    m.import("a.img", &a, "web:v1");
+    m.ok(&["instance", "create", "web:v1", "vm1"]);
+    m.start();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(m.path("instances/vm1.raw"))
+        .unwrap();
+    pwrite_all(&f, &noise("secret", BS), 0);
+    f.sync_all().unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&m.store), 0o700, "store directory");
+    assert_eq!(mode(&m.path("instances/vm1.raw")), 0o600);
+    assert_eq!(mode(&m.path("images/web/v1.raw")), 0o400);
+    let pack = std::fs::read_dir(m.store.join("packs"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "pack"))
+        .unwrap();
+    // Even were the store directory opened up, its files grant no one else anything.
+    for p in [
+        &pack,
+        &m.store.join("instances/vm1.data"),
+        &m.store.join("refs.log"),
+    ] {
+        assert_eq!(mode(p) & 0o077, 0, "{} is {:o}", p.display(), mode(p));
+    }
+    imagefs_tests::assert_nobody_is_refused(
+        &[
+            &m.path("instances/vm1.raw"),
+            &m.path("images/web/v1.raw"),
+            &pack,
+            &m.store.join("instances/vm1.data"),
+        ],
+        &[&m.store.join("control.sock")],
+    );
+    // Opened up by hand, the mount and store files still refuse others.
+    std::fs::set_permissions(&m.store, std::fs::Permissions::from_mode(0o755)).unwrap();
+    imagefs_tests::assert_nobody_is_refused(
+        &[
+            &m.path("instances/vm1.raw"),
+            &pack,
+            &m.store.join("instances/vm1.data"),
+        ],
+        &[&m.store.join("control.sock")],
+    );
+}

@@ -102,6 +102,11 @@ fn rollout_in_waves_health_rollback_and_resume_in_live_guests() {
 fn scenario(kernel: &Path, initrd: &Path) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let dir = tempfile::tempdir()?;
+    // Only the store's own protections count (checked below): its parent is open to all.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
     let (v1b, v2b, v3b) = (b"app 1.0\n", b"app 2.0\n", b"app 3.0\n");
     let v1 = build_rootfs(
         dir.path(),
@@ -144,6 +149,15 @@ fn scenario(kernel: &Path, initrd: &Path) -> anyhow::Result<()> {
     start.extend(VMS);
     env.ok(&start)?;
     eprintln!("3 VMs up in {:.1}s", t0.elapsed().as_secs_f64());
+    // No other local user reads a guest's console or reaches its agent (a root shell in it).
+    let vms = env.store.join("vms");
+    imagefs_tests::assert_nobody_is_refused(
+        &[
+            &vms.join("web-1.console.log"),
+            &env.mnt.join("instances/web-1.raw"),
+        ],
+        &[&vms.join("web-1.agent")],
+    );
     // A process in web-1 holds the old file open across the substitution.
     env.ok(&[
         "agent",

@@ -88,6 +88,10 @@ fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // The agent socket and the console log are the owner's only (a socket's mode comes from
+    // the umask at bind).
+    // SAFETY: umask has no preconditions; no thread has started yet.
+    unsafe { libc::umask(0o077) };
     let cli = Cli::parse();
     let allow = cli.allow_unsupported_kvm
         || std::env::var(host::ALLOW_ENV).is_ok_and(|v| !v.is_empty() && v != "0");

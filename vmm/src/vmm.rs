@@ -150,6 +150,9 @@ impl TryFrom<VmmConfig> for Vmm {
         if let Some(path) = &config.agent_socket {
             let listener =
                 UnixListener::bind(path).map_err(|e| VmmError::AgentSocket(path.clone(), e))?;
+            // Whoever connects runs commands in the guest: the owner only.
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .map_err(|e| VmmError::AgentSocket(path.clone(), e))?;
             let client: Client = Arc::default();
             let line = irq_line(COM2_GSI)?;
             let uart = Arc::new(Mutex::new(AgentUart::new(

@@ -9,8 +9,17 @@ use serde_json::json;
 use super::output::{human_bytes, Out};
 use super::CliError;
 
-pub fn init(dir: &Path, o: &mut Out<'_>) -> Result<(), CliError> {
-    Store::init(dir)?;
+pub fn init(dir: &Path, a: &super::InitArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let access = match &a.group {
+        None => imagefs_store::access::Access::default(),
+        Some(name) => imagefs_store::access::Access {
+            group: Some(
+                imagefs_store::access::group_id(name)
+                    .ok_or_else(|| CliError::new(3, format!("no group named {name:?}")))?,
+            ),
+        },
+    };
+    Store::init_shared(dir, access)?;
     o.result(
         json!({"store": dir.display().to_string(), "format": imagefs_store::FORMAT}),
         &format!("initialized store {}", dir.display()),

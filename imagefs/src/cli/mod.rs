@@ -28,11 +28,19 @@ pub struct Global {
     pub json: bool,
 }
 
+/// `imagefs init`.
+#[derive(Debug, Clone, Args)]
+pub struct InitArgs {
+    /// Let this group read the store and its mount too (0750 instead of 0700).
+    #[arg(long)]
+    pub group: Option<String>,
+}
+
 /// The store's commands.
 #[derive(Debug, Clone, Subcommand)]
 pub enum StoreCommand {
-    /// Create an empty store
-    Init,
+    /// Create an empty store (0700: only its owner reads it)
+    Init(InitArgs),
     /// Import a raw or qcow2 image file as NAME:TAG
     Import(ImportArgs),
     /// List images, tags and versions
@@ -200,7 +208,7 @@ pub fn run_dir(
 ) -> Result<(), CliError> {
     let mut o = Out::new(out, json);
     match cmd {
-        StoreCommand::Init => maint::init(dir, &mut o),
+        StoreCommand::Init(a) => maint::init(dir, a, &mut o),
         StoreCommand::Fsck(FsckArgs { repair: true }) => {
             let store = Store::open_rebuilding_index(dir)?;
             maint::fsck(&store, true, &mut o)
@@ -235,7 +243,7 @@ fn run_on(
     o: &mut Out<'_>,
 ) -> Result<(), CliError> {
     match cmd {
-        StoreCommand::Init => Err(CliError::new(
+        StoreCommand::Init(_) => Err(CliError::new(
             4,
             format!("{} is already a store in use", store.dir().display()),
         )),

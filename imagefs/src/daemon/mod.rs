@@ -231,7 +231,8 @@ fn serve(
     let instances = Arc::new(Instances::new(&store));
     crate::mount::register_gc_roots(&store, &instances);
     let listener = control::bind(&cfg.store_dir)?;
-    let mut model = Model::new(store.clone(), instances.clone());
+    let access = imagefs_store::access::Access::of(&cfg.store_dir)?;
+    let mut model = Model::new(store.clone(), instances.clone()).with_access(access);
     if cfg.flat_budget > 0 {
         match FlatCache::open(store.clone(), cfg.flat_budget) {
             Ok(flat) => model = model.with_flat(flat),

@@ -141,6 +141,8 @@ impl FuseFs {
     pub fn new(model: Arc<Model>, pool: Pool) -> FuseFs {
         // SAFETY: getuid/getgid have no preconditions and cannot fail.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        // The store's group, when it has one, reads the files through their group bits.
+        let gid = model.access().group.unwrap_or(gid);
         FuseFs {
             model,
             pool,

@@ -210,6 +210,8 @@ pub struct Model {
     /// Bytes the daemon has served per version without a flat copy (to ask for one).
     served: Mutex<HashMap<VersionId, u64>>,
     io: Mutex<IoState>,
+    /// Who may read the files: the store's owner, and its group if it has one.
+    access: imagefs_store::access::Access,
 }
 
 fn secs(s: u64) -> SystemTime {
@@ -251,7 +253,19 @@ impl Model {
             stale_tags: Mutex::new(HashSet::new()),
             served: Mutex::new(HashMap::new()),
             io: Mutex::new(IoState::default()),
+            access: imagefs_store::access::Access::default(),
         }
+    }
+
+    /// Grants `access`'s group read access to the mount's files (owner-only without one).
+    pub fn with_access(mut self, access: imagefs_store::access::Access) -> Model {
+        self.access = access;
+        self
+    }
+
+    /// Who may read the mount's files.
+    pub fn access(&self) -> imagefs_store::access::Access {
+        self.access
     }
 
     /// Serves version files from `flat` copies once the kernel allows passthrough.
@@ -333,7 +347,7 @@ impl Model {
             kind: Kind::Dir,
             size: 0,
             blocks: 0,
-            perm: 0o755,
+            perm: self.access.mode(false, true) as u16,
             mtime: self.started,
             nlink: 2,
         }
@@ -346,7 +360,7 @@ impl Model {
             kind: Kind::File,
             size: v.size(),
             blocks,
-            perm: 0o444,
+            perm: self.access.mode(false, false) as u16,
             mtime: secs(v.created()),
             nlink: 1,
         }
@@ -375,7 +389,7 @@ impl Model {
             kind: Kind::File,
             size: base.size(),
             blocks: count * u64::from(base.block_size()) / 512,
-            perm: 0o644,
+            perm: self.access.mode(true, false) as u16,
             mtime,
             nlink: 1,
         }

@@ -46,6 +46,7 @@
 //! (a mismatch is `Corrupt`, never wrong bytes). Leaves are cached per `Version`, interior
 //! nodes per store.
 
+pub mod access;
 mod bundle;
 mod cache;
 mod error;

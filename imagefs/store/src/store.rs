@@ -152,14 +152,36 @@ fn load_objects(dir: &Path) -> Result<crate::objindex::ObjIndex, StoreError> {
     Ok(objects)
 }
 
+/// Takes every access from others off a store directory made before stores were 0700 (its
+/// owner and group keep theirs).
+fn tighten(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(m) = std::fs::metadata(dir) else {
+        return;
+    };
+    let mode = m.permissions().mode() & 0o7777;
+    if mode & 0o007 != 0 {
+        let tight = std::fs::Permissions::from_mode(mode & !0o007);
+        if let Err(e) = std::fs::set_permissions(dir, tight) {
+            tracing::warn!(error = %e, "store {} is open to all local users", dir.display());
+        }
+    }
+}
+
 impl Store {
     /// Creates a new, empty store in `dir` (created if missing; must be empty) and opens it.
     pub fn init(dir: &Path) -> Result<Store, StoreError> {
+        Store::init_shared(dir, crate::access::Access::default())
+    }
+
+    /// `init`, with the store readable by `access`'s group too (0750 instead of 0700).
+    pub fn init_shared(dir: &Path, access: crate::access::Access) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir).map_err(StoreError::io("create", dir))?;
         let mut entries = std::fs::read_dir(dir).map_err(StoreError::io("read dir", dir))?;
         if entries.next().is_some() {
             return Err(StoreError::AlreadyExists(dir.to_path_buf()));
         }
+        access.apply(dir)?;
         std::fs::create_dir(dir.join("packs")).map_err(StoreError::io("create", dir))?;
         let tmp = dir.join("FORMAT.tmp");
         std::fs::write(&tmp, format!("{FORMAT}\n")).map_err(StoreError::io("write", &tmp))?;
@@ -178,6 +200,7 @@ impl Store {
     /// kill -9: an index that reads as corrupt or disagrees with the logs is rebuilt from them
     /// (as `fsck --repair` would), with a warning, rather than failing every command.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        tighten(dir);
         match Store::open_impl(dir, false) {
             Err(
                 e @ (StoreError::Index(
