@@ -562,3 +562,78 @@ fn kill_9_during_import_apply_tag_gc_leaves_a_consistent_store() {
         );
     }
 }
+
+#[test]
+fn one_bad_byte_in_refs_log_stops_every_command_until_repair_drops_only_that_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("s");
+    ok(&store, &["init"]);
+    for (name, seed) in [("a.img", "a"), ("b.img", "b")] {
+        std::fs::write(dir.path().join(name), noise(seed, 300_000)).unwrap();
+    }
+    ok(&store, &["import", s(&dir.path().join("a.img")), "web:v1"]);
+    ok(&store, &["tag", "web:doomed", "web:v1"]);
+    ok(&store, &["import", s(&dir.path().join("b.img")), "web:v2"]);
+    let refs = store.join("refs.log");
+    let mut bytes = std::fs::read(&refs).unwrap();
+    let at = bytes
+        .windows(6)
+        .position(|w| w == b"doomed")
+        .expect("the tag record");
+    bytes[at] ^= 0x01;
+    std::fs::write(&refs, &bytes).unwrap();
+    // Every command that opens the store stops with exit 5, names the log, and changes nothing.
+    for args in [&["ls"][..], &["fsck"], &["export", "web:v1", "/dev/null"]] {
+        let r = fails(&store, args, 5);
+        assert!(
+            r.stderr.contains("refs.log") && r.stderr.contains("offset"),
+            "{}",
+            r.stderr
+        );
+        assert_eq!(
+            std::fs::read(&refs).unwrap(),
+            bytes,
+            "{args:?} changed refs.log"
+        );
+    }
+    let r = ok(&store, &["fsck", "--repair", "--drop-damaged"]);
+    assert!(
+        r.stdout.contains("REPAIRED") && r.stdout.contains("damaged-"),
+        "{}",
+        r.stdout
+    );
+    let saved: Vec<_> = std::fs::read_dir(&store)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("refs.log.damaged-")
+        })
+        .collect();
+    assert_eq!(saved.len(), 1);
+    assert_eq!(std::fs::read(saved[0].path()).unwrap(), bytes);
+    // Only the damaged record is gone: both versions and their tags are there.
+    let ls = ok(&store, &["ls"]).stdout;
+    assert!(
+        ls.contains("v1") && ls.contains("v2") && !ls.contains("doomed"),
+        "{ls}"
+    );
+    ok(&store, &["fsck"]);
+    let out = dir.path().join("out.img");
+    ok(&store, &["export", "web:v2", s(&out)]);
+    assert!(same_file(&out, &dir.path().join("b.img")));
+    // One bit of the first record's length (it then runs past the file's end): damage too,
+    // never a torn tail that takes every record after it.
+    let before = std::fs::read(&refs).unwrap();
+    let mut bytes = before.clone();
+    bytes[7] ^= 0x01; // +64 KiB
+    std::fs::write(&refs, &bytes).unwrap();
+    let r = fails(&store, &["ls"], 5);
+    assert!(
+        r.stderr.contains("refs.log") && r.stderr.contains("offset 0"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(std::fs::read(&refs).unwrap(), bytes, "ls changed refs.log");
+}

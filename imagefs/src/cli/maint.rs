@@ -26,6 +26,41 @@ pub fn init(dir: &Path, a: &super::InitArgs, o: &mut Out<'_>) -> Result<(), CliE
     )
 }
 
+/// `fsck --repair --drop-damaged`: repairs each damaged record log of the store (refs.log and the
+/// instance logs) at its damage, saving a copy beside it first; says what it cut.
+pub fn drop_damaged_logs(dir: &Path, o: &mut Out<'_>) -> Result<(), CliError> {
+    let mut logs = vec![dir.join("refs.log")];
+    if let Ok(entries) = std::fs::read_dir(dir.join("instances")) {
+        logs.extend(
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "log")),
+        );
+    }
+    for log in logs {
+        if !log.exists() {
+            continue;
+        }
+        let cut = imagefs_store::log::drop_damaged(&log).map_err(|e| {
+            CliError::new(1, format!("dropping damage from {}: {e}", log.display()))
+        })?;
+        if let Some((dropped, copy)) = cut {
+            let ranges: Vec<String> = dropped
+                .iter()
+                .map(|(off, len)| format!("{len} bytes at offset {off}"))
+                .collect();
+            o.note(&format!(
+                "REPAIRED {}: dropped {}; every other record kept; the whole file was saved as {}",
+                log.display(),
+                ranges.join(", "),
+                copy.display()
+            ))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliError> {
     let mut versions_total = 0;
     o.start("fsck", 0);

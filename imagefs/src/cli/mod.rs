@@ -135,6 +135,12 @@ pub struct FsckArgs {
     /// Rebuild the index from the pack files and refs log first
     #[arg(long)]
     pub repair: bool,
+    /// With --repair: drop the damaged records of a record log (refs.log, an instance log),
+    /// keeping every whole record before and after them, after saving the whole file beside
+    /// it as NAME.damaged-SECS. Without this flag a damaged log stops every command (exit 5)
+    /// and nothing is changed.
+    #[arg(long, requires = "repair")]
+    pub drop_damaged: bool,
 }
 
 /// Parses a size with an optional K/M/G suffix (binary units).
@@ -209,7 +215,13 @@ pub fn run_dir(
     let mut o = Out::new(out, json);
     match cmd {
         StoreCommand::Init(a) => maint::init(dir, a, &mut o),
-        StoreCommand::Fsck(FsckArgs { repair: true }) => {
+        StoreCommand::Fsck(FsckArgs {
+            repair: true,
+            drop_damaged,
+        }) => {
+            if *drop_damaged {
+                maint::drop_damaged_logs(dir, &mut o)?;
+            }
             let store = Store::open_rebuilding_index(dir)?;
             maint::fsck(&store, true, &mut o)
         }
@@ -255,8 +267,8 @@ fn run_on(
         StoreCommand::Diff(a) => patch::diff(store, a, o),
         StoreCommand::Bundle(a) => patch::bundle(store, a, o),
         StoreCommand::Apply(a) => patch::apply(store, a, o),
-        StoreCommand::Fsck(FsckArgs { repair: false }) => maint::fsck(store, false, o),
-        StoreCommand::Fsck(FsckArgs { repair: true }) => Err(CliError::new(
+        StoreCommand::Fsck(FsckArgs { repair: false, .. }) => maint::fsck(store, false, o),
+        StoreCommand::Fsck(FsckArgs { repair: true, .. }) => Err(CliError::new(
             4,
             "fsck --repair needs the store to itself: stop the mount first",
         )),

@@ -58,6 +58,17 @@ impl<'a> Out<'a> {
         Ok(())
     }
 
+    /// Writes a line of its own before the result: text, or a JSON `note` event.
+    pub fn note(&mut self, text: &str) -> Result<(), CliError> {
+        if self.json {
+            let ev = serde_json::json!({"type": "note", "text": text});
+            writeln!(self.w, "{ev}")?;
+        } else {
+            writeln!(self.w, "{text}")?;
+        }
+        Ok(())
+    }
+
     /// Ends the progress report.
     pub fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {

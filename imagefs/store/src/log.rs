@@ -2,7 +2,12 @@
 //! recompute (tags, versions, pins; instance and event logs of other parts reuse this type).
 //! Invariant: a record is either whole and verified or, only at the tail, ignored and truncated.
 //!
-//! Record layout: `magic "IFLG" | kind u8 | len u32 LE | payload | blake3(kind, len, payload)[..16]`.
+//! Record layout (format 2, written since sub-block overlays): `magic "IFL2" | kind u8 |
+//! len u32 LE | header check [4] | payload | blake3(kind, len, payload)[..16]`, where the header
+//! check is blake3("hdr", kind, len)[..4]: a damaged length is told apart from a torn tail.
+//! Format 1 (`magic "IFLG" | kind | len | payload | check`, no header check) is still read; a
+//! format-1 record that runs past the end of the file is a torn tail only if no valid record
+//! starts after its header.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -13,6 +18,8 @@ use thiserror::Error;
 
 const MAGIC: &[u8; 4] = b"IFLG";
 const HEADER: usize = 9;
+const MAGIC2: &[u8; 4] = b"IFL2";
+const HEADER2: usize = 13;
 const CHECK: usize = 16;
 /// Largest payload a record may carry; longer lengths are damage, not data.
 pub const MAX_PAYLOAD: usize = 16 << 20;
@@ -64,12 +71,66 @@ fn check(kind: u8, payload: &[u8]) -> [u8; CHECK] {
     out
 }
 
+fn header_check(kind: u8, len: u32) -> [u8; 4] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"hdr");
+    h.update(&[kind]);
+    h.update(&len.to_le_bytes());
+    let mut out = [0u8; 4];
+    out.copy_from_slice(&h.finalize().as_bytes()[..4]);
+    out
+}
+
+/// One whole, verified record at the start of `rest`: `(kind, payload, total length)`.
+fn record_at(rest: &[u8]) -> Option<(u8, &[u8], usize)> {
+    let (head, magic2) = match rest.get(..4)? {
+        m if m == MAGIC2 => (HEADER2, true),
+        m if m == MAGIC => (HEADER, false),
+        _ => return None,
+    };
+    let kind = *rest.get(4)?;
+    let len = u32::from_le_bytes(rest.get(5..9)?.try_into().ok()?);
+    if magic2 && rest.get(9..13)? != header_check(kind, len) {
+        return None;
+    }
+    let len = len as usize;
+    if len > MAX_PAYLOAD {
+        return None;
+    }
+    let payload = rest.get(head..head + len)?;
+    let sum = rest.get(head + len..head + len + CHECK)?;
+    (sum == check(kind, payload)).then_some((kind, payload, head + len + CHECK))
+}
+
+/// Whether a whole, valid record starts anywhere in `data` from `from` on (so what lies
+/// before it is damage, not a torn tail).
+fn valid_record_after(data: &[u8], from: usize) -> bool {
+    let Some(tail) = data.get(from..) else {
+        return false;
+    };
+    tail.windows(3)
+        .enumerate()
+        .filter(|(_, w)| *w == b"IFL")
+        .any(|(i, _)| record_at(&tail[i..]).is_some())
+}
+
 /// Parses the records of `data`; returns them and the length of the valid prefix. A damaged
 /// record followed only by zeros or nothing is a torn tail; anything else is corruption.
 fn parse(path: &Path, data: &[u8]) -> Result<(Vec<Record>, u64), LogError> {
     let mut out = Vec::new();
     let mut pos = 0usize;
     while pos < data.len() {
+        let rest = &data[pos..];
+        if rest.starts_with(MAGIC2) || (rest.len() < 4 && MAGIC2.starts_with(rest)) {
+            match parse2(path, data, pos)? {
+                Some(rec) => {
+                    pos += HEADER2 + rec.payload.len() + CHECK;
+                    out.push(rec);
+                    continue;
+                }
+                None => break,
+            }
+        }
         let rest = &data[pos..];
         let torn_or_corrupt = |end: usize| {
             if data.get(end..).is_none_or(|r| r.iter().all(|&b| b == 0)) {
@@ -97,7 +158,14 @@ fn parse(path: &Path, data: &[u8]) -> Result<(Vec<Record>, u64), LogError> {
             break;
         }
         let Some(rec) = rest.get(..total) else {
-            // runs past the end of the file: torn tail
+            // Runs past the end of the file: a torn tail, unless a whole record follows its
+            // header (then the length itself is damaged: format 1 has no header check).
+            if valid_record_after(data, pos + HEADER) {
+                return Err(LogError::Corrupt {
+                    path: path.to_path_buf(),
+                    offset: pos as u64,
+                });
+            }
             break;
         };
         let payload = &rec[HEADER..HEADER + len];
@@ -113,6 +181,46 @@ fn parse(path: &Path, data: &[u8]) -> Result<(Vec<Record>, u64), LogError> {
         pos += total;
     }
     Ok((out, pos as u64))
+}
+
+/// Parses the format-2 record at `pos`: `Some` when whole, `None` for a torn tail, an error
+/// for damage.
+fn parse2(path: &Path, data: &[u8], pos: usize) -> Result<Option<Record>, LogError> {
+    let corrupt = || LogError::Corrupt {
+        path: path.to_path_buf(),
+        offset: pos as u64,
+    };
+    let rest = &data[pos..];
+    if rest.len() < HEADER2 {
+        // A header cut short by the end of the file: torn, if what is there fits one.
+        let fits = rest.len() <= 4 || rest.get(..4) == Some(MAGIC2.as_slice());
+        return if fits { Ok(None) } else { Err(corrupt()) };
+    }
+    let kind = rest[4];
+    let len = u32::from_le_bytes([rest[5], rest[6], rest[7], rest[8]]);
+    if rest[9..13] != header_check(kind, len) || len as usize > MAX_PAYLOAD {
+        // A whole header that does not check is damage (a torn one is shorter).
+        return Err(corrupt());
+    }
+    let len = len as usize;
+    let total = HEADER2 + len + CHECK;
+    let Some(rec) = rest.get(..total) else {
+        return Ok(None); // the checked length runs past the end: torn tail
+    };
+    let payload = &rec[HEADER2..HEADER2 + len];
+    if rec[HEADER2 + len..] != check(kind, payload) {
+        // Torn if nothing but zeros follows (a power cut left the tail unwritten).
+        return if data[pos + total..].iter().all(|&b| b == 0) {
+            Ok(None)
+        } else {
+            Err(corrupt())
+        };
+    }
+    Ok(Some(Record {
+        offset: pos as u64,
+        kind,
+        payload: payload.to_vec(),
+    }))
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, LogError> {
@@ -178,10 +286,12 @@ impl RecordLog {
         if payload.len() > MAX_PAYLOAD {
             return Err(LogError::TooLarge(payload.len()));
         }
-        let mut rec = Vec::with_capacity(HEADER + payload.len() + CHECK);
-        rec.extend_from_slice(MAGIC);
+        let len = payload.len() as u32;
+        let mut rec = Vec::with_capacity(HEADER2 + payload.len() + CHECK);
+        rec.extend_from_slice(MAGIC2);
         rec.push(kind);
-        rec.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        rec.extend_from_slice(&len.to_le_bytes());
+        rec.extend_from_slice(&header_check(kind, len));
         rec.extend_from_slice(payload);
         rec.extend_from_slice(&check(kind, payload));
         let offset = self.len;
@@ -219,6 +329,70 @@ impl RecordLog {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// Repairs a damaged log: keeps every whole, verified record, before and after the damage
+/// (resyncing on the next valid record), and drops the damaged bytes, after saving the whole
+/// file beside it as `NAME.damaged-SECS` (fsynced). The repaired log replaces the old one
+/// atomically (written aside, fsynced, renamed over). What `fsck --repair --drop-damaged`
+/// does, and nothing else does. Returns the damaged byte ranges dropped and the copy, or `None`
+/// for an undamaged log.
+pub fn drop_damaged(path: &Path) -> Result<Option<(Vec<(u64, u64)>, PathBuf)>, LogError> {
+    let data = read_file(path)?;
+    if parse(path, &data).is_ok() {
+        return Ok(None);
+    }
+    let io = |op: &'static str, p: &Path| {
+        let p = p.to_path_buf();
+        move |source| LogError::Io {
+            op,
+            path: p,
+            source,
+        }
+    };
+    // Salvage: whole records wherever they start; the bytes between them are damage.
+    let mut kept: Vec<(u8, &[u8])> = Vec::new();
+    let mut dropped: Vec<(u64, u64)> = Vec::new();
+    let mut pos = 0usize;
+    while pos < data.len() {
+        if let Some((kind, payload, total)) = record_at(&data[pos..]) {
+            kept.push((kind, payload));
+            pos += total;
+            continue;
+        }
+        let next = (pos + 1..data.len())
+            .find(|&i| data[i..].starts_with(b"IFL") && record_at(&data[i..]).is_some())
+            .unwrap_or(data.len());
+        if data[pos..next].iter().any(|&b| b != 0) {
+            dropped.push((pos as u64, (next - pos) as u64));
+        }
+        pos = next;
+    }
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let copy = path.with_file_name(format!("{name}.damaged-{secs}"));
+    std::fs::write(&copy, &data).map_err(io("write", &copy))?;
+    File::open(&copy)
+        .and_then(|f| f.sync_all())
+        .map_err(io("fsync", &copy))?;
+    let tmp = path.with_file_name(format!("{name}.repair"));
+    let _ = std::fs::remove_file(&tmp);
+    {
+        let (mut log, _) = RecordLog::open(&tmp)?;
+        for (kind, payload) in kept {
+            log.append(kind, payload)?;
+        }
+        log.sync()?;
+    }
+    std::fs::rename(&tmp, path).map_err(io("rename", &tmp))?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", dir))?;
+    }
+    Ok(Some((dropped, copy)))
 }
 
 /// Reads a log's records one at a time with bounded memory (for large files read once, such
@@ -276,14 +450,23 @@ impl Iterator for RecordStream {
                 })),
             };
         }
-        if &head[..4] != MAGIC {
+        let format2 = &head[..4] == MAGIC2;
+        if &head[..4] != MAGIC && !format2 {
             return self.corrupt();
         }
         let kind = head[4];
-        let len = u32::from_le_bytes([head[5], head[6], head[7], head[8]]) as usize;
+        let len32 = u32::from_le_bytes([head[5], head[6], head[7], head[8]]);
+        if format2 {
+            let mut hc = [0u8; 4];
+            if self.r.read_exact(&mut hc).is_err() || hc != header_check(kind, len32) {
+                return self.corrupt();
+            }
+        }
+        let len = len32 as usize;
         if len > MAX_PAYLOAD {
             return self.corrupt();
         }
+        let head_len = if format2 { HEADER2 } else { HEADER };
         let mut rest = vec![0u8; len + CHECK];
         if let Err(e) = self.r.read_exact(&mut rest) {
             self.done = true;
@@ -301,7 +484,7 @@ impl Iterator for RecordStream {
         }
         rest.truncate(len);
         let offset = self.pos;
-        self.pos += (HEADER + len + CHECK) as u64;
+        self.pos += (head_len + len + CHECK) as u64;
         Some(Ok(Record {
             offset,
             kind,
@@ -396,6 +579,102 @@ mod tests {
             Err(LogError::Corrupt { offset: 0, .. })
         ));
         assert_eq!(std::fs::metadata(&p).unwrap().len(), len);
+    }
+
+    /// A format-1 record, as logs written before format 2 hold them.
+    fn v1(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut r = MAGIC.to_vec();
+        r.push(kind);
+        r.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        r.extend_from_slice(payload);
+        r.extend_from_slice(&check(kind, payload));
+        r
+    }
+
+    #[test]
+    fn a_flipped_length_byte_is_damage_in_both_formats_and_nothing_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l");
+        let (mut log, _) = RecordLog::open(&p).unwrap();
+        log.append(1, b"first record").unwrap();
+        log.append(2, b"second").unwrap();
+        drop(log);
+        let v1_log = dir.path().join("old");
+        std::fs::write(&v1_log, [v1(1, b"first record"), v1(2, b"second")].concat()).unwrap();
+        for path in [&p, &v1_log] {
+            let mut bytes = std::fs::read(path).unwrap();
+            let before = bytes.clone();
+            bytes[6] ^= 0x01; // the first record's length grows by 256: past the file's end
+            std::fs::write(path, &bytes).unwrap();
+            assert!(
+                matches!(
+                    RecordLog::open(path),
+                    Err(LogError::Corrupt { offset: 0, .. })
+                ),
+                "{}",
+                path.display()
+            );
+            assert_eq!(std::fs::read(path).unwrap(), bytes, "the log was changed");
+            std::fs::write(path, &before).unwrap();
+            assert_eq!(RecordLog::read(path).unwrap().len(), 2);
+        }
+        // Format 1 records followed by format 2 appends read as one log.
+        let (mut log, recs) = RecordLog::open(&v1_log).unwrap();
+        assert_eq!(recs.len(), 2);
+        log.append(3, b"third").unwrap();
+        drop(log);
+        let kinds: Vec<u8> = RecordLog::read(&v1_log)
+            .unwrap()
+            .iter()
+            .map(|r| r.kind)
+            .collect();
+        assert_eq!(kinds, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn drop_damaged_saves_a_copy_and_keeps_every_record_but_the_damaged_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("refs.log");
+        let (mut log, _) = RecordLog::open(&p).unwrap();
+        log.append(1, b"one").unwrap();
+        let keep = log.len();
+        log.append(2, b"two").unwrap();
+        log.append(3, b"three").unwrap();
+        drop(log);
+        assert!(
+            drop_damaged(&p).unwrap().is_none(),
+            "an undamaged log is left alone"
+        );
+        let mut bytes = std::fs::read(&p).unwrap();
+        bytes[keep as usize + 20] ^= 0xFF;
+        std::fs::write(&p, &bytes).unwrap();
+        let (dropped, copy) = drop_damaged(&p).unwrap().unwrap();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].0, keep, "the damaged record is what is dropped");
+        assert_eq!(std::fs::read(copy).unwrap(), bytes);
+        // the records before and after the damaged one are kept
+        let (_, recs) = RecordLog::open(&p).unwrap();
+        let kinds: Vec<u8> = recs.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, vec![1, 3]);
+    }
+
+    #[test]
+    fn a_header_cut_short_at_the_end_is_torn() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l");
+        let (mut log, _) = RecordLog::open(&p).unwrap();
+        log.append(1, b"one").unwrap();
+        let len = log.len();
+        log.append(2, b"two").unwrap();
+        drop(log);
+        for cut in [1, 4, 7, HEADER2 as u64, HEADER2 as u64 + 2] {
+            let mut bytes = std::fs::read(&p).unwrap();
+            bytes.truncate((len + cut) as usize);
+            let q = dir.path().join(format!("cut{cut}"));
+            std::fs::write(&q, &bytes).unwrap();
+            let (log, recs) = RecordLog::open(&q).unwrap();
+            assert_eq!((recs.len(), log.len()), (1, len), "cut at {cut}");
+        }
     }
 
     #[test]
