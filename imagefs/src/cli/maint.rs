@@ -45,7 +45,7 @@ pub fn drop_damaged_logs(dir: &Path, o: &mut Out<'_>) -> Result<(), CliError> {
         let cut = imagefs_store::log::drop_damaged(&log).map_err(|e| {
             CliError::new(1, format!("dropping damage from {}: {e}", log.display()))
         })?;
-        if let Some((dropped, copy)) = cut {
+        if let Some(imagefs_store::log::Repaired { dropped, copy }) = cut {
             let ranges: Vec<String> = dropped
                 .iter()
                 .map(|(off, len)| format!("{len} bytes at offset {off}"))

@@ -337,7 +337,7 @@ impl RecordLog {
 /// atomically (written aside, fsynced, renamed over). What `fsck --repair --drop-damaged`
 /// does, and nothing else does. Returns the damaged byte ranges dropped and the copy, or `None`
 /// for an undamaged log.
-pub fn drop_damaged(path: &Path) -> Result<Option<(Vec<(u64, u64)>, PathBuf)>, LogError> {
+pub fn drop_damaged(path: &Path) -> Result<Option<Repaired>, LogError> {
     let data = read_file(path)?;
     if parse(path, &data).is_ok() {
         return Ok(None);
@@ -392,7 +392,16 @@ pub fn drop_damaged(path: &Path) -> Result<Option<(Vec<(u64, u64)>, PathBuf)>, L
             .and_then(|d| d.sync_all())
             .map_err(io("fsync", dir))?;
     }
-    Ok(Some((dropped, copy)))
+    Ok(Some(Repaired { dropped, copy }))
+}
+
+/// What [`drop_damaged`] did to a damaged log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repaired {
+    /// The damaged byte ranges dropped, as `(offset, length)`.
+    pub dropped: Vec<(u64, u64)>,
+    /// Where the whole damaged file was saved.
+    pub copy: PathBuf,
 }
 
 /// Reads a log's records one at a time with bounded memory (for large files read once, such
@@ -648,7 +657,7 @@ mod tests {
         let mut bytes = std::fs::read(&p).unwrap();
         bytes[keep as usize + 20] ^= 0xFF;
         std::fs::write(&p, &bytes).unwrap();
-        let (dropped, copy) = drop_damaged(&p).unwrap().unwrap();
+        let Repaired { dropped, copy } = drop_damaged(&p).unwrap().unwrap();
         assert_eq!(dropped.len(), 1);
         assert_eq!(dropped[0].0, keep, "the damaged record is what is dropped");
         assert_eq!(std::fs::read(copy).unwrap(), bytes);
