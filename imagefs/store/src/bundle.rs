@@ -259,6 +259,20 @@ impl Store {
         if changes.len() as u64 != header.changes || blocks.len() as u64 != header.blocks {
             return Err(bad(path, "truncated (counts do not match)"));
         }
+        // A target can only grow by the blocks the bundle carries: a huge claimed size would
+        // make committing it cost time in proportion to the claim, not to the bundle.
+        let carried = (blocks.len() as u64).saturating_mul(u64::from(bs));
+        if header.target_size > header.base_size.saturating_add(carried)
+            || header.target_size > crate::source::MAX_IMAGE_SIZE
+        {
+            return Err(bad(
+                path,
+                format!(
+                    "target size {} is more than the base's {} plus the {} bytes of blocks it carries",
+                    header.target_size, header.base_size, carried
+                ),
+            ));
+        }
         let vbase = match self.version(&base) {
             Ok(v) => v,
             Err(StoreError::UnknownVersion(_)) => {
@@ -344,4 +358,71 @@ pub(crate) fn tmp_path(path: &Path) -> PathBuf {
         .unwrap_or_default();
     name.push(format!(".tmp-{}", std::process::id()));
     path.with_file_name(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Store;
+
+    /// Re-encodes bundle `path` with `edit` applied to its header, every checksum and the
+    /// trailer recomputed, as an attacker would.
+    fn forge(path: &Path, edit: impl Fn(&mut Header)) {
+        let records: Vec<crate::log::Record> = RecordStream::open(path)
+            .unwrap()
+            .map(|r| r.unwrap())
+            .collect();
+        let mut header: Header = serde_json::from_slice(&records[0].payload).unwrap();
+        edit(&mut header);
+        let head = serde_json::to_vec(&header).unwrap();
+        let trailer = Trailer {
+            changes: header.changes,
+            blocks: header.blocks,
+            header: blake3::hash(&head).to_hex().to_string(),
+        };
+        std::fs::remove_file(path).unwrap();
+        let (mut log, _) = RecordLog::open(path).unwrap();
+        log.append(K_HEADER, &head).unwrap();
+        for r in &records[1..records.len() - 1] {
+            log.append(r.kind, &r.payload).unwrap();
+        }
+        log.append(K_TRAILER, &serde_json::to_vec(&trailer).unwrap())
+            .unwrap();
+        log.sync().unwrap();
+    }
+
+    #[test]
+    fn a_forged_huge_target_size_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::init(&dir.path().join("s")).unwrap();
+        let t = Store::init(&dir.path().join("t")).unwrap();
+        let web = ImageName::new("web").unwrap();
+        let import = |store: &Store, bytes: &[u8], name: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, bytes).unwrap();
+            let mut src = crate::open_image(&p).unwrap();
+            store
+                .import(&web, Some(4096), src.as_mut(), &mut |_| {})
+                .unwrap()
+                .id
+        };
+        let v1: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8 | 1).collect();
+        let mut v2 = v1.clone();
+        v2[100] ^= 0xFF;
+        let i1 = import(&s, &v1, "v1");
+        let i2 = import(&s, &v2, "v2");
+        import(&t, &v1, "v1t");
+        let b = dir.path().join("b.bundle");
+        s.write_bundle(&i1, "web:v1", &i2, None, &b).unwrap();
+        // Untouched, the forgery machinery yields a bundle that applies.
+        forge(&b, |_| {});
+        let good = dir.path().join("good.bundle");
+        std::fs::copy(&b, &good).unwrap();
+        forge(&b, |h| h.target_size = 1 << 34);
+        let started = std::time::Instant::now();
+        let err = t.apply_bundle(&b).unwrap_err();
+        assert!(err.to_string().contains("target size"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
+        assert_eq!(t.apply_bundle(&good).unwrap().target, i2);
+    }
 }

@@ -13,7 +13,7 @@ const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 const COMPRESSED: u64 = 1 << 62;
 const ZERO_FLAG: u64 = 1;
 /// Largest virtual size accepted (64 TiB): bounds the table walk.
-const MAX_SIZE: u64 = 1 << 46;
+const MAX_SIZE: u64 = crate::source::MAX_IMAGE_SIZE;
 
 pub(crate) struct Qcow2 {
     path: PathBuf,
@@ -100,12 +100,51 @@ impl Qcow2 {
             l2_cache: None,
         };
         // refuse compressed clusters now, before anything is stored
+        // Every host cluster the active tables name (L2 tables and data) must lie inside the
+        // file and be named once: a table aliasing one cluster many times would present
+        // terabytes of data from a small file and keep the import hashing for hours. This
+        // walk reads each L2 table once and stops at the first alias, before any hashing.
+        let file_len = q
+            .file
+            .metadata()
+            .map_err(StoreError::io("stat", path))?
+            .len();
+        let cs = 1u64 << cluster_bits;
+        let inside = |off: u64| off.checked_add(cs).is_some_and(|end| end <= file_len);
+        let mut used = std::collections::HashSet::new();
         for i in 0..q.l1.len() {
-            if let Some(l2) = q.l2(i)? {
-                if l2.iter().any(|e| e & COMPRESSED != 0) {
-                    return Err(bad(
-                        "compressed clusters are not supported; convert without -c",
-                    ));
+            let l2_off = q.l1.get(i).copied().unwrap_or(0);
+            if l2_off == 0 {
+                continue;
+            }
+            if !inside(l2_off) {
+                return Err(bad(&format!(
+                    "L2 table at {l2_off} is past the end of the file"
+                )));
+            }
+            if !used.insert(l2_off) {
+                return Err(bad(&format!("host cluster {l2_off} is mapped twice")));
+            }
+            let Some(l2) = q.l2(i)? else { continue };
+            if l2.iter().any(|e| e & COMPRESSED != 0) {
+                return Err(bad(
+                    "compressed clusters are not supported; convert without -c",
+                ));
+            }
+            let data: Vec<u64> = l2
+                .iter()
+                .filter(|&&e| e & ZERO_FLAG == 0 && e & L2_OFFSET_MASK != 0)
+                .map(|e| e & L2_OFFSET_MASK)
+                .collect();
+            for host in data {
+                // (qemu-img may end the file inside the last data cluster)
+                if host >= file_len {
+                    return Err(bad(&format!(
+                        "data cluster at {host} is past the end of the file"
+                    )));
+                }
+                if !used.insert(host) {
+                    return Err(bad(&format!("host cluster {host} is mapped twice")));
                 }
             }
         }
@@ -233,6 +272,61 @@ mod tests {
         h[40..48].copy_from_slice(&l1_off.to_be_bytes());
         h[100..104].copy_from_slice(&104u32.to_be_bytes());
         h
+    }
+
+    /// A 384 KiB qcow2 (64 KiB clusters) whose L1 entries all name one L2 table and whose
+    /// L2 entries all name one data cluster: 1 TiB of virtual data from one real cluster.
+    fn aliased(l1_alias: bool) -> Vec<u8> {
+        let cs = 1u64 << 16;
+        let size = 1u64 << 40;
+        let l1_entries = size / (8192 * cs); // 2048
+        let mut f = header(3, 16, size, l1_entries as u32, cs);
+        f.resize(6 * cs as usize, 0);
+        let (l2_at, data_at, l2b_at) = (2 * cs, 3 * cs, 4 * cs);
+        for i in 0..l1_entries as usize {
+            let l2 = if l1_alias || i == 0 {
+                l2_at
+            } else {
+                l2b_at + i as u64 * cs
+            };
+            let e = (l2 | (1 << 63)).to_be_bytes();
+            f[cs as usize + i * 8..cs as usize + i * 8 + 8].copy_from_slice(&e);
+            if !l1_alias {
+                break;
+            }
+        }
+        for j in 0..8192usize {
+            let e = (data_at | (1 << 63)).to_be_bytes();
+            let at = l2_at as usize + j * 8;
+            f[at..at + 8].copy_from_slice(&e);
+        }
+        f[data_at as usize..data_at as usize + 16].copy_from_slice(b"the one cluster!");
+        f
+    }
+
+    #[test]
+    fn a_qcow2_that_maps_one_cluster_twice_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        for l1_alias in [true, false] {
+            let p = dir.path().join(format!("alias{l1_alias}.qcow2"));
+            std::fs::write(&p, aliased(l1_alias)).unwrap();
+            let t = std::time::Instant::now();
+            let err = open_image(&p).err().expect("refused");
+            assert!(err.to_string().contains("mapped twice"), "{err}");
+            assert_eq!(err.kind(), crate::ErrorKind::BadInput);
+            assert!(t.elapsed() < std::time::Duration::from_secs(1));
+        }
+    }
+
+    #[test]
+    fn an_image_over_64_tib_is_refused() {
+        // (this host's ext4 cannot hold so large a sparse file, so the check is called directly;
+        // a block device reaches it the same way)
+        let p = std::path::Path::new("huge.raw");
+        let max = crate::source::MAX_IMAGE_SIZE;
+        assert!(crate::source::check_image_size(p, max).is_ok());
+        let err = crate::source::check_image_size(p, max + 1).unwrap_err();
+        assert!(err.to_string().contains("64 TiB"), "{err}");
     }
 
     proptest! {

@@ -40,6 +40,20 @@ fn seek(file: &File, pos: u64, whence: libc::c_int) -> Option<u64> {
 }
 
 /// Opens `path` as qcow2 when it starts with the qcow2 magic, else as raw.
+/// The largest virtual size of an image (64 TiB), raw or qcow2.
+pub const MAX_IMAGE_SIZE: u64 = 1 << 46;
+
+/// Refuses a virtual size over [`MAX_IMAGE_SIZE`].
+pub(crate) fn check_image_size(path: &Path, size: u64) -> Result<(), StoreError> {
+    if size > MAX_IMAGE_SIZE {
+        return Err(StoreError::BadSource {
+            path: path.to_path_buf(),
+            why: format!("size {size} is more than the largest image (64 TiB)"),
+        });
+    }
+    Ok(())
+}
+
 pub fn open_image(path: &Path) -> Result<Box<dyn ImageSource>, StoreError> {
     let file = match File::open(path) {
         Ok(f) => f,
@@ -70,6 +84,7 @@ pub fn open_image(path: &Path) -> Result<Box<dyn ImageSource>, StoreError> {
         let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
         u64::try_from(end).unwrap_or(0)
     };
+    check_image_size(path, size)?;
     Ok(Box::new(Raw {
         path: path.to_path_buf(),
         file,
