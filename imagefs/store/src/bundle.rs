@@ -259,16 +259,17 @@ impl Store {
         if changes.len() as u64 != header.changes || blocks.len() as u64 != header.blocks {
             return Err(bad(path, "truncated (counts do not match)"));
         }
-        // A target can only grow by the blocks the bundle carries: a huge claimed size would
-        // make committing it cost time in proportion to the claim, not to the bundle.
-        let carried = (blocks.len() as u64).saturating_mul(u64::from(bs));
+        // A target can only grow by the blocks the bundle names (each change carries or
+        // references one): a huge claimed size would make committing it cost time in
+        // proportion to the claim, not to the bundle.
+        let carried = (changes.len() as u64).saturating_mul(u64::from(bs));
         if header.target_size > header.base_size.saturating_add(carried)
             || header.target_size > crate::source::MAX_IMAGE_SIZE
         {
             return Err(bad(
                 path,
                 format!(
-                    "target size {} is more than the base's {} plus the {} bytes of blocks it carries",
+                    "target size {} is more than the base's {} plus the {} bytes of blocks it names",
                     header.target_size, header.base_size, carried
                 ),
             ));
