@@ -221,6 +221,11 @@ pub(crate) fn scan(
     let mut r = BufReader::with_capacity(1 << 20, file);
     let mut pos = from;
     let mut data = Vec::new();
+    // Where a whole object whose data does not match its hash began: if nothing valid follows
+    // it, it was a torn tail and the scan ends there; if an object follows, it was damage
+    // inside the pack, and the scan goes on past it (its header gave its length), so the
+    // intact objects after it stay indexed.
+    let mut bad_at: Option<u64> = None;
     loop {
         let mut head = [0u8; HEADER as usize];
         if r.read_exact(&mut head).is_err() {
@@ -242,21 +247,25 @@ pub(crate) fn scan(
         if r.read_exact(&mut data).is_err() {
             break;
         }
+        let at = pos;
+        pos += HEADER + u64::from(len);
         if object_hash(kind, &data) != hash {
-            break;
+            tracing::warn!(pack = %path.display(), offset = at, "object does not match its hash: skipped");
+            bad_at.get_or_insert(at);
+            continue;
         }
+        bad_at = None;
         found(
             kind,
             hash,
             Loc {
                 pack: id,
-                offset: pos + HEADER,
+                offset: at + HEADER,
                 len,
             },
         )?;
-        pos += HEADER + u64::from(len);
     }
-    Ok(pos)
+    Ok(bad_at.unwrap_or(pos))
 }
 
 /// Open read handles to pack files, shared without a lock on the read path.
@@ -369,5 +378,38 @@ mod tests {
         f.write_all_at(&[9], la.offset + 7).unwrap();
         let err = readers.read(ObjKind::Block, &ha, la, &mut buf).unwrap_err();
         assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn scan_goes_on_past_a_damaged_object_inside_the_pack() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = vec![1u8; 4096];
+        let b = vec![2u8; 4096];
+        let ha = object_hash(ObjKind::Block, &a);
+        let hb = object_hash(ObjKind::Block, &b);
+        // A damaged object inside the pack: the scan goes on past it.
+        let mut w = PackWriter::create(dir.path(), 2).unwrap();
+        let la = w.append(ObjKind::Block, &ha, &a).unwrap();
+        let lb = w.append(ObjKind::Block, &hb, &b).unwrap();
+        let c = vec![3u8; 4096];
+        let hc = object_hash(ObjKind::Block, &c);
+        let lc = w.append(ObjKind::Block, &hc, &c).unwrap();
+        let end2 = w.len;
+        drop(w);
+        let p2 = pack_path(dir.path(), 2);
+        let f = OpenOptions::new().write(true).open(&p2).unwrap();
+        f.write_all_at(b"X", lb.offset + 10).unwrap();
+        let mut seen = Vec::new();
+        let end = scan(&p2, 2, 0, |_, h, l| {
+            seen.push((h, l));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(
+            seen,
+            vec![(ha, la), (hc, lc)],
+            "the intact object after the bad one"
+        );
+        assert_eq!(end, end2);
     }
 }
