@@ -1188,3 +1188,67 @@ fn local_users_cannot_read_disks_versions_packs_or_the_control_socket() {
         &[&m.store.join("control.sock")],
     );
 }
+
+#[test]
+fn scrub_finds_a_flipped_byte_in_a_flat_copy_removes_it_and_reads_are_right_again() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let mut m = Mounted::new();
+    let a = source_image(512, "a");
+    m.import("a.img", &a, "web:v1");
+    m.ok(&["instance", "create", "web:v1", "vm1"]);
+    m.start();
+    m.ok(&["prefetch", "web:v1"]);
+    // The instance reads its unwritten blocks from the copy once it is there.
+    assert!(
+        m.read("instances/vm1.raw") == a,
+        "the instance before the damage"
+    );
+    let copies = flat_copies(&m);
+    assert_eq!(copies.len(), 1);
+    let id = &copies[0].0;
+    let copy = m.store.join("flat").join(format!("{id}.raw"));
+    let at = 7 * BS + 5;
+    let f = OpenOptions::new().write(true).open(&copy).unwrap();
+    f.write_all_at(&[a[at] ^ 0xFF], at as u64).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    // The bad byte would reach a reader of the copy (drop the page cache of the mount's files).
+    let out = m.cli(&["scrub"]);
+    assert_eq!(
+        out.status.code(),
+        Some(5),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains(&format!(
+            "flat copy {id}: corrupt at offset {}: removed",
+            7 * BS
+        )),
+        "{text}"
+    );
+    assert!(!copy.exists(), "the bad copy is still there");
+    // New opens read verified bytes: the version file and the instance's unwritten blocks.
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(
+        m.read("images/web/v1.raw") == a,
+        "the version file after scrub"
+    );
+    let mut buf = vec![0u8; BS];
+    let inst = File::open(m.path("instances/vm1.raw")).unwrap();
+    inst.read_exact_at(&mut buf, (7 * BS) as u64).unwrap();
+    assert!(
+        buf == a[7 * BS..8 * BS],
+        "the instance's unwritten block after scrub"
+    );
+    // A clean scrub exits 0.
+    let out = m.cli(&["scrub"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

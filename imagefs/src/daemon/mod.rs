@@ -140,6 +140,34 @@ fn spawn_reclaimer(instances: std::sync::Weak<Instances>) -> std::io::Result<()>
         .map(drop)
 }
 
+/// The pause between background scrubs of all flat copies.
+const SCRUB_PAUSE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Re-verifies the flat copies at `rate` bytes per second, over and over with a pause between
+/// rounds; a bad copy is removed and instances stop reading from it. Ends with the cache.
+fn spawn_scrubber(
+    flat: std::sync::Weak<FlatCache>,
+    instances: std::sync::Weak<Instances>,
+    rate: u64,
+) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("scrub".into())
+        .spawn(move || loop {
+            std::thread::sleep(SCRUB_PAUSE);
+            let Some(cache) = flat.upgrade() else { return };
+            match cache.scrub(Some(rate)) {
+                Ok(bad) if !bad.is_empty() => {
+                    if let Some(i) = instances.upgrade() {
+                        crate::mount::cmd::forget_base_copies(&i, &bad);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "scrubbing flat copies failed"),
+            }
+        })
+        .map(drop)
+}
+
 /// Worker threads for requests that wait on the disk (flush, fsync, fallocate).
 const SYNC_WORKERS: usize = 4;
 
@@ -158,6 +186,8 @@ pub struct MountConfig {
     pub flat_budget: u64,
     /// Free space to keep on the store's filesystem (`None`: the store's default).
     pub reserve: Option<crate::cli::Reserve>,
+    /// Bytes per second of background re-verification of flat copies (0: none).
+    pub scrub_rate: u64,
 }
 
 /// Runs one command forwarded over the control socket against the daemon's context.
@@ -243,6 +273,7 @@ fn serve(
         }
     }
     let model = Arc::new(model);
+    let flat_for_scrub = model.flat().cloned();
     let pool = Pool::new(SYNC_WORKERS).map_err(DaemonError::Setup)?;
     let fs = FuseFs::new(model.clone(), pool);
     let mut options = fuser::Config::default();
@@ -284,6 +315,14 @@ fn serve(
         .map_err(DaemonError::Setup)?;
     signals::spawn_stop_thread(signals, life.clone()).map_err(DaemonError::Setup)?;
     spawn_reclaimer(Arc::downgrade(&instances)).map_err(DaemonError::Setup)?;
+    if let (Some(flat), true) = (flat_for_scrub, cfg.scrub_rate > 0) {
+        spawn_scrubber(
+            Arc::downgrade(&flat),
+            Arc::downgrade(&instances),
+            cfg.scrub_rate,
+        )
+        .map_err(DaemonError::Setup)?;
+    }
 
     life.on(Event::Mounted);
     tracing::info!(mountpoint = %cfg.mountpoint.display(), "mounted");

@@ -37,6 +37,9 @@ pub enum MountCommand {
     /// Build flat copies of versions now, so the mount serves their files at local-disk speed
     /// (the kernel reads the copy directly: FUSE passthrough); --list shows the copies
     Prefetch(PrefetchArgs),
+    /// Re-verify every flat copy against its version's block hashes now; remove bad ones
+    /// (their files are then served, and verified, by the daemon); exit 5 if any was bad
+    Scrub,
 }
 
 /// `imagefs prefetch NAME:TAG|ID... | --list`.
@@ -68,6 +71,7 @@ pub fn run_dir(
                 daemonize: a.daemon,
                 flat_budget: a.flat_cache,
                 reserve: a.reserve,
+                scrub_rate: a.scrub_rate,
             };
             crate::daemon::run(cfg, dispatch).map_err(|e| {
                 use crate::daemon::DaemonError;
@@ -118,6 +122,63 @@ pub fn run(ctx: &Ctx, cmd: &MountCommand, json: bool, out: &mut dyn Write) -> Re
         MountCommand::Substitute(a) => substitute(ctx, a, json, out),
         MountCommand::Log(a) => log(ctx, a, json, out),
         MountCommand::Prefetch(a) => prefetch(ctx, a, json, out),
+        MountCommand::Scrub => scrub(ctx, json, out),
+    }
+}
+
+/// `imagefs scrub`: checks every flat copy at full speed, removes the bad ones.
+fn scrub(ctx: &Ctx, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let flat = match flat_cache(ctx) {
+        Ok(f) => f,
+        // a mount without flat copies has nothing to scrub
+        Err(e) if e.code == 4 && ctx.live.is_some() => {
+            writeln!(out, "this mount keeps no flat copies: nothing to scrub").map_err(io_err)?;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let checked = flat.list().len();
+    let bad = flat.scrub(None).map_err(flat_err)?;
+    forget_base_copies(&ctx.instances, &bad);
+    for b in &bad {
+        let at = b
+            .offset
+            .map_or("as a whole".to_string(), |o| format!("at offset {o}"));
+        let line = if json {
+            json!({"type": "scrubbed", "id": b.id.to_string(), "offset": b.offset,
+                   "detail": b.detail, "removed": true})
+            .to_string()
+        } else {
+            format!("flat copy {}: corrupt {at}: removed", b.id.to_hex())
+        };
+        writeln!(out, "{line}").map_err(io_err)?;
+    }
+    let text = format!("scrubbed {checked} flat copies: {} corrupt", bad.len());
+    if json {
+        let v = json!({"type": "result", "checked": checked, "corrupt": bad.len()});
+        writeln!(out, "{v}").map_err(io_err)?;
+    } else {
+        writeln!(out, "{text}").map_err(io_err)?;
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        let mut e = CliError::new(5, format!("{} corrupt flat copies removed", bad.len()));
+        e.reported = true;
+        Err(e)
+    }
+}
+
+/// Instances reading unwritten blocks from a removed copy go back to the verified store path.
+pub fn forget_base_copies(
+    instances: &imagefs_store::instance::Instances,
+    removed: &[imagefs_store::flat::Scrubbed],
+) {
+    for inst in instances.open_instances() {
+        let view = inst.view();
+        if removed.iter().any(|r| r.id == view.base().id()) {
+            view.clear_base_copy();
+        }
     }
 }
 
@@ -234,6 +295,10 @@ pub struct MountArgs {
     /// while metadata commits, substitutions and rollbacks go on.
     #[arg(long, value_parser = crate::cli::parse_reserve)]
     pub reserve: Option<crate::cli::Reserve>,
+    /// Bytes per second the daemon spends re-verifying flat copies in the background (a bad
+    /// copy is removed; its file is then served, and verified, by the daemon); 0 turns it off.
+    #[arg(long, default_value = "50M", value_parser = crate::cli::parse_size)]
+    pub scrub_rate: u64,
 }
 
 /// `imagefs umount MOUNTPOINT`.

@@ -684,7 +684,7 @@ pub(crate) fn check_copies(store: &Store) -> Result<CopiesChecked, StoreError> {
     ids.sort();
     for id in ids {
         let path = dir.join(format!("{}.raw", id.to_hex()));
-        match check_copy(store, &id, &path) {
+        match check_copy(store, &id, &path, None) {
             Checked::Gone => {}
             Checked::Good(bytes) => {
                 out.copies += 1;
@@ -713,7 +713,7 @@ enum Checked {
     Bad(Box<BadCopy>),
 }
 
-fn check_copy(store: &Store, id: &VersionId, path: &Path) -> Checked {
+fn check_copy(store: &Store, id: &VersionId, path: &Path, pace: Option<&Pace>) -> Checked {
     let bad = |image: Option<String>, block: Option<(u64, u64)>, detail: String| {
         Checked::Bad(Box::new(BadCopy {
             id: *id,
@@ -753,7 +753,7 @@ fn check_copy(store: &Store, id: &VersionId, path: &Path) -> Checked {
         return bad(image, None, detail);
     }
     let bytes = AtomicU64::new(0);
-    match first_bad_block(&version, &file, &bytes) {
+    match first_bad_block(&version, &file, &bytes, pace) {
         None => Checked::Good(bytes.into_inner()),
         Some((block, why)) => {
             let bs = u64::from(version.block_size());
@@ -768,7 +768,12 @@ fn check_copy(store: &Store, id: &VersionId, path: &Path) -> Checked {
 /// `RUN_MAX` on a few threads (hashing costs about as much as reading). Pieces are handed
 /// out in order and a worker stops past a bad block already found, so the lowest bad block
 /// is found without reading the rest of a bad copy.
-fn first_bad_block(version: &Version, file: &File, bytes: &AtomicU64) -> Option<(u64, String)> {
+fn first_bad_block(
+    version: &Version,
+    file: &File,
+    bytes: &AtomicU64,
+    pace: Option<&Pace>,
+) -> Option<(u64, String)> {
     let bs = u64::from(version.block_size());
     let size = version.size();
     let per_piece = (RUN_MAX / bs).max(1);
@@ -802,6 +807,9 @@ fn first_bad_block(version: &Version, file: &File, bytes: &AtomicU64) -> Option<
                 continue;
             }
             bytes.fetch_add(len as u64, Ordering::Relaxed);
+            if let Some(p) = pace {
+                p.take(len as u64);
+            }
             for (i, block) in (first..).zip(data.chunks(bs as usize)) {
                 let why = match version.block_hash(i) {
                     Err(e) => Some(format!("its block map is unreadable: {e}")),
@@ -851,6 +859,75 @@ fn first_bad_block(version: &Version, file: &File, bytes: &AtomicU64) -> Option<
         }
         found
     })
+}
+
+/// Holds readers to a rate: each `take` of n bytes sleeps until the bytes taken so far fit
+/// the rate since the start.
+#[derive(Debug)]
+pub(crate) struct Pace {
+    bytes_per_sec: u64,
+    start: std::time::Instant,
+    taken: AtomicU64,
+}
+
+impl Pace {
+    pub(crate) fn new(bytes_per_sec: u64) -> Pace {
+        Pace {
+            bytes_per_sec: bytes_per_sec.max(1),
+            start: std::time::Instant::now(),
+            taken: AtomicU64::new(0),
+        }
+    }
+
+    fn take(&self, n: u64) {
+        let taken = self.taken.fetch_add(n, Ordering::Relaxed).saturating_add(n);
+        let due = std::time::Duration::from_secs_f64(taken as f64 / self.bytes_per_sec as f64);
+        if let Some(wait) = due.checked_sub(self.start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+}
+
+/// A flat copy `scrub` found damaged and removed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scrubbed {
+    /// The version the copy was of.
+    pub id: VersionId,
+    /// The offset of the first bad block, when a block is bad (else the copy as a whole).
+    pub offset: Option<u64>,
+    /// What was wrong.
+    pub detail: String,
+}
+
+impl FlatCache {
+    /// Re-verifies every complete copy against its version's block hashes (at most
+    /// `bytes_per_sec`, or at full speed), and removes each bad one: later opens are served,
+    /// and verified, by the daemon; files already open keep the old copy until closed.
+    pub fn scrub(&self, bytes_per_sec: Option<u64>) -> Result<Vec<Scrubbed>, FlatError> {
+        let pace = bytes_per_sec.map(Pace::new);
+        let ids: Vec<VersionId> = {
+            let mut ids: Vec<VersionId> = self.lock().copies.keys().copied().collect();
+            ids.sort();
+            ids
+        };
+        let mut out = Vec::new();
+        for id in ids {
+            let path = self.final_path(&id);
+            let Checked::Bad(bad) = check_copy(&self.store, &id, &path, pace.as_ref()) else {
+                continue;
+            };
+            let mut st = self.lock();
+            remove(&path)?;
+            st.copies.remove(&id);
+            tracing::error!(id = %id.short(), "{}: removed", bad.detail);
+            out.push(Scrubbed {
+                id,
+                offset: bad.block.map(|(b, bs)| b.saturating_mul(bs)),
+                detail: bad.detail,
+            });
+        }
+        Ok(out)
+    }
 }
 
 fn remove(path: &Path) -> Result<(), FlatError> {

@@ -180,6 +180,12 @@ impl View {
         self.base_copy.store(Some(copy));
     }
 
+    /// Stops reading from the flat copy (it was found damaged): the store's verified path
+    /// serves unwritten blocks again.
+    pub fn clear_base_copy(&self) {
+        self.base_copy.store(None);
+    }
+
     /// Whether unwritten blocks are read from a flat copy.
     pub fn has_base_copy(&self) -> bool {
         self.base_copy.load().is_some()
@@ -1043,6 +1049,11 @@ impl Instances {
             .into_iter()
             .filter(|r| !matches!(r, Record::Writes { .. } | Record::Overlay { .. }))
             .collect())
+    }
+
+    /// The instances open now.
+    pub fn open_instances(&self) -> Vec<Arc<Instance>> {
+        self.live().values().cloned().collect()
     }
 
     /// Reclaims the replaced data of each open instance whose dead bytes exceed a quarter of
