@@ -106,7 +106,7 @@ mod tests {
         let bus = Bus {
             com1: Arc::new(Mutex::new(Uart::new(
                 IrqLine::new()?,
-                crate::devices::legacy::console_out(Some(&log))?,
+                crate::devices::legacy::console_out(Some(&log), 1 << 20)?,
             ))),
             com2: None,
             keyboard: Mutex::new(Keyboard::new(ResetLine(tx.clone()))),

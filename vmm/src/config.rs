@@ -111,6 +111,8 @@ pub struct VmmConfig {
     pub cmdline: String,
     pub agent_socket: Option<PathBuf>,
     pub console: ConsoleConfig,
+    /// Most bytes of a console log file (one rotated file is kept beside it).
+    pub console_max: u64,
 }
 
 /// Parses a size such as `512M`, `2G`, `65536K` or a plain byte count.
@@ -215,6 +217,7 @@ mod tests {
             cmdline: DEFAULT_CMDLINE.into(),
             agent_socket: None,
             console: ConsoleConfig::Stdio,
+            console_max: crate::devices::legacy::CONSOLE_MAX,
         }
     }
 

@@ -38,6 +38,9 @@ struct Cli {
     /// Where the guest console (COM1) goes: stdio or a file path.
     #[arg(long, default_value = "stdio")]
     console: String,
+    /// Most bytes of a console file; past it the file becomes FILE.1 and a new one starts.
+    #[arg(long, default_value_t = vmm::devices::legacy::CONSOLE_MAX)]
+    console_max: u64,
     /// On SIGTERM the vmm presses the guest's ACPI power button, then waits this many seconds for
     /// it to power off before stopping it (exit 143).
     #[arg(long, default_value_t = 10)]
@@ -79,6 +82,7 @@ fn parse(cli: &Cli) -> Result<VmmConfig, ConfigError> {
         cmdline: cli.cmdline.clone(),
         agent_socket: cli.agent_socket.clone(),
         console: cli.console.parse::<ConsoleConfig>()?,
+        console_max: cli.console_max,
     })
 }
 

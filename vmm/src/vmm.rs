@@ -141,7 +141,8 @@ impl TryFrom<VmmConfig> for Vmm {
             ConsoleConfig::Stdio => None,
             ConsoleConfig::File(p) => Some(p.as_path()),
         };
-        let out = console_out(console_path).map_err(|e| VmmError::Io("opening the console", e))?;
+        let out = console_out(console_path, config.console_max)
+            .map_err(|e| VmmError::Io("opening the console", e))?;
         let com1_line = irq_line(COM1_GSI)?;
         let com1 = Arc::new(Mutex::new(Uart::new(clone_line(&com1_line)?, out)));
 

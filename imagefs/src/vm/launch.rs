@@ -6,6 +6,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_proto::AgentClient;
@@ -76,7 +78,12 @@ pub struct LaunchSpec {
     pub cpus: u32,
     pub engine: Engine,
     pub cmdline_extra: String,
+    /// Most bytes of the console log (one rotated file, LOG.1, is kept beside it).
+    pub console_max: u64,
 }
+
+/// The default cap of a VM's console log.
+pub const CONSOLE_MAX: u64 = 16 << 20;
 
 /// Errors of starting or stopping a VM.
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +140,8 @@ pub fn command(s: &LaunchSpec, agent: &Path, console: &Path) -> Command {
                 .arg(agent)
                 .arg("--console")
                 .arg(console)
+                .arg("--console-max")
+                .arg(s.console_max.to_string())
                 .arg("--cmdline")
                 .arg(format!("{base} reboot=k pci=off {}", s.cmdline_extra));
             c
@@ -156,7 +165,8 @@ pub fn command(s: &LaunchSpec, agent: &Path, console: &Path) -> Command {
                 // and panic the guest; the check proves nothing about an emulated timer.
                 .arg(format!("{base} no_timer_check {}", s.cmdline_extra))
                 .arg("-chardev")
-                .arg(format!("file,id=con,path={}", console.display()))
+                // append: the daemon caps the file by copying it aside and truncating it
+                .arg(format!("file,id=con,path={},append=on", console.display()))
                 .args(["-device", "isa-serial,chardev=con"])
                 .arg("-chardev")
                 .arg(format!(
@@ -229,11 +239,17 @@ pub fn spawn(store: &Path, s: &LaunchSpec) -> Result<VmRecord, LaunchError> {
         let _ = child.wait();
         return Err(e.into());
     }
+    let running = Arc::new(AtomicBool::new(true));
+    if s.engine != Engine::Vmm {
+        // QEMU cannot cap its console file itself; the vmm does (--console-max).
+        spawn_console_cap(&rec.console_log, s.console_max, running.clone())?;
+    }
     let (store, name, pid) = (store.to_path_buf(), s.name.clone(), child.id());
     std::thread::Builder::new()
         .name(format!("vm-{name}"))
         .spawn(move || {
             let status = child.wait();
+            running.store(false, Ordering::Relaxed);
             // Only the record of this very process: a restart under the same name keeps its own.
             if let Ok(mut r) = registry::load(&store, &name) {
                 if r.pid == Some(pid) {
@@ -251,6 +267,42 @@ pub fn spawn(store: &Path, s: &LaunchSpec) -> Result<VmRecord, LaunchError> {
         })
         .map_err(LaunchError::Thread)?;
     Ok(rec)
+}
+
+/// How often a QEMU console log's size is checked.
+const CONSOLE_CHECK: Duration = Duration::from_millis(500);
+
+/// While `running`, keeps `log` under `max` bytes: past it, its bytes are copied to LOG.1
+/// (replacing the one before) and it is truncated (QEMU appends, so it writes on at the new
+/// end). A guest writing without end overshoots by what it writes in one check period.
+fn spawn_console_cap(log: &Path, max: u64, running: Arc<AtomicBool>) -> Result<(), LaunchError> {
+    let log = log.to_path_buf();
+    std::thread::Builder::new()
+        .name("console-cap".into())
+        .spawn(move || {
+            while running.load(Ordering::Relaxed) {
+                std::thread::sleep(CONSOLE_CHECK);
+                if let Err(e) = cap_log(&log, max) {
+                    tracing::warn!(log = %log.display(), error = %e, "capping a console log");
+                }
+            }
+        })
+        .map(drop)
+        .map_err(LaunchError::Thread)
+}
+
+/// One capping step of `spawn_console_cap` (copy aside, then truncate).
+pub fn cap_log(log: &Path, max: u64) -> std::io::Result<()> {
+    if std::fs::metadata(log)?.len() <= max {
+        return Ok(());
+    }
+    let mut old = log.as_os_str().to_os_string();
+    old.push(".1");
+    std::fs::copy(log, &old)?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(log)?
+        .set_len(0)
 }
 
 fn signal(pid: u32, sig: libc::c_int) {
@@ -330,6 +382,7 @@ mod tests {
             cpus: 2,
             engine,
             cmdline_extra: String::new(),
+            console_max: 1 << 20,
         }
     }
 
@@ -337,6 +390,27 @@ mod tests {
         c.get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect()
+    }
+
+    #[test]
+    fn a_console_log_past_its_cap_is_copied_aside_and_cut() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = dir.path().join("web-1.console.log");
+        std::fs::write(&log, vec![b'x'; 1000])?;
+        cap_log(&log, 1000)?;
+        assert_eq!(
+            std::fs::metadata(&log)?.len(),
+            1000,
+            "at the cap: left alone"
+        );
+        std::fs::write(&log, vec![b'y'; 1001])?;
+        cap_log(&log, 1000)?;
+        assert_eq!(std::fs::metadata(&log)?.len(), 0);
+        assert_eq!(
+            std::fs::read(dir.path().join("web-1.console.log.1"))?,
+            vec![b'y'; 1001]
+        );
+        Ok(())
     }
 
     #[test]
@@ -350,6 +424,7 @@ mod tests {
         );
         assert!(a.contains("file=/m/instances/web-1.raw,"), "{a}");
         assert!(a.contains(",werror=report,rerror=report"), "{a}");
+        assert!(a.contains("file,id=con,path=/s/c,append=on"), "{a}");
         // The agent's port is the second isa-serial (COM2), after the console.
         let con = a.find("chardev=con").unwrap();
         assert!(con < a.find("chardev=agent").unwrap());
@@ -357,5 +432,6 @@ mod tests {
         let a = args(&v).join(" ");
         assert!(a.contains("--disk /m/instances/web-1.raw"), "{a}");
         assert!(a.contains("--agent-socket /s/a"), "{a}");
+        assert!(a.contains("--console-max 1048576"), "{a}");
     }
 }

@@ -4,6 +4,7 @@
 //! read its disk through the live mount); the rest also works from the registry alone.
 
 pub mod launch;
+mod logs;
 pub mod notify;
 pub mod registry;
 
@@ -34,6 +35,12 @@ pub enum VmCommand {
     Logs {
         /// VM name.
         name: String,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<usize>,
+        /// Keep printing what the guest writes, until interrupted.
+        #[arg(long)]
+        follow: bool,
     },
     /// Set the guest defaults vm start uses (kernel, initramfs, memory, cpus)
     Config(ConfigArgs),
@@ -58,6 +65,10 @@ pub struct ConfigArgs {
     /// the disk); past it the guest's writes fail with an I/O error (ENOSPC).
     #[arg(long, value_parser = crate::cli::parse_size)]
     pub max_bytes: Option<u64>,
+    /// Most bytes of each VM's console log (K, M, G; default 16M); past it the log becomes
+    /// LOG.1 (one kept) and a new one starts.
+    #[arg(long, value_parser = crate::cli::parse_size)]
+    pub console_max: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -160,10 +171,9 @@ pub fn run(ctx: &Ctx, cmd: &VmCommand, json: bool, out: &mut dyn Write) -> Resul
             Ok(())
         }
         VmCommand::Ls => ls(ctx, &store, json, out),
-        VmCommand::Logs { name } => {
+        VmCommand::Logs { name, tail, follow } => {
             let rec = registry::load(&store, name)?;
-            let text = std::fs::read(&rec.console_log).unwrap_or_default();
-            out.write_all(&text).map_err(io_err)
+            logs::stream(&rec.console_log, *tail, *follow, out).map_err(io_err)
         }
         VmCommand::Config(c) => {
             let mut cfg = registry::config(&store);
@@ -216,6 +226,9 @@ fn merge(cfg: &mut GuestConfig, c: &ConfigArgs) {
     }
     if let Some(n) = c.max_bytes {
         cfg.max_bytes = Some(n);
+    }
+    if let Some(n) = c.console_max {
+        cfg.console_max = Some(n);
     }
 }
 
@@ -298,6 +311,11 @@ fn start(
             cpus,
             engine,
             cmdline_extra: a.cmdline.clone(),
+            console_max: a
+                .guest
+                .console_max
+                .or(cfg.console_max)
+                .unwrap_or(launch::CONSOLE_MAX),
         };
         let rec = launch::spawn(store, &spec)?;
         started.push(rec);

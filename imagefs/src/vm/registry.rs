@@ -77,6 +77,9 @@ pub struct GuestConfig {
     /// Default limit of a new VM's instance data on the host (bytes).
     #[serde(default)]
     pub max_bytes: Option<u64>,
+    /// Most bytes of a VM's console log (one rotated file is kept beside it).
+    #[serde(default)]
+    pub console_max: Option<u64>,
 }
 
 /// Errors of the registry.

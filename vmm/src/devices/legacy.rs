@@ -18,10 +18,64 @@ pub type Uart<W> = Serial<IrqLine, vm_superio::serial::NoEvents, W>;
 /// The console's byte sink: unbuffered, so a partial line (a prompt) shows at once.
 pub type ConsoleOut = Box<dyn Write + Send>;
 
-/// Opens the console sink: the process's stdout, or `path` (created or truncated).
-pub fn console_out(path: Option<&std::path::Path>) -> std::io::Result<ConsoleOut> {
+/// The default cap of a console log file; one rotated file (`PATH.1`) is kept beside it.
+pub const CONSOLE_MAX: u64 = 16 << 20;
+
+/// A log file that never grows past `max` bytes: past it, the file becomes `PATH.1` (replacing
+/// the one before) and a new file starts, so a guest writing without end holds at most twice
+/// `max` of the host's disk.
+#[derive(Debug)]
+pub struct CappedFile {
+    path: std::path::PathBuf,
+    file: File,
+    len: u64,
+    max: u64,
+}
+
+impl CappedFile {
+    /// Creates (or truncates) `path`.
+    pub fn create(path: &std::path::Path, max: u64) -> std::io::Result<CappedFile> {
+        Ok(CappedFile {
+            path: path.to_path_buf(),
+            file: File::create(path)?,
+            len: 0,
+            max: max.max(1),
+        })
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        std::fs::rename(&self.path, &old)?;
+        self.file = File::create(&self.path)?;
+        self.len = 0;
+        Ok(())
+    }
+}
+
+impl Write for CappedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.len.saturating_add(buf.len() as u64) > self.max && self.len > 0 {
+            self.rotate()?;
+        }
+        let room = usize::try_from(self.max.saturating_sub(self.len)).unwrap_or(usize::MAX);
+        let n = self
+            .file
+            .write(buf.get(..room.clamp(1, buf.len().max(1))).unwrap_or(buf))?;
+        self.len += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Opens the console sink: the process's stdout, or `path` (created or truncated, capped at
+/// `max` bytes with one rotated file).
+pub fn console_out(path: Option<&std::path::Path>, max: u64) -> std::io::Result<ConsoleOut> {
     match path {
-        Some(p) => Ok(Box::new(File::create(p)?)),
+        Some(p) => Ok(Box::new(CappedFile::create(p, max)?)),
         None => {
             let fd: OwnedFd = std::io::stdout().as_fd().try_clone_to_owned()?;
             Ok(Box::new(File::from(fd)))
@@ -155,11 +209,35 @@ mod tests {
     fn console_uart_writes_bytes_through() -> std::io::Result<()> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("console.log");
-        let mut uart = Uart::new(IrqLine::new()?, console_out(Some(&path))?);
+        let mut uart = Uart::new(IrqLine::new()?, console_out(Some(&path), CONSOLE_MAX)?);
         for b in b"hello\n" {
             let _ = uart.write(0, *b);
         }
         assert_eq!(std::fs::read(&path)?, b"hello\n");
+        Ok(())
+    }
+
+    #[test]
+    fn a_capped_log_keeps_at_most_two_files_of_max_bytes() -> std::io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("console.log");
+        let mut log = CappedFile::create(&path, 1000)?;
+        for i in 0..100u32 {
+            log.write_all(format!("line {i:04} of a guest that never stops\n").as_bytes())?;
+        }
+        let now = std::fs::read_to_string(&path)?;
+        let old = std::fs::read_to_string(dir.path().join("console.log.1"))?;
+        assert!(
+            now.len() <= 1000 && old.len() <= 1000,
+            "{} {}",
+            now.len(),
+            old.len()
+        );
+        assert!(
+            now.ends_with("line 0099 of a guest that never stops\n"),
+            "{now}"
+        );
+        assert!(old.len() > 900, "the rotated file is a full one");
         Ok(())
     }
 }
