@@ -211,7 +211,7 @@ fn version_files_read_identical_to_their_sources() {
     }
     let meta = std::fs::metadata(m.path("images/web/v1.raw")).unwrap();
     assert_eq!(meta.len(), a.len() as u64);
-    assert_eq!(meta.permissions().mode() & 0o777, 0o444);
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400);
     assert!(
         meta.blocks() * 512 < a.len() as u64,
         "the hole is not allocated"

@@ -89,7 +89,7 @@ fn the_namespace_shows_tags_versions_and_new_instances() {
     let ver = f.lookup_path(&format!("versions/{id}.raw")).unwrap();
     assert_eq!(
         (tag.kind, tag.size, tag.perm),
-        (Kind::File, f.image.len() as u64, 0o444)
+        (Kind::File, f.image.len() as u64, 0o400)
     );
     assert_eq!(ver.size, tag.size);
     // 13 of 17 blocks hold data (the hole is not allocated).
@@ -111,7 +111,7 @@ fn the_namespace_shows_tags_versions_and_new_instances() {
     f.instances.create(&f.store, &vm1, &id, "web:v1").unwrap();
     assert_eq!(f.names("instances"), vec!["vm1.raw".to_string()]);
     let inst = f.lookup_path("instances/vm1.raw").unwrap();
-    assert_eq!((inst.size, inst.perm), (f.image.len() as u64, 0o644));
+    assert_eq!((inst.size, inst.perm), (f.image.len() as u64, 0o600));
     assert_eq!(f.model.known_instance_ino(&vm1), Some(inst.ino));
 }
 
