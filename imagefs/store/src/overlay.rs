@@ -11,8 +11,8 @@
 //! sequence of ops after the format byte:
 //! - `1 | index u64`: block `index` is replaced whole by zeros (its sub-blocks dropped)
 //! - `2 | index u64 | hash [32]`: block `index` is replaced whole by the pack block `hash`
-//! - `3 | index u64 | sub u16`: sub-block `sub` of block `index` is zeros
-//! - `4 | index u64 | sub u16 | slot u64 | sum [16]`: sub-block `sub` of block `index` is the
+//! - `3 | index u64 | sub u8`: sub-block `sub` of block `index` is zeros
+//! - `4 | index u64 | sub u8 | slot u64 | sum [8]`: sub-block `sub` of block `index` is the
 //!   data file's slot `slot` (bytes `slot * 4096 ..`), whose blake3 starts with `sum`
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -25,7 +25,7 @@ use crate::BlockHash;
 /// Bytes per sub-block: the overlay's grain and the data file's slot size.
 pub const SUB: u64 = 4096;
 /// Bytes of a sub-block's blake3 kept as its checksum.
-pub const SUM: usize = 16;
+pub const SUM: usize = 8;
 /// Most sub-blocks in one block (the largest block size, 1 MiB, over `SUB`).
 pub const MAX_SUBS: usize = 256;
 /// Format byte of an overlay record.
@@ -384,9 +384,14 @@ impl Slots {
     }
 }
 
+/// A sub-block position as its one logged byte (positions are below `MAX_SUBS`, 256).
+fn sub_byte(sub: u16) -> u8 {
+    u8::try_from(sub).unwrap_or(u8::MAX)
+}
+
 /// Encodes ops as one overlay record payload.
 pub fn encode(ops: &[Op]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + ops.len() * 35);
+    let mut out = Vec::with_capacity(1 + ops.len() * 26);
     out.push(FORMAT);
     for op in ops {
         match *op {
@@ -409,7 +414,7 @@ pub fn encode(ops: &[Op]) -> Vec<u8> {
             } => {
                 out.push(3);
                 out.extend_from_slice(&index.to_le_bytes());
-                out.extend_from_slice(&sub.to_le_bytes());
+                out.push(sub_byte(sub));
             }
             Op::Sub {
                 index,
@@ -418,7 +423,7 @@ pub fn encode(ops: &[Op]) -> Vec<u8> {
             } => {
                 out.push(4);
                 out.extend_from_slice(&index.to_le_bytes());
-                out.extend_from_slice(&sub.to_le_bytes());
+                out.push(sub_byte(sub));
                 out.extend_from_slice(&slot.to_le_bytes());
                 out.extend_from_slice(&sum);
             }
@@ -452,8 +457,8 @@ impl<'a> Cursor<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
-    fn u16(&mut self) -> Result<u16, OverlayError> {
-        Ok(u16::from_le_bytes(self.array()?))
+    fn u8(&mut self) -> Result<u8, OverlayError> {
+        Ok(self.array::<1>()?[0])
     }
 }
 
@@ -468,7 +473,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Op>, OverlayError> {
         )));
     }
     let mut c = Cursor { rest: body };
-    let mut ops = Vec::with_capacity(body.len() / 35 + 1);
+    let mut ops = Vec::with_capacity(body.len() / 26 + 1);
     while let Some(&tag) = c.rest.first() {
         c.rest = &c.rest[1..];
         let index = c.u64()?;
@@ -479,10 +484,7 @@ pub fn decode(payload: &[u8]) -> Result<Vec<Op>, OverlayError> {
                 hash: Some(BlockHash(c.array()?)),
             },
             3 | 4 => {
-                let sub = c.u16()?;
-                if usize::from(sub) >= MAX_SUBS {
-                    return Err(OverlayError::BadRecord(format!("sub-block {sub}")));
-                }
+                let sub = u16::from(c.u8()?);
                 let to = if tag == 3 {
                     Sub::Zero
                 } else {
