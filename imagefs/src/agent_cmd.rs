@@ -2,10 +2,11 @@
 //! Invariant: every call has a deadline, and the process exit code says what happened (0 ok,
 //! 1 other, 2 bad input, 3 not found, 4 refused; exec returns the guest command's own status).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use agent_proto::text::shown;
 use agent_proto::{
     AgentClient, AgentLink, ClientError, Command, ErrorCode, ExecReply, ExecRequest, Range,
     SubstitutionNotice,
@@ -158,7 +159,8 @@ pub fn run(mut args: AgentArgs, dir: &std::path::Path) -> anyhow::Result<i32> {
                 msg.push_str(&format!(": {s}"));
                 src = s.source();
             }
-            eprintln!("imagefs agent: {msg}");
+            // The error may carry the guest's words.
+            eprintln!("imagefs agent: {}", agent_proto::text::shown(&msg));
             Ok(exit_code(&e))
         }
         Err(Failure::Usage(msg)) => {
@@ -201,9 +203,9 @@ fn call(args: AgentArgs) -> Result<i32, Failure> {
             } else {
                 println!(
                     "agent {} (protocol {}), kernel {}, up {:.1}s, {}",
-                    p.agent_version,
+                    shown(&p.agent_version),
                     p.protocol,
-                    p.kernel,
+                    shown(&p.kernel),
                     p.uptime_ms as f64 / 1000.0,
                     if p.init_mode {
                         "as /init"
@@ -213,7 +215,12 @@ fn call(args: AgentArgs) -> Result<i32, Failure> {
                 );
                 for m in p.mounts.iter().filter(|m| m.device.starts_with('/')) {
                     let mode = if m.read_only { "ro" } else { "rw" };
-                    println!("  {} on {} ({}, {mode})", m.device, m.mountpoint, m.fstype);
+                    println!(
+                        "  {} on {} ({}, {mode})",
+                        shown(&m.device),
+                        shown(&m.mountpoint),
+                        shown(&m.fstype)
+                    );
                 }
             }
             Ok(0)
@@ -223,7 +230,7 @@ fn call(args: AgentArgs) -> Result<i32, Failure> {
             if conn.json {
                 print_json(&h)?;
             } else {
-                println!("{}  {}", h.blake3, h.path);
+                println!("{}  {}", shown(&h.blake3), shown(&h.path));
             }
             Ok(0)
         }
@@ -249,11 +256,22 @@ fn call(args: AgentArgs) -> Result<i32, Failure> {
             if conn.json {
                 print_json(&r)?;
             } else {
-                std::io::stdout()
-                    .write_all(&r.stdout_bytes())
-                    .map_err(anyhow::Error::from)?;
+                // Byte for byte into a pipe or file; on a terminal, escape sequences from the
+                // guest are shown as \xNN instead of being obeyed.
+                let (out, err) = (r.stdout_bytes(), r.stderr_bytes());
+                if std::io::stdout().is_terminal() {
+                    print!("{}", agent_proto::text::shown_bytes(&out, true));
+                } else {
+                    std::io::stdout()
+                        .write_all(&out)
+                        .map_err(anyhow::Error::from)?;
+                }
                 // Best effort, as eprint! would be.
-                let _ = std::io::stderr().write_all(&r.stderr_bytes());
+                if std::io::stderr().is_terminal() {
+                    eprint!("{}", agent_proto::text::shown_bytes(&err, true));
+                } else {
+                    let _ = std::io::stderr().write_all(&err);
+                }
                 if r.timed_out {
                     eprintln!("imagefs agent: command timed out after {command_timeout_ms} ms");
                 }
@@ -273,22 +291,28 @@ fn call(args: AgentArgs) -> Result<i32, Failure> {
                 print_json(&ack)?;
             } else {
                 for s in &ack.steps {
-                    println!("{:<22} {:>8} us  {}", s.name, s.micros, s.detail);
+                    let name = shown(&s.name);
+                    println!("{name:<22} {:>8} us  {}", s.micros, shown(&s.detail));
                 }
                 for p in &ack.processes {
                     println!(
                         "process {} ({}) {}: {}",
                         p.pid,
-                        p.comm,
-                        p.how.join(","),
-                        p.file
+                        shown(&p.comm),
+                        shown(&p.how.join(",")),
+                        shown(&p.file)
                     );
                 }
                 for f in &ack.stale_files {
-                    println!("still cached (mapped by a running process): {f}");
+                    println!("still cached (mapped by a running process): {}", shown(f));
                 }
                 for h in &ack.hooks {
-                    println!("hook {} for {}: exit {:?}", h.command, h.path, h.exit_code);
+                    println!(
+                        "hook {} for {}: exit {:?}",
+                        shown(&h.command),
+                        shown(&h.path),
+                        h.exit_code
+                    );
                 }
             }
             Ok(0)

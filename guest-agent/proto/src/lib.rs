@@ -5,6 +5,7 @@
 pub mod client;
 pub mod frame;
 pub mod message;
+pub mod text;
 
 pub use client::{AgentClient, AgentLink, ClientError};
 pub use frame::{Decoder, Frame, FrameError, MAX_PAYLOAD, VERSION};

@@ -114,7 +114,8 @@ impl Emit {
             }
             writeln!(out, "{v}")
         } else {
-            writeln!(out, "{text}")
+            // event lines quote guests (health output, errors): shown, never obeyed
+            writeln!(out, "{}", agent_proto::text::shown(text))
         };
         let _ = out.flush();
     }
@@ -176,7 +177,7 @@ pub fn run(dir: &Path, a: &RolloutArgs, json: bool) -> i32 {
                     json!({"type": "error", "error": f.msg, "code": f.code})
                 );
             }
-            eprintln!("imagefs rollout: {}", f.msg);
+            eprintln!("imagefs rollout: {}", agent_proto::text::shown(&f.msg));
             f.code
         }
     }
@@ -351,7 +352,8 @@ fn status(dir: &Path, id: &str, json: bool) -> Result<i32, Fail> {
         let health = if r.healthy.contains(&w) {
             "healthy".to_string()
         } else if let Some(f) = r.unhealthy.get(&w) {
-            format!("unhealthy: {}", f.join("; "))
+            // the reasons quote the guest's health check
+            format!("unhealthy: {}", agent_proto::text::shown(&f.join("; ")))
         } else {
             "pending".to_string()
         };

@@ -153,8 +153,8 @@ pub fn describe(guest: &Value, out: &mut dyn std::io::Write) -> std::io::Result<
             out,
             "  process {} ({}) had {} open",
             p.get("pid").unwrap_or(&Value::Null),
-            p.get("comm").and_then(Value::as_str).unwrap_or("?"),
-            p.get("file").and_then(Value::as_str).unwrap_or("?")
+            agent_proto::text::shown(p.get("comm").and_then(Value::as_str).unwrap_or("?")),
+            agent_proto::text::shown(p.get("file").and_then(Value::as_str).unwrap_or("?"))
         )?;
     }
     Ok(())
