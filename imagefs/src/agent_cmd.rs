@@ -28,9 +28,13 @@ pub struct Conn {
     /// A VM started by `imagefs vm start` (its socket comes from the store's registry).
     #[arg(long)]
     pub vm: Option<String>,
-    /// Deadline for the call, in milliseconds (exec adds the command's own timeout).
-    #[arg(long, default_value_t = 10_000)]
-    pub timeout_ms: u64,
+    /// Deadline for the whole call: connecting, sending and the reply (e.g. 5s, 500ms; exec
+    /// adds the command's own timeout).
+    #[arg(long, default_value = "5s", value_parser = crate::rollout::parse_duration)]
+    pub timeout: Duration,
+    /// The deadline in milliseconds (overrides --timeout; kept for scripts).
+    #[arg(long, hide = true)]
+    pub timeout_ms: Option<u64>,
     /// Print the agent's reply as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -120,7 +124,8 @@ pub fn exec_status(r: &ExecReply) -> i32 {
 
 fn client(conn: &Conn) -> AgentClient {
     let socket = conn.socket.clone().unwrap_or_default();
-    AgentClient::new(socket).with_timeout(Duration::from_millis(conn.timeout_ms))
+    let timeout = conn.timeout_ms.map_or(conn.timeout, Duration::from_millis);
+    AgentClient::new(socket).with_timeout(timeout)
 }
 
 /// Fills in the socket of `--vm NAME` from the registry of the store in `dir`.
@@ -421,7 +426,8 @@ mod tests {
             command: AgentCommand::Ping(Conn {
                 socket: Some(PathBuf::from("/nonexistent/vm.agent")),
                 vm: None,
-                timeout_ms: 100,
+                timeout: Duration::from_millis(100),
+                timeout_ms: None,
                 json: false,
             }),
         };

@@ -17,6 +17,45 @@ use crate::message::{
     Response, SubstitutionNotice,
 };
 
+/// Connects without blocking: a listener whose queue is full (a wedged VM) answers "would
+/// block" at once instead of holding the caller past its deadline.
+fn connect_now(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_os_str().as_bytes();
+    // SAFETY: sockaddr_un is plain old data; zeroed is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from(ErrorKind::InvalidInput));
+    }
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor this function owns.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un of `len` bytes for the duration of the call.
+    let rc = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast::<libc::sockaddr>(), len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let stream = UnixStream::from(owned);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
 #[derive(Debug, Error)]
 pub enum ClientError {
     /// the agent socket could not be connected before the deadline
@@ -97,7 +136,7 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// A client with a 10 s default deadline per call.
+    /// A client with a 5 s default deadline per call (connect, write and read together).
     pub fn new(path: impl AsRef<Path>) -> Self {
         // Start ids far from other clients' so replies left over from them read as unknown.
         let seed = std::time::SystemTime::now()
@@ -107,7 +146,7 @@ impl AgentClient {
         let start = (seed ^ (std::process::id() << 12)) & 0x3fff_ffff;
         Self {
             path: path.as_ref().to_path_buf(),
-            timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
             next_id: AtomicU32::new(start.max(1)),
         }
     }
@@ -123,7 +162,7 @@ impl AgentClient {
 
     fn connect(&self, deadline: Instant) -> Result<UnixStream, ClientError> {
         loop {
-            match UnixStream::connect(&self.path) {
+            match connect_now(&self.path) {
                 Ok(s) => return Ok(s),
                 // The VM may not have created its socket yet, or another client holds the port.
                 Err(e)
@@ -147,7 +186,8 @@ impl AgentClient {
         }
     }
 
-    /// Sends one request and waits up to `timeout` for its reply.
+    /// Sends one request and waits up to `timeout` for its reply: one deadline for connecting,
+    /// writing and reading.
     pub fn call(&self, req: &Request, timeout: Duration) -> Result<Response, ClientError> {
         let op = op_name(req);
         let start = Instant::now();
@@ -155,8 +195,15 @@ impl AgentClient {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed).max(1);
         let bytes = req.to_frame(id).map_err(ClientError::Request)?;
         let mut stream = self.connect(deadline)?;
-        stream.set_write_timeout(Some(timeout.max(Duration::from_millis(1))))?;
-        stream.write_all(&bytes)?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        stream.set_write_timeout(Some(left.max(Duration::from_millis(1))))?;
+        stream.write_all(&bytes).map_err(|e| match e.kind() {
+            ErrorKind::WouldBlock | ErrorKind::TimedOut => ClientError::Timeout {
+                op,
+                waited: start.elapsed(),
+            },
+            _ => e.into(),
+        })?;
         let mut decoder = Decoder::new();
         let mut buf = vec![0u8; 16 * 1024];
         loop {
@@ -259,6 +306,32 @@ mod tests {
     use super::*;
     use crate::message::HashReply;
     use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn a_listener_that_never_accepts_costs_a_call_its_deadline_not_forever() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.path().join("wedged.sock");
+        let _listener = UnixListener::bind(&path).unwrap_or_else(|e| panic!("{e}"));
+        // Fill its queue, as callers of a wedged vmm bridge do.
+        let mut queued = Vec::new();
+        while let Ok(s) = connect_now(&path) {
+            queued.push(s);
+            assert!(queued.len() < 10_000, "the queue never fills");
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p = path.clone();
+        std::thread::spawn(move || {
+            let r = AgentClient::new(&p)
+                .with_timeout(Duration::from_millis(300))
+                .ping();
+            let _ = tx.send(r.is_err());
+        });
+        // A blocking connect would never come back: fail, do not hang.
+        match rx.recv_timeout(Duration::from_secs(2)) {
+            Ok(failed) => assert!(failed, "a ping of a wedged socket succeeded"),
+            Err(_) => panic!("the call outlived its 300 ms deadline by seconds"),
+        }
+    }
 
     fn reply_frame(kind: u8, id: u32) -> Frame {
         Frame {

@@ -7,6 +7,7 @@
 
 mod drive;
 mod plan;
+pub use plan::parse_duration;
 mod state;
 
 use std::collections::BTreeMap;
