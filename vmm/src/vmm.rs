@@ -266,14 +266,17 @@ impl Vmm {
     pub fn run(self, term_grace: Duration) -> Result<GuestExit, VmmError> {
         install_sigterm_handler();
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        if let Some((listener, uart, client, _)) = &self.agent {
+        if let Some((listener, uart, client, path)) = &self.agent {
             let listener = listener
                 .try_clone()
                 .map_err(|e| VmmError::Io("cloning the agent listener", e))?;
-            threads.push(
-                agent::spawn_bridge(listener, uart.clone(), client.clone())
-                    .map_err(|e| VmmError::Io("starting the agent bridge", e))?,
-            );
+            // The host's tools read the dropped-byte count beside the socket.
+            let mut stats = path.clone().into_os_string();
+            stats.push(".dropped");
+            let (bridge, _inbox) =
+                agent::spawn_bridge(listener, uart.clone(), client.clone(), Some(stats.into()))
+                    .map_err(|e| VmmError::Io("starting the agent bridge", e))?;
+            threads.push(bridge);
         }
         if self.console_stdio {
             threads.push(

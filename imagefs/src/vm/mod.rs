@@ -371,6 +371,17 @@ fn start(
     Ok(())
 }
 
+/// Bytes the vmm's agent bridge dropped because the guest was not reading (it keeps the count
+/// in SOCKET.dropped); 0 without the file (QEMU holds input back instead of dropping it).
+fn agent_dropped_bytes(socket: &Path) -> u64 {
+    let mut p = socket.as_os_str().to_os_string();
+    p.push(".dropped");
+    std::fs::read_to_string(p)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The version an instance runs, with the tags naming it.
 fn running_version(ctx: &Ctx, instance: &str) -> (String, Vec<String>) {
     let Ok(id) = imagefs_store::instance::InstanceId::parse(instance) else {
@@ -432,7 +443,8 @@ fn ls(ctx: &Ctx, store: &Path, json: bool, out: &mut dyn Write) -> Result<(), Cl
         let v = json!({"vm": r.name, "instance": r.instance, "state": state,
             "hypervisor": r.hypervisor, "pid": if live { r.pid } else { None },
             "version": version, "tags": tags, "agent": agent,
-            "agent_socket": r.agent_socket, "console_log": r.console_log, "exit": r.exit});
+            "agent_socket": r.agent_socket, "console_log": r.console_log, "exit": r.exit,
+            "agent_dropped_bytes": agent_dropped_bytes(&r.agent_socket)});
         let text = format!(
             "{}\t{state}\t{}\t{}\t{}\tagent {agent}",
             r.name,
