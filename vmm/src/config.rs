@@ -113,6 +113,10 @@ pub struct VmmConfig {
     pub console: ConsoleConfig,
     /// Most bytes of a console log file (one rotated file is kept beside it).
     pub console_max: u64,
+    /// Per-disk limit of bytes per second (each disk its own bucket).
+    pub disk_bw: Option<crate::devices::virtio::block::limit::Limit>,
+    /// Per-disk limit of operations per second.
+    pub disk_iops: Option<crate::devices::virtio::block::limit::Limit>,
 }
 
 /// Parses a size such as `512M`, `2G`, `65536K` or a plain byte count.
@@ -218,6 +222,8 @@ mod tests {
             agent_socket: None,
             console: ConsoleConfig::Stdio,
             console_max: crate::devices::legacy::CONSOLE_MAX,
+            disk_bw: None,
+            disk_iops: None,
         }
     }
 

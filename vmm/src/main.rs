@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use vmm::config::{self, ConfigError, ConsoleConfig, DiskConfig, VmmConfig};
+use vmm::devices::virtio::block::limit::Limit;
 use vmm::{host, GuestExit, Vmm};
 
 /// A small KVM microVM: boots a Linux bzImage with virtio-mmio disks, a serial console and an
@@ -41,6 +42,12 @@ struct Cli {
     /// Most bytes of a console file; past it the file becomes FILE.1 and a new one starts.
     #[arg(long, default_value_t = vmm::devices::legacy::CONSOLE_MAX)]
     console_max: u64,
+    /// Bytes per second each disk may move, with an optional burst: RATE[/s][,BURST] (K, M, G).
+    #[arg(long, value_parser = Limit::parse)]
+    disk_bw: Option<Limit>,
+    /// Operations per second each disk may serve, with an optional burst: N[,BURST].
+    #[arg(long, value_parser = Limit::parse)]
+    disk_iops: Option<Limit>,
     /// On SIGTERM the vmm presses the guest's ACPI power button, then waits this many seconds for
     /// it to power off before stopping it (exit 143).
     #[arg(long, default_value_t = 10)]
@@ -83,6 +90,8 @@ fn parse(cli: &Cli) -> Result<VmmConfig, ConfigError> {
         agent_socket: cli.agent_socket.clone(),
         console: cli.console.parse::<ConsoleConfig>()?,
         console_max: cli.console_max,
+        disk_bw: cli.disk_bw,
+        disk_iops: cli.disk_iops,
     })
 }
 

@@ -23,6 +23,7 @@ use crate::config::{ConsoleConfig, VmmConfig};
 use crate::devices::agent::{self, AgentOut, AgentUart, Client};
 use crate::devices::irq::IrqLine;
 use crate::devices::legacy::{console_out, spawn_stdin_feeder, Keyboard, PmPort, ResetLine, Uart};
+use crate::devices::virtio::block::limit::RateLimiter;
 use crate::devices::virtio::{FileDisk, IrqTrigger, VirtioMmioBlock};
 use crate::exit::{ExitSender, GuestExit};
 use crate::layout::{virtio_gsi, virtio_mmio_base, COM1_GSI, COM2_GSI, GED_GSI, KVM_TSS_ADDR};
@@ -76,7 +77,7 @@ pub struct Vmm {
     /// Interrupt lines registered as irqfds; kept alive for the VM's lifetime.
     _irqs: Vec<Arc<IrqLine>>,
     /// (queue ioeventfd, device, queue index) per virtio queue.
-    queues: Vec<(EventFd, Arc<Mutex<VirtioMmioBlock>>, u16)>,
+    queues: Vec<(EventFd, Arc<Mutex<VirtioMmioBlock>>, u16, Arc<RateLimiter>)>,
     agent: Option<(UnixListener, Arc<Mutex<AgentUart>>, Client, PathBuf)>,
     /// The GED line: raising it presses the ACPI power button.
     power_button: Arc<IrqLine>,
@@ -181,7 +182,9 @@ impl TryFrom<VmmConfig> for Vmm {
             let evt = EventFd::new(0).map_err(|e| VmmError::Io("creating an ioeventfd", e))?;
             vm.register_ioevent(&evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), 0u32)
                 .map_err(|e| VmmError::Kvm("KVM_IOEVENTFD", e))?;
-            queues.push((evt, dev.clone(), 0));
+            // Each disk its own buckets, as QEMU's per-drive throttling.
+            let limiter = Arc::new(RateLimiter::new(config.disk_bw, config.disk_iops));
+            queues.push((evt, dev.clone(), 0, limiter));
             virtio.push((base, dev));
         }
 
@@ -284,18 +287,17 @@ impl Vmm {
                     .map_err(|e| VmmError::Io("starting the console input thread", e))?,
             );
         }
-        for (evt, dev, index) in &self.queues {
+        for (evt, dev, index, limiter) in &self.queues {
             let evt = evt
                 .try_clone()
                 .map_err(|e| VmmError::Io("cloning an ioeventfd", e))?;
-            let (dev, index) = (dev.clone(), *index);
+            let (dev, index, limiter) = (dev.clone(), *index, limiter.clone());
             let t = std::thread::Builder::new()
                 .name(format!("virtio-q{index}"))
                 .spawn(move || {
+                    let limiter = (!limiter.is_unlimited()).then_some(limiter.as_ref());
                     while evt.read().is_ok() {
-                        dev.lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .process_queue(index);
+                        crate::devices::virtio::block::serve_notified(&dev, index, limiter);
                     }
                 })
                 .map_err(|e| VmmError::Io("starting a queue thread", e))?;

@@ -80,6 +80,10 @@ pub struct LaunchSpec {
     pub cmdline_extra: String,
     /// Most bytes of the console log (one rotated file, LOG.1, is kept beside it).
     pub console_max: u64,
+    /// Disk bytes per second and burst (`RATE[/s][,BURST]`), as vmm --disk-bw takes it.
+    pub disk_bw: Option<String>,
+    /// Disk operations per second and burst (`N[,BURST]`).
+    pub disk_iops: Option<String>,
 }
 
 /// The default cap of a VM's console log.
@@ -142,6 +146,8 @@ pub fn command(s: &LaunchSpec, agent: &Path, console: &Path) -> Command {
                 .arg(console)
                 .arg("--console-max")
                 .arg(s.console_max.to_string())
+                .args(s.disk_bw.iter().flat_map(|l| ["--disk-bw", l.as_str()]))
+                .args(s.disk_iops.iter().flat_map(|l| ["--disk-iops", l.as_str()]))
                 .arg("--cmdline")
                 .arg(format!("{base} reboot=k pci=off {}", s.cmdline_extra));
             c
@@ -180,8 +186,9 @@ pub fn command(s: &LaunchSpec, agent: &Path, console: &Path) -> Command {
                 // at its --max-bytes, the store at its reserve) goes to the guest, instead of
                 // QEMU pausing the VM.
                 .arg(format!(
-                    "file={},if=none,id=d0,format=raw,cache=none,werror=report,rerror=report",
-                    s.disk.display()
+                    "file={},if=none,id=d0,format=raw,cache=none,werror=report,rerror=report{}",
+                    s.disk.display(),
+                    qemu_throttling(s)
                 ))
                 .args(["-device", "virtio-blk-pci,drive=d0"]);
             c
@@ -267,6 +274,30 @@ pub fn spawn(store: &Path, s: &LaunchSpec) -> Result<VmRecord, LaunchError> {
         })
         .map_err(LaunchError::Thread)?;
     Ok(rec)
+}
+
+/// QEMU's drive throttling options for the spec's limits (same meaning as the vmm's buckets:
+/// a rate per second, and a burst on top).
+fn qemu_throttling(s: &LaunchSpec) -> String {
+    let mut out = String::new();
+    let parts = |l: &str| -> Option<(u64, Option<u64>)> {
+        let (rate, burst) = match l.split_once(',') {
+            Some((r, b)) => (r, Some(b)),
+            None => (l, None),
+        };
+        let rate = crate::cli::parse_size(rate.trim().trim_end_matches("/s")).ok()?;
+        let burst = burst.and_then(|b| crate::cli::parse_size(b.trim()).ok());
+        Some((rate, burst))
+    };
+    for (spec, key) in [(&s.disk_bw, "bps-total"), (&s.disk_iops, "iops-total")] {
+        if let Some((rate, burst)) = spec.as_deref().and_then(parts) {
+            out.push_str(&format!(",throttling.{key}={rate}"));
+            if let Some(b) = burst.filter(|&b| b > rate) {
+                out.push_str(&format!(",throttling.{key}-max={b}"));
+            }
+        }
+    }
+    out
 }
 
 /// How often a QEMU console log's size is checked.
@@ -383,6 +414,8 @@ mod tests {
             engine,
             cmdline_extra: String::new(),
             console_max: 1 << 20,
+            disk_bw: Some("50M/s,100M".into()),
+            disk_iops: Some("2000".into()),
         }
     }
 
@@ -425,6 +458,10 @@ mod tests {
         assert!(a.contains("file=/m/instances/web-1.raw,"), "{a}");
         assert!(a.contains(",werror=report,rerror=report"), "{a}");
         assert!(a.contains("file,id=con,path=/s/c,append=on"), "{a}");
+        assert!(
+            a.contains(",throttling.bps-total=52428800,throttling.bps-total-max=104857600,throttling.iops-total=2000"),
+            "{a}"
+        );
         // The agent's port is the second isa-serial (COM2), after the console.
         let con = a.find("chardev=con").unwrap();
         assert!(con < a.find("chardev=agent").unwrap());
@@ -433,5 +470,6 @@ mod tests {
         assert!(a.contains("--disk /m/instances/web-1.raw"), "{a}");
         assert!(a.contains("--agent-socket /s/a"), "{a}");
         assert!(a.contains("--console-max 1048576"), "{a}");
+        assert!(a.contains("--disk-bw 50M/s,100M --disk-iops 2000"), "{a}");
     }
 }

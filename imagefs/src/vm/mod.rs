@@ -88,6 +88,29 @@ pub struct StartArgs {
     /// Wait until each agent answers (seconds; 0 = do not wait).
     #[arg(long, default_value_t = 0)]
     pub wait: u64,
+    /// Disk bandwidth limit per VM: RATE[/s][,BURST] (K, M, G), enforced by the vmm's token
+    /// bucket or QEMU's throttling.
+    #[arg(long, value_parser = check_limit)]
+    pub disk_bw: Option<String>,
+    /// Disk operations per second per VM: N[,BURST].
+    #[arg(long, value_parser = check_limit)]
+    pub disk_iops: Option<String>,
+}
+
+/// Accepts `RATE[/s][,BURST]` as both hypervisors take it.
+fn check_limit(s: &str) -> Result<String, String> {
+    let (rate, burst) = match s.split_once(',') {
+        Some((r, b)) => (r, Some(b)),
+        None => (s, None),
+    };
+    let rate = crate::cli::parse_size(rate.trim().trim_end_matches("/s"))?;
+    if rate == 0 {
+        return Err(format!("{s:?}: a rate of 0 would stop the disk"));
+    }
+    if let Some(b) = burst {
+        crate::cli::parse_size(b.trim())?;
+    }
+    Ok(s.trim().to_string())
 }
 
 #[derive(Debug, Clone, Args)]
@@ -316,6 +339,8 @@ fn start(
                 .console_max
                 .or(cfg.console_max)
                 .unwrap_or(launch::CONSOLE_MAX),
+            disk_bw: a.disk_bw.clone(),
+            disk_iops: a.disk_iops.clone(),
         };
         let rec = launch::spawn(store, &spec)?;
         started.push(rec);

@@ -3,6 +3,7 @@
 //! status byte when it has a place for one; a bad chain never stops the device serving the next.
 
 pub mod disk;
+pub mod limit;
 pub mod request;
 
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 pub use disk::{DiskBackend, DiskError, FileDisk};
@@ -115,21 +116,68 @@ impl VirtioMmioBlock {
     /// Serve every chain the guest made available on queue `queue_index`, then interrupt the
     /// guest if the used ring changed and the guest wants to hear about it.
     pub fn process_queue(&mut self, queue_index: u16) {
+        while let Some(batch) = self.take_available(queue_index) {
+            let done = batch.run(None);
+            if !self.complete(queue_index, &done) {
+                break;
+            }
+        }
+    }
+
+    /// Pops and parses every chain available on queue `queue_index` (with EVENT_IDX, guest
+    /// notifications off until `complete`). The I/O is then done by `Batch::run` without the
+    /// device: the caller releases its lock on the device meanwhile. `None`: nothing to do.
+    pub fn take_available(&mut self, queue_index: u16) -> Option<Batch> {
         if !self.transport.is_running() {
-            return;
+            return None;
+        }
+        let queue = self.transport.queue_mut(queue_index)?;
+        if !queue.ready() {
+            return None;
+        }
+        if queue.event_idx_enabled() && queue.disable_notification(&self.mem).is_err() {
+            return None;
+        }
+        let mut items = Vec::new();
+        while let Some(chain) = queue.pop_descriptor_chain(&self.mem) {
+            let head = chain.head_index();
+            items.push((head, parse(&self.mem, chain, self.capacity)));
+        }
+        Some(Batch {
+            mem: self.mem.clone(),
+            disk: self.disk.clone(),
+            items,
+        })
+    }
+
+    /// Returns a batch's chains to the used ring and interrupts the guest if it wants to hear
+    /// of it; true when more work arrived meanwhile (take another batch).
+    pub fn complete(&mut self, queue_index: u16, done: &[(u16, u32)]) -> bool {
+        if !self.transport.is_running() {
+            return false; // reset while the batch ran: the rings are gone
         }
         let Some(queue) = self.transport.queue_mut(queue_index) else {
-            return;
+            return false;
         };
-        if !queue.ready() {
-            return;
+        let mut used_any = false;
+        for &(head, used_len) in done {
+            match queue.add_used(&self.mem, head, used_len) {
+                Ok(()) => used_any = true,
+                Err(e) => tracing::warn!(head, error = %e, "virtio-blk: cannot return chain"),
+            }
         }
-        let used = serve_queue(queue, &self.mem, self.disk.as_ref(), self.capacity);
-        let notify = used && queue.needs_notification(&self.mem).unwrap_or(true);
+        // With EVENT_IDX, re-check after re-enabling notifications so a chain queued meanwhile
+        // is not left waiting for a kick that will never come; a ring that claims work and
+        // yielded none is broken: stop.
+        let more = queue.event_idx_enabled()
+            && matches!(queue.enable_notification(&self.mem), Ok(true))
+            && !done.is_empty();
+        let notify = used_any && queue.needs_notification(&self.mem).unwrap_or(true);
         if notify {
             self.transport.signal_used();
             self.raise();
         }
+        more
     }
 
     fn raise(&self) {
@@ -139,47 +187,56 @@ impl VirtioMmioBlock {
     }
 }
 
-/// Drain the available ring; with EVENT_IDX, re-check after re-enabling notifications so a
-/// chain queued meanwhile is not left waiting for a kick that will never come.
-fn serve_queue(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
-    disk: &dyn DiskBackend,
-    capacity: u64,
-) -> bool {
-    let mut used_any = false;
+/// Serves queue `index` of `dev` after a notification: the device lock is held to take chains
+/// and to return them, never across the I/O (or a rate limit's wait), so the guest's register
+/// accesses and interrupts go on meanwhile.
+pub fn serve_notified(
+    dev: &std::sync::Mutex<VirtioMmioBlock>,
+    index: u16,
+    limiter: Option<&limit::RateLimiter>,
+) {
+    let lock = || {
+        dev.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
     loop {
-        if queue.event_idx_enabled() && queue.disable_notification(mem).is_err() {
+        let Some(batch) = lock().take_available(index) else {
             break;
-        }
-        let mut popped = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            popped = true;
-            let head = chain.head_index();
-            let used_len = handle_chain(mem, chain, disk, capacity);
-            match queue.add_used(mem, head, used_len) {
-                Ok(()) => used_any = true,
-                Err(e) => tracing::warn!(head, error = %e, "virtio-blk: cannot return chain"),
-            }
-        }
-        if !queue.event_idx_enabled() {
+        };
+        let done = batch.run(limiter);
+        if !lock().complete(index, &done) {
             break;
-        }
-        match queue.enable_notification(mem) {
-            // More work arrived; but a ring that claims work and yields none is broken: stop.
-            Ok(true) if popped => continue,
-            _ => break,
         }
     }
-    used_any
 }
 
-/// Parse, process and answer one chain; returns the used length.
-fn handle_chain<I>(mem: &GuestMemoryMmap, chain: I, disk: &dyn DiskBackend, capacity: u64) -> u32
-where
-    I: Iterator<Item = virtio_queue::desc::split::Descriptor>,
-{
-    match parse(mem, chain, capacity) {
+/// Chains taken from a queue, parsed, waiting for their I/O.
+pub struct Batch {
+    mem: GuestMemoryMmap,
+    disk: Arc<dyn DiskBackend>,
+    items: Vec<(u16, Result<Request, Rejected>)>,
+}
+
+impl Batch {
+    /// Does each chain's I/O (waiting on `limiter` first, if any) and writes its status;
+    /// returns `(head, used length)` for `complete`.
+    pub fn run(self, limiter: Option<&limit::RateLimiter>) -> Vec<(u16, u32)> {
+        let Batch { mem, disk, items } = self;
+        items
+            .into_iter()
+            .map(|(head, parsed)| {
+                if let (Some(l), Ok(req)) = (limiter, &parsed) {
+                    l.wait(req.data_len());
+                }
+                (head, answer(&mem, parsed, disk.as_ref()))
+            })
+            .collect()
+    }
+}
+
+/// Process and answer one parsed chain; returns the used length.
+fn answer(mem: &GuestMemoryMmap, parsed: Result<Request, Rejected>, disk: &dyn DiskBackend) -> u32 {
+    match parsed {
         Ok(req) => {
             let done = req.process(mem, disk);
             match mem.write_obj(done.status, req.status) {

@@ -142,6 +142,16 @@ pub struct Request {
     pub status: GuestAddress,
 }
 
+impl Request {
+    /// Bytes of disk data the request moves (0 for a flush or an id).
+    pub fn data_len(&self) -> u64 {
+        match &self.kind {
+            RequestKind::Read { len, .. } | RequestKind::Write { len, .. } => *len,
+            RequestKind::Flush | RequestKind::GetId { .. } => 0,
+        }
+    }
+}
+
 /// Outcome of `process()`: the status byte the guest gets and the used length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Completion {

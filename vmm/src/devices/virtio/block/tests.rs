@@ -584,3 +584,102 @@ fn one_mebibyte_read_through_an_indirect_table() {
 mod malformed;
 mod model;
 mod parse;
+
+/// A FileDisk whose reads take `delay`, as a throttled or slow backing file does.
+struct SlowDisk {
+    inner: FileDisk,
+    delay: std::time::Duration,
+}
+
+impl DiskBackend for SlowDisk {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        std::thread::sleep(self.delay);
+        self.inner.read_at(offset, buf)
+    }
+    fn write_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.write_at(offset, buf)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn device_id(&self) -> String {
+        self.inner.device_id()
+    }
+}
+
+fn slow_fixture(delay: std::time::Duration) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk0.raw");
+    std::fs::write(&path, pattern(1 << 20)).unwrap();
+    let inner = FileDisk::open(&path, false).unwrap();
+    Fixture::with_disk(
+        Arc::new(SlowDisk { inner, delay }),
+        LINUX_FEATURES,
+        dir,
+        path,
+    )
+}
+
+#[test]
+fn the_device_lock_is_free_while_a_request_does_its_io() {
+    let mut f = slow_fixture(std::time::Duration::from_millis(400));
+    f.header(VIRTIO_BLK_T_IN, 0);
+    f.reset_status();
+    f.q.add_chain(
+        &f.mem,
+        &[Buf::r(HDR, 16), Buf::w(DATA, 512), Buf::w(STATUS, 1)],
+    )
+    .unwrap();
+    let Fixture { mem, dev, q, .. } = f;
+    let dev = Arc::new(std::sync::Mutex::new(dev));
+    let worker = {
+        let dev = dev.clone();
+        std::thread::spawn(move || serve_notified(&dev, 0, None))
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    // Mid-I/O: a vCPU's register access gets the device at once.
+    let start = std::time::Instant::now();
+    let status = dev.lock().unwrap().read32(reg::STATUS);
+    let waited = start.elapsed();
+    assert_eq!(status, 0xf);
+    assert!(
+        waited < std::time::Duration::from_millis(150),
+        "waited {waited:?}"
+    );
+    worker.join().unwrap();
+    assert_eq!(q.used_idx(&mem).unwrap(), 1);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), OK);
+}
+
+#[test]
+fn a_rate_limit_spaces_requests_out() {
+    let mut f = slow_fixture(std::time::Duration::ZERO);
+    // 30 reads against 20 operations a second (20 at once, then 20/s): about half a second.
+    for i in 0..30u64 {
+        f.header(VIRTIO_BLK_T_IN, i);
+        f.q.add_chain(
+            &f.mem,
+            &[Buf::r(HDR, 16), Buf::w(DATA, 512), Buf::w(STATUS, 1)],
+        )
+        .unwrap();
+    }
+    let Fixture { mem, dev, q, .. } = f;
+    let dev = std::sync::Mutex::new(dev);
+    let limiter = limit::RateLimiter::new(None, Some(limit::Limit { rate: 20, burst: 0 }));
+    let start = std::time::Instant::now();
+    serve_notified(&dev, 0, Some(&limiter));
+    let took = start.elapsed();
+    assert_eq!(q.used_idx(&mem).unwrap(), 30);
+    assert!(took >= std::time::Duration::from_millis(400), "{took:?}");
+    let start = std::time::Instant::now();
+    let unlimited = limit::RateLimiter::new(None, None);
+    assert!(unlimited.is_unlimited());
+    unlimited.wait(1 << 30);
+    assert!(start.elapsed() < std::time::Duration::from_millis(50));
+}
