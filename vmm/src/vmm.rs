@@ -24,6 +24,9 @@ use crate::devices::agent::{self, AgentOut, AgentUart, Client};
 use crate::devices::irq::IrqLine;
 use crate::devices::legacy::{console_out, spawn_stdin_feeder, Keyboard, PmPort, ResetLine, Uart};
 use crate::devices::virtio::block::limit::RateLimiter;
+
+/// One queue's notification eventfd, its device, its index and its disk's rate limits.
+type QueueWorker = (EventFd, Arc<Mutex<VirtioMmioBlock>>, u16, Arc<RateLimiter>);
 use crate::devices::virtio::{FileDisk, IrqTrigger, VirtioMmioBlock};
 use crate::exit::{ExitSender, GuestExit};
 use crate::layout::{virtio_gsi, virtio_mmio_base, COM1_GSI, COM2_GSI, GED_GSI, KVM_TSS_ADDR};
@@ -77,7 +80,7 @@ pub struct Vmm {
     /// Interrupt lines registered as irqfds; kept alive for the VM's lifetime.
     _irqs: Vec<Arc<IrqLine>>,
     /// (queue ioeventfd, device, queue index) per virtio queue.
-    queues: Vec<(EventFd, Arc<Mutex<VirtioMmioBlock>>, u16, Arc<RateLimiter>)>,
+    queues: Vec<QueueWorker>,
     agent: Option<(UnixListener, Arc<Mutex<AgentUart>>, Client, PathBuf)>,
     /// The GED line: raising it presses the ACPI power button.
     power_button: Arc<IrqLine>,
