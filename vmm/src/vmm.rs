@@ -24,13 +24,13 @@ use crate::devices::agent::{self, AgentOut, AgentUart, Client};
 use crate::devices::irq::IrqLine;
 use crate::devices::legacy::{console_out, spawn_stdin_feeder, Keyboard, PmPort, ResetLine, Uart};
 use crate::devices::virtio::block::limit::RateLimiter;
-
-/// One queue's notification eventfd, its device, its index and its disk's rate limits.
-type QueueWorker = (EventFd, Arc<Mutex<VirtioMmioBlock>>, u16, Arc<RateLimiter>);
 use crate::devices::virtio::{FileDisk, IrqTrigger, VirtioMmioBlock};
 use crate::exit::{ExitSender, GuestExit};
 use crate::layout::{virtio_gsi, virtio_mmio_base, COM1_GSI, COM2_GSI, GED_GSI, KVM_TSS_ADDR};
 use crate::{acpi, boot, cpu};
+
+/// One queue's notification eventfd, its device, its index and its disk's rate limits.
+type QueueWorker = (EventFd, Arc<Mutex<VirtioMmioBlock>>, u16, Arc<RateLimiter>);
 
 /// virtio-mmio QueueNotify register offset; its ioeventfd matches the queue index.
 const QUEUE_NOTIFY: u64 = 0x50;
