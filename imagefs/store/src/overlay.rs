@@ -525,20 +525,17 @@ impl DataFile {
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .open(path)
-            .map_err(|source| OverlayError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        Ok(DataFile {
-            path: path.to_path_buf(),
-            file,
-        })
+            .open(path);
+        DataFile::opened(path, file)
     }
 
     /// Opens an existing data file read-only (fsck).
     pub fn open_read_only(path: &Path) -> Result<DataFile, OverlayError> {
-        let file = File::open(path).map_err(|source| OverlayError::Io {
+        DataFile::opened(path, File::open(path))
+    }
+
+    fn opened(path: &Path, file: std::io::Result<File>) -> Result<DataFile, OverlayError> {
+        let file = file.map_err(|source| OverlayError::Io {
             path: path.to_path_buf(),
             source,
         })?;
