@@ -46,6 +46,20 @@
 //! (a mismatch is `Corrupt`, never wrong bytes). Leaves are cached per `Version`, interior
 //! nodes per store.
 
+/// Test prerequisites (tools from system packages): a missing one is a loud skip, and a
+/// failure under `IMAGEFS_STRICT=1` (CI), never a quiet pass.
+#[cfg(test)]
+macro_rules! loud_skip {
+    ($($arg:tt)*) => {{
+        let why = format!($($arg)*);
+        if std::env::var("IMAGEFS_STRICT").is_ok_and(|v| v == "1") {
+            panic!("IMAGEFS_STRICT=1 and a prerequisite is missing: {why}");
+        }
+        eprintln!("\n*** SKIPPED {}: {why} ***\n", module_path!());
+        return;
+    }};
+}
+
 pub mod access;
 mod bundle;
 mod cache;

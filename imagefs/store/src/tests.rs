@@ -330,8 +330,7 @@ fn qcow2_import_matches_raw() {
         .status()
         .is_ok_and(|s| s.success());
     if !ok {
-        eprintln!("SKIPPED: qemu-img not available");
-        return;
+        loud_skip!("qemu-img not available");
     }
     let store = Store::init(&dir.path().join("s")).unwrap();
     let web = ImageName::new("web").unwrap();

@@ -160,7 +160,7 @@ fn lone_block(img: &Path, path: &str) -> u64 {
 #[test]
 fn data_only_change_names_exactly_that_file_and_no_metadata() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     base_tree(&dir.path().join("root"));
@@ -203,7 +203,7 @@ fn data_only_change_names_exactly_that_file_and_no_metadata() {
 #[test]
 fn rename_and_new_file_show_the_directory_and_metadata() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     base_tree(&dir.path().join("root"));
@@ -260,7 +260,7 @@ fn rename_and_new_file_show_the_directory_and_metadata() {
 #[test]
 fn a_changed_inode_names_only_that_file() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     base_tree(&dir.path().join("root"));
@@ -290,7 +290,7 @@ fn a_changed_inode_names_only_that_file() {
 #[test]
 fn fixed_metadata_and_the_journal_are_recognised() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     base_tree(&dir.path().join("root"));
@@ -335,7 +335,7 @@ fn not_ext4_gives_none() {
 #[test]
 fn old_style_block_maps_ext2_and_ext4_without_extents() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -384,7 +384,7 @@ fn old_style_block_maps_ext2_and_ext4_without_extents() {
 #[test]
 fn deep_extent_trees_are_walked() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -428,7 +428,7 @@ fn deep_extent_trees_are_walked() {
 #[test]
 fn inline_directories_are_read() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -465,7 +465,7 @@ fn inline_directories_are_read() {
 #[test]
 fn walking_many_files_is_fast() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -524,7 +524,7 @@ pub(super) fn partitioned(fs: &Path, out: &Path, gpt: bool) {
 #[test]
 fn filesystems_inside_mbr_and_gpt_partitions_are_found() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     base_tree(&dir.path().join("root"));

@@ -107,7 +107,9 @@ fn put(img: &mut [u8], at: u64, bytes: &[u8]) {
 
 #[test]
 fn the_fixtures_are_whole() {
-    let Some(f) = fixture() else { return };
+    let Some(f) = fixture() else {
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing")
+    };
     assert!(build(f.ext4.clone()).unwrap().unwrap().named_inodes() > 120);
     assert!(build(f.ext2.clone()).unwrap().unwrap().named_inodes() > 120);
     assert!(!f.etb.is_empty(), "/frag has no index node");
@@ -115,7 +117,9 @@ fn the_fixtures_are_whole() {
 
 #[test]
 fn an_indirect_block_reached_twice_is_a_loop() {
-    let Some(f) = fixture() else { return };
+    let Some(f) = fixture() else {
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing")
+    };
     let mut img = f.ext2.clone();
     // the double-indirect block's second pointer repeats its first: one block, two parents
     let first = u32::from_le_bytes(img[(f.dind * 1024) as usize..][..4].try_into().unwrap());
@@ -129,7 +133,9 @@ fn an_indirect_block_reached_twice_is_a_loop() {
 
 #[test]
 fn a_wrong_depth_and_a_bad_magic_are_refused() {
-    let Some(f) = fixture() else { return };
+    let Some(f) = fixture() else {
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing")
+    };
     let mut img = f.ext4.clone();
     put(&mut img, f.etb[0] * 1024 + 6, &3u16.to_le_bytes());
     assert!(matches!(
@@ -152,7 +158,9 @@ fn a_wrong_depth_and_a_bad_magic_are_refused() {
 
 #[test]
 fn impossible_geometry_is_refused() {
-    let Some(f) = fixture() else { return };
+    let Some(f) = fixture() else {
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing")
+    };
     let mut img = f.ext4.clone();
     put(&mut img, 1024 + 0x18, &10u32.to_le_bytes());
     assert!(matches!(
@@ -182,7 +190,9 @@ fn impossible_geometry_is_refused() {
 
 #[test]
 fn a_broken_directory_entry_is_refused() {
-    let Some(f) = fixture() else { return };
+    let Some(f) = fixture() else {
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing")
+    };
     let mut img = f.ext4.clone();
     // the first entry of /dir's first block: rec_len 0 cannot advance
     put(&mut img, f.dir_block * 1024 + 4, &0u16.to_le_bytes());
@@ -196,7 +206,9 @@ fn a_broken_directory_entry_is_refused() {
 
 #[test]
 fn the_time_budget_stops_the_walk() {
-    let Some(f) = fixture() else { return };
+    let Some(f) = fixture() else {
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing")
+    };
     let limits = Limits {
         time: Duration::ZERO,
     };

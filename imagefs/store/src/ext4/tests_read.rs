@@ -97,7 +97,7 @@ fn varied_tree(root: &Path) {
 #[test]
 fn ext4_files_of_every_size_and_sparseness_read_back_exactly() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -128,7 +128,7 @@ fn ext4_files_of_every_size_and_sparseness_read_back_exactly() {
 #[test]
 fn ext2_block_maps_with_holes_read_back_exactly() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -161,7 +161,7 @@ fn ext2_block_maps_with_holes_read_back_exactly() {
 #[test]
 fn inline_data_files_read_back_exactly() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -193,7 +193,7 @@ fn inline_data_files_read_back_exactly() {
 #[test]
 fn unwritten_extents_read_as_zeros_not_as_their_blocks() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -218,7 +218,7 @@ fn unwritten_extents_read_as_zeros_not_as_their_blocks() {
 #[test]
 fn symlinks_are_followed_and_missing_paths_are_none() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
@@ -294,7 +294,9 @@ fn symlinks_are_followed_and_missing_paths_are_none() {
 
 #[test]
 fn the_fixture_files_read_back_and_time_is_bounded() {
-    let Some(f) = fixture() else { return };
+    let Some(f) = fixture() else {
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing")
+    };
     let m = Mem(f.ext4.clone());
     assert_eq!(
         file_hash(&m, "/bin/big").unwrap(),
@@ -386,7 +388,7 @@ proptest! {
 #[test]
 fn files_read_back_from_a_store_version() {
     if !have_e2fsprogs() {
-        return;
+        loud_skip!("e2fsprogs (mkfs.ext4, debugfs) missing");
     }
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");
