@@ -276,6 +276,28 @@ fn serve_one(stream: UnixStream, handler: Handler) {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        // Untrusted request lines: any bytes parse or are refused, never a panic; whatever
+        // parses is within the limits and survives a round trip; a valid request with noise
+        // appended is refused rather than half-read.
+        #[test]
+        fn any_request_line_parses_within_limits_or_is_refused(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+            argv in proptest::collection::vec("[ -~]{0,40}", 0..20),
+            noise in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..16),
+        ) {
+            if let Some(r) = parse_request(&bytes) {
+                proptest::prop_assert!(r.argv.len() <= MAX_ARGS);
+            }
+            let line = serde_json::to_vec(&Request { argv: argv.clone() }).unwrap_or_default();
+            let parsed = parse_request(&line).map(|r| r.argv);
+            proptest::prop_assert_eq!(parsed, Some(argv));
+            let mut noisy = line.clone();
+            noisy.extend(noise.iter().map(|b| if b.is_ascii_whitespace() { b'x' } else { *b }));
+            proptest::prop_assert!(parse_request(&noisy).is_none());
+        }
+    }
+
     #[test]
     fn requests_parse_and_bad_ones_are_refused() {
         let ok = parse_request(br#"{"argv":["ls","--json"]}"#).unwrap();

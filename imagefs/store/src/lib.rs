@@ -66,6 +66,7 @@ mod cache;
 mod error;
 pub mod ext4;
 pub mod flat;
+pub mod fuzzing;
 mod ids;
 mod import;
 pub mod instance;

@@ -1,0 +1,4 @@
+//! Fuzz target: imagefs_store::fuzzing::bundle (see that module).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| imagefs_store::fuzzing::bundle(data));
