@@ -142,6 +142,13 @@ fn lost_wakeup(first: &str, second: &str, lapic: &str) -> bool {
         && apic("IRR").is_some_and(|v| !v.is_empty() && v != "(none)")
 }
 
+/// One outer VM at a time in a test process (the scenario's timeout starts when its VM does).
+/// Two software-emulated outer VMs on a 2-core host slow each other's boot past the stall
+/// detector: in a clean-clone CI run with `--test-threads=2`, the full-guest scenario's outer
+/// VM showed no heartbeat for 91 s on both attempts, stopped after "Probing EDD", while another
+/// scenario's VM ran beside it; it passed in the run before with the same code.
+static OUTER_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Where every retry of this run is written (reason and console tail); `make test` prints the
 /// file at its end, so a green run shows how it got there.
 pub fn retry_log() -> PathBuf {
@@ -400,7 +407,10 @@ impl Scenario {
                 .with_context(|| format!("creating export file {}", e.host.display()))?;
             f.set_len(e.max_bytes)?;
         }
-        let outcome = with_boot_retry(&retry_log(), || self.boot(&initrd))?;
+        let outcome = {
+            let _one_at_a_time = OUTER_VM.lock().unwrap_or_else(|p| p.into_inner());
+            with_boot_retry(&retry_log(), || self.boot(&initrd))?
+        };
         for (i, e) in self.exports.iter().enumerate() {
             let size = export_size(&outcome.console, i)
                 .with_context(|| format!("export {} did not come back", e.guest))?;
