@@ -305,12 +305,22 @@ struct Export {
     max_bytes: u64,
 }
 
+/// When to kill the outer VM's QEMU with SIGKILL (a power cut): `after` the first console line
+/// that contains `marker`.
+#[derive(Debug, Clone)]
+struct Cut {
+    marker: String,
+    after: Duration,
+}
+
 /// A scenario for the nested VM.
 #[derive(Debug, Clone)]
 pub struct Scenario {
     script: String,
     files: Vec<(PathBuf, String)>,
     exports: Vec<Export>,
+    disks: Vec<PathBuf>,
+    cut: Option<Cut>,
     fuse: bool,
     mode: Mode,
     timeout: Duration,
@@ -330,6 +340,9 @@ pub struct Outcome {
     pub console: String,
     /// From starting QEMU to its exit.
     pub elapsed: Duration,
+    /// QEMU was killed by the scenario's `cut_after` (then `status` is -1 and `output` and
+    /// `console` hold what came before the cut).
+    pub cut: bool,
 }
 
 impl Scenario {
@@ -339,6 +352,8 @@ impl Scenario {
             script: script.to_string(),
             files: Vec::new(),
             exports: Vec::new(),
+            disks: Vec::new(),
+            cut: None,
             fuse: false,
             mode: Mode::detect(),
             timeout: Duration::from_secs(300),
@@ -361,6 +376,28 @@ impl Scenario {
             guest: guest.to_string(),
             host: host.as_ref().to_path_buf(),
             max_bytes,
+        });
+        self
+    }
+
+    /// Attaches the raw file `host` as a persistent virtio disk of the outer VM, opened with
+    /// `cache=none` (O_DIRECT: what the guest's disk acknowledged is in the file, nothing waits
+    /// in the host's page cache), so a second scenario on the same file sees what survived a
+    /// `cut_after`. Guest device names: `/dev/vda` onwards, after the exports' disks. Nested
+    /// mode only.
+    pub fn disk(mut self, host: impl AsRef<Path>) -> Self {
+        self.disks.push(host.as_ref().to_path_buf());
+        self
+    }
+
+    /// A power cut: kills QEMU with SIGKILL `after` the first console line containing `marker`
+    /// (the outer console: the scenario's lines carry a prefix, so match on their text). The
+    /// run then returns what the console showed until the kill (`Outcome::cut`). If the
+    /// scenario ends first, the run ends as usual (`cut` false). Nested mode only.
+    pub fn cut_after(mut self, marker: &str, after: Duration) -> Self {
+        self.cut = Some(Cut {
+            marker: marker.to_string(),
+            after,
         });
         self
     }
@@ -392,6 +429,9 @@ impl Scenario {
     /// Runs the scenario: in a fresh outer VM, or directly (see `Mode`).
     pub fn run(&self) -> anyhow::Result<Outcome> {
         if self.mode == Mode::Direct {
+            if !self.disks.is_empty() || self.cut.is_some() {
+                bail!("persistent disks and power cuts need the outer VM (Mode::Nested)");
+            }
             return self.run_direct();
         }
         if let Some(why) = missing_prerequisite() {
@@ -465,7 +505,7 @@ impl Scenario {
         if self.fuse {
             modules.push(FUSE_MODULE);
         }
-        if !self.exports.is_empty() {
+        if !self.exports.is_empty() || !self.disks.is_empty() {
             modules.extend(VIRTIO_PCI_MODULES);
         }
         let mut insmods = String::new();
@@ -551,6 +591,12 @@ impl Scenario {
                 e.host.display()
             ));
         }
+        for d in &self.disks {
+            cmd.arg("-drive").arg(format!(
+                "file={},format=raw,if=virtio,cache=none,aio=threads",
+                d.display()
+            ));
+        }
         self.collect(cmd, Some(&monitor))
     }
 
@@ -593,15 +639,30 @@ impl Scenario {
         // Since boot or the last heartbeat; only a nested run prints heartbeats.
         let mut beat = start;
         let mut stalled = false;
+        // When the marker of `cut_after` was seen: the moment of the power cut.
+        let mut cut_at: Option<Instant> = None;
+        let mut cut = false;
         loop {
             let until = match (booted, monitor) {
                 (false, _) => deadline.min(boot_deadline),
                 (true, Some(_)) => deadline.min(beat + self.stall_after),
                 (true, None) => deadline,
             };
+            let until = cut_at.map_or(until, |c| until.min(c));
             let left = until.saturating_duration_since(Instant::now());
+            if cut_at.is_some_and(|c| Instant::now() >= c) {
+                // SIGKILL: QEMU gets no chance to flush anything the guest has not.
+                let _ = child.kill();
+                cut = true;
+                break;
+            }
             match rx.recv_timeout(left.max(Duration::from_millis(1))) {
                 Ok(line) => {
+                    if let Some(c) = &self.cut {
+                        if cut_at.is_none() && line.contains(&c.marker) {
+                            cut_at = Some(Instant::now() + c.after);
+                        }
+                    }
                     if !booted && line.contains(BOOTED) {
                         booted = true;
                         beat = Instant::now();
@@ -614,6 +675,8 @@ impl Scenario {
                     console.push('\n');
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout)
+                    if cut_at.is_some_and(|c| Instant::now() >= c) => {}
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     timed_out = true;
                     stalled = booted && monitor.is_some() && beat.elapsed() >= self.stall_after;
@@ -652,6 +715,15 @@ impl Scenario {
             .lines()
             .find_map(|l| l.split_once(RC_PREFIX).map(|(_, rc)| rc))
             .and_then(|s| s.trim().parse::<i32>().ok());
+        if cut {
+            return Ok(Outcome {
+                output,
+                status: status.unwrap_or(-1),
+                console,
+                elapsed,
+                cut,
+            });
+        }
         let Some(status) = status else {
             let what = if stalled {
                 format!(
@@ -692,6 +764,7 @@ impl Scenario {
             status,
             console,
             elapsed,
+            cut,
         })
     }
 }
@@ -924,6 +997,36 @@ mod tests {
     }
 
     #[test]
+    fn a_cut_kills_the_runner_after_the_marker_and_keeps_the_console_seen_so_far() {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(
+            "echo NESTED-BOOTED; echo 'NESTED| before'; sleep 1; echo 'NESTED| CUT-HERE'; \
+             echo 'NESTED| after'; exec sleep 60",
+        );
+        let sc = Scenario::new("")
+            .timeout(Duration::from_secs(50))
+            .cut_after("CUT-HERE", Duration::from_millis(500));
+        let t = Instant::now();
+        let o = sc.collect(cmd, None).unwrap();
+        assert!(o.cut);
+        assert_eq!(o.status, -1);
+        assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(o.output, "before\nCUT-HERE\nafter\n");
+        // Without the marker the run ends as usual.
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("echo NESTED-BOOTED; echo 'NESTED| x'; echo 'NESTED-RC 3'");
+        let o = sc.collect(cmd, None).unwrap();
+        assert!(!o.cut);
+        assert_eq!(o.status, 3);
+    }
+
+    #[test]
     fn only_an_outer_vm_that_never_booted_is_retried_and_each_retry_is_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("retries.log");
@@ -932,6 +1035,7 @@ mod tests {
             status: 0,
             console: String::new(),
             elapsed: Duration::ZERO,
+            cut: false,
         };
         // A scenario that fails after boot (a hang, a stall, an error) runs once.
         let mut calls = 0;

@@ -4,6 +4,7 @@ mod agent;
 mod ext4;
 mod fullguest;
 mod mount;
+mod powercut;
 mod rollout;
 mod store;
 mod vm;
