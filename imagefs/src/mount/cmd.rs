@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
+use imagefs_store::flat::verity::{self, Verity};
 use imagefs_store::flat::{FlatCache, FlatError};
 use imagefs_store::instance::{
     ConflictPolicy, InstanceError, InstanceId, SubstituteOutcome, SubstituteRequest,
@@ -138,6 +139,7 @@ fn scrub(ctx: &Ctx, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
         Err(e) => return Err(e),
     };
     let checked = flat.list().len();
+    let (verity, with_verity) = flat.verity_status().map_err(flat_err)?;
     let bad = flat.scrub(None).map_err(flat_err)?;
     forget_base_copies(&ctx.instances, &bad);
     for b in &bad {
@@ -154,11 +156,22 @@ fn scrub(ctx: &Ctx, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
         writeln!(out, "{line}").map_err(io_err)?;
     }
     let text = format!("scrubbed {checked} flat copies: {} corrupt", bad.len());
+    let available = verity == Verity::Enabled;
     if json {
-        let v = json!({"type": "result", "checked": checked, "corrupt": bad.len()});
+        let v = json!({"type": "result", "checked": checked, "corrupt": bad.len(),
+                       "fs_verity": {"available": available, "copies": with_verity}});
         writeln!(out, "{v}").map_err(io_err)?;
     } else {
         writeln!(out, "{text}").map_err(io_err)?;
+        if available {
+            writeln!(
+                out,
+                "fs-verity: on for {with_verity} of {checked} flat copies"
+            )
+        } else {
+            writeln!(out, "{}", verity::UNAVAILABLE)
+        }
+        .map_err(io_err)?;
     }
     if bad.is_empty() {
         Ok(())

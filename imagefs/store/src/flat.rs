@@ -20,6 +20,8 @@ use crate::ids::VersionId;
 use crate::store::{is_zero, now_secs, Store};
 use crate::version::Version;
 
+pub mod verity;
+
 /// The directory of the copies, inside the store directory.
 const DIR: &str = "flat";
 /// Runs of consecutive data blocks are read and written in pieces of up to this size.
@@ -313,6 +315,17 @@ impl FlatCache {
         out
     }
 
+    /// Whether this machine gives flat copies fs-verity, and how many copies have it.
+    pub fn verity_status(&self) -> Result<(verity::Verity, usize), FlatError> {
+        let status = verity::probe(&self.dir).map_err(io_err("fs-verity probe", &self.dir))?;
+        let ids: Vec<VersionId> = self.lock().copies.keys().copied().collect();
+        let with = ids
+            .iter()
+            .filter(|id| File::open(self.final_path(id)).is_ok_and(|f| verity::is_enabled(&f)))
+            .count();
+        Ok((status, with))
+    }
+
     /// Deletes copies of versions the store no longer has (call it after gc); returns how many.
     /// Also forgets failures of such versions.
     pub fn prune(&self) -> Result<usize, FlatError> {
@@ -518,6 +531,11 @@ impl FlatCache {
             let _ = std::fs::remove_file(&path);
             return opened;
         };
+        // Where the kernel offers it, every later read of the copy is checked by the kernel
+        // too; where not, the scrubber's rounds are the only re-check (said once, at info).
+        if let Err(e) = verity::enable(&file) {
+            tracing::warn!(path = %path.display(), "enabling fs-verity: {e}");
+        }
         // Pages left by write() are order-0 folios on this kernel; dropping them lets reads
         // refill the cache through readahead in large folios (they are clean after fdatasync).
         // SAFETY: posix_fadvise takes a descriptor we own and plain integers; no memory.
