@@ -171,6 +171,14 @@ fn power_cuts() -> anyhow::Result<()> {
             for key in skipped {
                 model.remove(key.trim());
             }
+            // A substitution whose intent was durable but whose ACK never arrived happened:
+            // its tail is what later boots must find.
+            for (key, now) in out
+                .lines()
+                .filter_map(|l| l.strip_prefix("CHECK-OK ")?.split_once(" now="))
+            {
+                model.insert(key.to_string(), now.trim().to_string());
+            }
         }
         if last {
             ensure!(
@@ -378,7 +386,7 @@ fn boot_script(boot: u32, model: &Model, fx: &Fixtures, last: bool) -> String {
          chk() { if [ \"$2\" = \"$3\" ]; then echo \"CHECK-OK $1\"; \
            else echo \"CHECK-BAD $1 expected=$2 got=$3\"; fi; }\n\
          chksub() { for k in $(grep \"^sub $2 \" /d/intents 2>/dev/null | sed 's/.*img:u//'); do \
-           if [ \"$(utail $k)\" = \"$4\" ]; then echo \"CHECK-OK $1\"; return; fi; done; chk $1 $3 $4; }\n\
+           if [ \"$(utail $k)\" = \"$4\" ]; then echo \"CHECK-OK $1 now=$4\"; return; fi; done; chk $1 $3 $4; }\n\
          up() { cut -d' ' -f1 /proc/uptime; }\n\
          mkdir -p /d /m\n\
          mount -t ext4 /dev/vda /d || fail mount-ext4\n\
@@ -453,22 +461,21 @@ fn boot_script(boot: u32, model: &Model, fx: &Fixtures, last: bool) -> String {
          echo \"WORKLOAD-START t=$(up)\"\n",
     );
     // Old things go, so the store stays small over many cuts: the tags of earlier boots'
-    // imports and the instance of two boots ago.
-    for key in model.keys() {
-        if let Some(tag) = key.strip_prefix("tag:imp:") {
-            s.push_str(&format!(
-                "if [ -f /m/images/imp/{tag}.raw ]; then intent rmtag imp:{tag}; \
-                 imagefs rm imp:{tag} >/dev/null || fail rm; ack rmtag imp:{tag}; fi\n"
-            ));
-        }
-    }
-    if boot >= 2 {
-        let old = boot - 2;
-        s.push_str(&format!(
-            "if [ -f /m/instances/i{old}.raw ]; then intent rminst i{old}; \
-             imagefs instance rm i{old} >/dev/null || fail instance-rm; ack rminst i{old}; fi\n"
-        ));
-    }
+    // imports (acknowledged or not),
+    s.push_str(
+        "for f in /m/images/imp/*.raw; do [ -f \"$f\" ] || continue; t=${f##*/}; t=${t%.raw}; \
+           intent rmtag imp:$t; imagefs rm imp:$t >/dev/null || fail rm; ack rmtag imp:$t; \
+         done\n",
+    );
+    // and every instance older than the last boot's (the one of two boots ago, and any an
+    // earlier cut kept from going or created without its ACK reaching this host).
+    s.push_str(&format!(
+        "for f in /m/instances/i*.raw; do [ -f \"$f\" ] || continue; n=${{f##*/i}}; n=${{n%.raw}}; \
+           if [ \"$n\" -lt {prev} ]; then intent rminst i$n; \
+             imagefs instance rm i$n >/dev/null || fail instance-rm; ack rminst i$n; fi; \
+         done\n",
+        prev = boot.saturating_sub(1)
+    ));
     for (k, (sha, _)) in &fx.update_sha {
         s.push_str(&format!(
             "begin tag img:u{k}; imagefs apply /work/b{k}.bundle >/dev/null || fail apply; \
