@@ -4,7 +4,7 @@ CARGO ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/guest-agent
 
-.PHONY: all setup build agent guest fullguest test lint demo bench clean-guest fuzz
+.PHONY: all setup build agent guest fullguest test lint demo bench clean-guest fuzz crashtest
 
 all: build
 
@@ -68,3 +68,10 @@ bench: guest
 # `make test` replays the checked-in corpora on stable Rust.
 fuzz:
 	bash scripts/fuzz.sh
+
+# Kill campaigns (not part of `make test`, which runs 20 kills per scenario): CRASH_KILLS
+# (default 1000) kills of each of import, apply, gc, the daemon mid write and mid substitution,
+# and the rollout driver mid-wave, one at a time, then the power-cut test (CRASH_CUTS, default
+# 50). CRASH_SEED replays a run. Prints `CRASH <scenario> kills=N inside=M damage=D seed=S`.
+crashtest:
+	bash scripts/crashtest.sh

@@ -1,6 +1,7 @@
 //! End-to-end scenarios, one module each: real binaries, real FUSE mounts, real guests.
 
 mod agent;
+mod crash;
 mod ext4;
 mod fullguest;
 mod mount;

@@ -95,18 +95,26 @@ impl Mounted {
     }
 
     fn start_with(&mut self, extra: &[&str]) {
+        self.start_faulted(extra, None);
+    }
+
+    /// Starts the daemon with `IMAGEFS_FAULT=fault` (a named fault point, fault.rs) if given.
+    fn start_faulted(&mut self, extra: &[&str], fault: Option<&str>) {
         let log = File::create(self.dir.path().join("daemon.stderr")).unwrap();
-        let child = Command::new(bin("imagefs"))
-            .arg("--store")
+        let mut cmd = Command::new(bin("imagefs"));
+        cmd.arg("--store")
             .arg(&self.store)
             .arg("mount")
             .arg(&self.mnt)
             .args(extra)
+            .env_remove("IMAGEFS_FAULT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .stderr(log);
+        if let Some(f) = fault {
+            cmd.env("IMAGEFS_FAULT", f);
+        }
+        let child = cmd.spawn().unwrap();
         self.daemon = Some(child);
         let mnt = self.mnt.clone();
         assert!(
@@ -141,16 +149,37 @@ impl Mounted {
         assert!(!is_mounted(&self.mnt));
     }
 
-    /// kill -9 of the daemon; the dead mount is detached.
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.daemon.take() {
+    /// Waits for a daemon started with a fault point armed to kill itself there: it must die
+    /// of SIGKILL and have printed `IMAGEFS-FAULT name` (the kill landed inside the operation).
+    fn wait_fault(&mut self, name: &str) {
+        let mut c = self.daemon.take().unwrap();
+        let dead = wait_until(Duration::from_secs(30), || c.try_wait().unwrap().is_some());
+        if !dead {
             let _ = c.kill();
-            let _ = c.wait();
         }
+        let status = c.wait().unwrap();
         lazy_umount(&self.mnt);
         assert!(wait_until(Duration::from_secs(5), || !is_mounted(
             &self.mnt
         )));
+        let said =
+            std::fs::read_to_string(self.dir.path().join("daemon.stderr")).unwrap_or_default();
+        assert!(
+            dead && std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL)
+                && said.lines().any(|l| l == format!("IMAGEFS-FAULT {name}")),
+            "the daemon did not die at fault point {name} ({status}): {said}"
+        );
+    }
+
+    /// `imagefs fsck` (no daemon running) must be clean.
+    fn fsck_clean(&self, when: &str) {
+        let fsck = self.cli(&["fsck"]);
+        assert!(
+            fsck.status.success(),
+            "fsck {when}: {}{}",
+            String::from_utf8_lossy(&fsck.stdout),
+            String::from_utf8_lossy(&fsck.stderr)
+        );
     }
 
     fn read(&self, rel: &str) -> Vec<u8> {
@@ -831,6 +860,11 @@ fn kill9_mid_write_keeps_every_fsynced_write() {
     m.import("a.img", &a, "web:v1");
     m.start();
     m.ok(&["instance", "create", "web:v1", "vm1"]);
+    m.stop();
+    // The daemon kills itself inside its 300th write, after the data file write and before the
+    // overlay change (fault.rs): past several fsyncs, provably mid-write.
+    const FAULT: &str = "instance.data_written";
+    m.start_faulted(&[], Some(&format!("{FAULT}@300")));
     let path = m.path("instances/vm1.raw");
     let durable = noise("durable", 64 * BS);
     {
@@ -864,9 +898,9 @@ fn kill9_mid_write_keeps_every_fsynced_write() {
             }
         })
     };
-    std::thread::sleep(Duration::from_millis(300));
-    m.kill9();
+    m.wait_fault(FAULT);
     writer.join().unwrap();
+    m.fsck_clean("after the kill mid-write");
     let (synced, attempted) = (
         synced.load(Ordering::SeqCst),
         attempted.load(Ordering::SeqCst),
@@ -921,10 +955,24 @@ fn kill9_mid_substitution_leaves_wholly_old_or_wholly_new() {
     let (a, b) = ab_images();
     m.import("a.img", &a, "web:v1");
     m.import("b.img", &b, "web:v2");
-    for (round, delay) in [40u64, 120, 250].into_iter().enumerate() {
+    // Each round's daemon kills itself at a point inside a substitution (fault.rs): after the
+    // rebase record is durable and before the swap, between the record's append and its fsync,
+    // and between page-cache invalidations after the swap.
+    let faults = [
+        ("substitute.logged", 2),
+        ("instance_log.appended", 3),
+        ("substitute.invalidating", 1),
+    ];
+    for (round, (fault, at)) in faults.into_iter().enumerate() {
         m.start();
         let vm = format!("vm{round}");
         m.ok(&["instance", "create", "web:v1", &vm]);
+        m.stop();
+        m.start_faulted(&[], Some(&format!("{fault}@{at}")));
+        // The kernel knows the inode, so substitution invalidates its pages.
+        let held = File::open(m.path(&format!("instances/{vm}.raw"))).unwrap();
+        let mut first = vec![0u8; BS];
+        held.read_exact_at(&mut first, 0).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let flipper = {
             let (store, dir, stop, vm) = (
@@ -947,10 +995,11 @@ fn kill9_mid_substitution_leaves_wholly_old_or_wholly_new() {
                 }
             })
         };
-        std::thread::sleep(Duration::from_millis(delay));
-        m.kill9();
+        m.wait_fault(fault);
         stop.store(true, Ordering::Relaxed);
         flipper.join().unwrap();
+        drop(held);
+        m.fsck_clean(&format!("after the kill at {fault}"));
         m.start();
         let now = m.read(&format!("instances/{vm}.raw"));
         assert!(

@@ -474,16 +474,28 @@ fn kill_9_during_import_apply_tag_gc_leaves_a_consistent_store() {
     ok(&st2, &["init"]);
     ok(&st2, &["import", s(&imgs[0]), "a:v1"]);
 
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
-    eprintln!("kill -9 seed {seed}");
+    // CRASH_SEED replays a run (default: the clock; printed either way).
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+    eprintln!("CRASH_SEED={seed}");
     let mut rng = Lcg(seed);
     let start = Instant::now();
     let mut kills = 0;
+    // Every other command runs with a fault point armed that it is sure to reach (fault.rs):
+    // that kill must land inside the operation, so at least 10 of the 20 must.
+    let (mut armed, mut landed) = (0, 0);
     let mut tagged: Vec<(String, usize)> = Vec::new();
     for i in 0..20 {
-        let (store, args, max_ms): (&Path, Vec<String>, u64) = match rng.next(5) {
+        let mut fault: Option<String> = None;
+        // Even iterations import or apply, with a point armed; odd ones kill at random times.
+        let pick = if i % 2 == 0 { rng.next(4) } else { rng.next(5) };
+        let (store, args, max_ms): (&Path, Vec<String>, u64) = match pick {
             0..=2 => {
                 // a new image name with a random block size: mostly new blocks to write
                 let which = rng.next(3) as usize;
@@ -497,11 +509,21 @@ fn kill_9_during_import_apply_tag_gc_leaves_a_consistent_store() {
                     "--block-size".into(),
                     bs.into(),
                 ];
+                // a 24 MiB image has at least 1536 blocks; new ones unless deduplicated
+                fault = Some(format!("refs.synced@{}", 1 + rng.next(2)));
+                if i % 4 == 0 {
+                    fault = Some("import.blocks_stored@1".to_string());
+                }
                 (&st, argv, 900)
             }
-            3 if i % 2 == 0 => (&st2, vec!["apply".into(), s(&bundle).into()], 60),
+            3 if i % 2 == 0 => {
+                // a repeated apply commits nothing new but still passes the point once
+                fault = Some("refs.appended@1".to_string());
+                (&st2, vec!["apply".into(), s(&bundle).into()], 60)
+            }
             3 => {
                 let target = ["a:v1", "a:v2"][rng.next(2) as usize];
+                fault = Some("refs.synced@1".to_string());
                 (
                     &st,
                     vec!["tag".into(), "a:moving".into(), target.into()],
@@ -519,20 +541,45 @@ fn kill_9_during_import_apply_tag_gc_leaves_a_consistent_store() {
                 (&st, vec!["gc".into()], 300)
             }
         };
-        let mut child = Command::new(bin("imagefs"))
-            .arg("--store")
+        if i % 2 == 1 {
+            fault = None;
+        }
+        let errf = d.join("cmd.stderr");
+        let mut cmd = Command::new(bin("imagefs"));
+        cmd.arg("--store")
             .arg(store)
             .args(&args)
+            .env_remove("IMAGEFS_FAULT")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.next(max_ms)));
-        if child.try_wait().unwrap().is_none() {
-            kills += 1;
+            .stderr(std::fs::File::create(&errf).unwrap());
+        if let Some(f) = &fault {
+            cmd.env("IMAGEFS_FAULT", f);
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        let mut child = cmd.spawn().unwrap();
+        if let Some(f) = &fault {
+            // The process kills itself at the point: it must die of SIGKILL, saying where.
+            armed += 1;
+            let status = child.wait().unwrap();
+            let name = f.split('@').next().unwrap();
+            let said = std::fs::read_to_string(&errf).unwrap_or_default();
+            if std::os::unix::process::ExitStatusExt::signal(&status) == Some(libc::SIGKILL)
+                && said.contains(&format!("IMAGEFS-FAULT {name}"))
+            {
+                landed += 1;
+                kills += 1;
+            } else {
+                eprintln!(
+                    "iteration {i} ({args:?}, {f}) did not die at its fault point: {status} {said}"
+                );
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.next(max_ms)));
+            if child.try_wait().unwrap().is_none() {
+                kills += 1;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for sdir in [&st, &st2] {
             let r = imagefs(sdir, &["fsck", "--json"]);
             assert_eq!(
@@ -546,9 +593,15 @@ fn kill_9_during_import_apply_tag_gc_leaves_a_consistent_store() {
         ok(store, &argv);
     }
     eprintln!(
-        "{kills} of 20 commands killed mid-run in {:?}",
+        "{kills} of 20 commands killed mid-run ({landed} of {armed} at armed fault points) in {:?}",
         start.elapsed()
     );
+    assert_eq!(armed, 10, "every even iteration arms a point");
+    assert_eq!(
+        landed, armed,
+        "every armed fault point must fire (CRASH_SEED={seed})"
+    );
+    assert!(kills >= landed);
     let out = d.join("out.raw");
     // apply is idempotent: run it once more in case the random ops never picked it
     ok(&st2, &["apply", s(&bundle)]);

@@ -142,7 +142,9 @@ pub fn export(store: &Store, a: &ExportArgs, o: &mut Out<'_>) -> Result<(), CliE
         }
         file.set_len(v.size()).map_err(|e| io("truncate", e))?;
         file.sync_all().map_err(|e| io("fsync", e))?;
+        imagefs_store::fault::point("export.before_rename");
         std::fs::rename(&tmp, &a.file).map_err(|e| io("rename", e))?;
+        imagefs_store::log::sync_parent(&a.file).map_err(|e| io("fsync dir of", e))?;
         Ok(())
     })();
     if result.is_err() {

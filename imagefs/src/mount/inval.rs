@@ -138,5 +138,6 @@ fn send_all(notifier: &(impl Notify + ?Sized), ino: u64, ranges: &[Range]) {
                 tracing::warn!(ino, error = %e, "inval_inode failed");
             }
         }
+        imagefs_store::fault::point("substitute.invalidating");
     }
 }

@@ -166,6 +166,7 @@ pub fn execute(dir: &Path, j: &mut Journal, emit: &Emit) -> Result<i32, Fail> {
                         wave: w,
                         instance: inst.clone(),
                     })?;
+                    imagefs_store::fault::point("rollout.between_vms");
                     let ms = t.elapsed().as_secs_f64() * 1000.0;
                     let procs = processes(&res);
                     let guest = res["guest"]["guest"]
@@ -251,6 +252,7 @@ pub fn execute(dir: &Path, j: &mut Journal, emit: &Emit) -> Result<i32, Fail> {
         }
         if failures.is_empty() {
             j.append(Rec::Healthy { wave: w })?;
+            imagefs_store::fault::point("rollout.wave_saved");
             emit.event(
                 "wave_healthy",
                 json!({"wave": w + 1}),

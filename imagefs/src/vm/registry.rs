@@ -165,7 +165,8 @@ fn write_json(path: &Path, value: &impl Serialize) -> Result<(), RegistryError> 
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(&bytes).map_err(io(&tmp))?;
     f.sync_all().map_err(io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(io(path))
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    imagefs_store::log::sync_parent(path).map_err(io(parent))
 }
 
 /// Saves a record (replacing the previous one).

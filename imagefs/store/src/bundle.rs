@@ -154,6 +154,7 @@ impl Store {
             }
         };
         std::fs::rename(&tmp, path).map_err(StoreError::io("rename", &tmp))?;
+        crate::log::sync_parent(path).map_err(StoreError::io("fsync dir of", path))?;
         Ok(BundleReport {
             image: vt.image().clone(),
             tag: tag.cloned(),
@@ -330,10 +331,12 @@ impl Store {
                 new_blocks += 1;
             }
         }
+        crate::fault::point("apply.blocks_stored");
         let id = self.create_version(&image, Some(&base), header.target_size, &changes)?;
         if id != target {
             return Err(bad(path, "does not produce the version it names"));
         }
+        crate::fault::point("apply.committed");
         if let Some(tag) = &tag {
             self.set_tag(&image, tag, &id)?;
         }

@@ -216,6 +216,7 @@ impl Store {
             });
         }
         let root = builder.finish()?;
+        crate::fault::point("import.blocks_stored");
         let id = self.inner.commit_version(image, size, bs, &root)?;
         Ok(ImportReport {
             id,

@@ -718,6 +718,7 @@ impl Instance {
             writer.slots.untake_all();
             return Err(e.into());
         }
+        crate::fault::point("instance.data_written");
         writer.slots.keep_taken();
         writer.dirty |= !writes.is_empty();
         for slot in released {
@@ -789,6 +790,7 @@ impl Instance {
             return Ok(());
         }
         self.sync_data(writer)?;
+        crate::fault::point("instance.flush.data_synced");
         let ops = std::mem::take(&mut writer.pending);
         let records: Vec<Record> = ops
             .chunks(OPS_PER_RECORD)
@@ -800,6 +802,7 @@ impl Instance {
         }
         writer.write_records += 1;
         writer.slots.durable();
+        crate::fault::point("instance.flush.synced");
         Ok(())
     }
 }

@@ -219,6 +219,7 @@ impl RecordLog {
             let (kind, payload) = encode(r)?;
             self.log.append(kind, &payload)?;
         }
+        crate::fault::point("instance_log.appended");
         Ok(self.log.sync()?)
     }
 

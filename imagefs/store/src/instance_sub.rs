@@ -365,6 +365,7 @@ impl Instance {
         }
         writer.slots.durable();
         outcome.times.persist_us = micros(t);
+        crate::fault::point("substitute.logged");
 
         let t = Instant::now();
         self.view

@@ -65,6 +65,7 @@ mod bundle;
 mod cache;
 mod error;
 pub mod ext4;
+pub mod fault;
 pub mod flat;
 pub mod fuzzing;
 mod ids;

@@ -59,6 +59,8 @@ pub struct RecordLog {
     path: PathBuf,
     file: File,
     len: u64,
+    /// A failed append could not be cut off: appending more would bury its bytes mid-log.
+    stuck: bool,
 }
 
 fn check(kind: u8, payload: &[u8]) -> [u8; CHECK] {
@@ -253,6 +255,7 @@ impl RecordLog {
         };
         let data = read_file(path)?;
         let (records, valid) = parse(path, &data)?;
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -260,6 +263,10 @@ impl RecordLog {
             .truncate(false)
             .open(path)
             .map_err(io("open"))?;
+        if !existed {
+            // The new name must survive a power cut as well as the records fsynced into it.
+            sync_parent(path).map_err(io("fsync dir of"))?;
+        }
         if valid != data.len() as u64 {
             tracing::warn!(path = %path.display(), valid, "truncating torn log tail");
             file.set_len(valid).map_err(io("truncate"))?;
@@ -270,6 +277,7 @@ impl RecordLog {
                 path: path.to_path_buf(),
                 file,
                 len: valid,
+                stuck: false,
             },
             records,
         ))
@@ -286,6 +294,13 @@ impl RecordLog {
         if payload.len() > MAX_PAYLOAD {
             return Err(LogError::TooLarge(payload.len()));
         }
+        if self.stuck {
+            return Err(LogError::Io {
+                op: "append (an earlier failed append could not be cut off; reopen the log)",
+                path: self.path.clone(),
+                source: std::io::Error::other("log needs reopening"),
+            });
+        }
         let len = payload.len() as u32;
         let mut rec = Vec::with_capacity(HEADER2 + payload.len() + CHECK);
         rec.extend_from_slice(MAGIC2);
@@ -295,13 +310,30 @@ impl RecordLog {
         rec.extend_from_slice(payload);
         rec.extend_from_slice(&check(kind, payload));
         let offset = self.len;
-        self.file
-            .write_all_at(&rec, offset)
-            .map_err(|source| LogError::Io {
+        let written = if crate::fault::is_armed("log.appending") {
+            // Half a record on disk when the process dies: a torn tail for the next open.
+            let half = rec.len() / 2;
+            self.file.write_all_at(&rec[..half], offset).and_then(|()| {
+                crate::fault::point("log.appending");
+                self.file.write_all_at(&rec[half..], offset + half as u64)
+            })
+        } else {
+            self.file.write_all_at(&rec, offset)
+        };
+        if let Err(source) = written {
+            // A partial record (ENOSPC, EFBIG mid-write) is cut off at once: left there, a
+            // shorter record written over its start later would leave its tail as damage
+            // mid-log instead of a torn tail.
+            if let Err(e) = self.file.set_len(offset) {
+                tracing::error!(path = %self.path.display(), offset, "cutting a failed append: {e}");
+                self.stuck = true;
+            }
+            return Err(LogError::Io {
                 op: "append",
                 path: self.path.clone(),
                 source,
-            })?;
+            });
+        }
         self.len += rec.len() as u64;
         Ok(offset)
     }
@@ -329,6 +361,15 @@ impl RecordLog {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// fsyncs the directory holding `path`, making a create, rename or unlink there durable.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(dir).and_then(|d| d.sync_all())
 }
 
 /// Repairs a damaged log: keeps every whole, verified record, before and after the damage
@@ -544,6 +585,62 @@ mod tests {
             bytes.extend_from_slice(&noise);
             let _ = parse(&p, &bytes);
         }
+    }
+
+    fn set_fsize_limit(bytes: u64) {
+        let lim = libc::rlimit {
+            rlim_cur: bytes,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: setrlimit with a valid struct; this process is a child run for this test.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &lim) }, 0);
+    }
+
+    /// A failed append (here EFBIG from RLIMIT_FSIZE, a partial write as ENOSPC gives one) is
+    /// cut back: a shorter record appended after it must not leave its tail as damage. Runs in
+    /// a child process (the test binary again) because the limit is process-wide.
+    #[test]
+    fn a_failed_append_is_cut_back_and_later_appends_stay_readable() {
+        const CHILD: &str = "IMAGEFS_LOG_FSIZE_CHILD";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            let p = Path::new(&dir).join("l");
+            let (mut log, _) = RecordLog::open(&p).unwrap();
+            log.append(1, &[1u8; 100]).unwrap();
+            log.sync().unwrap();
+            let before = log.len();
+            // SAFETY: ignoring SIGXFSZ so the write fails with EFBIG instead of killing us.
+            unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+            set_fsize_limit(before + 300);
+            let err = log.append(2, &[2u8; 4096]).unwrap_err();
+            assert!(matches!(err, LogError::Io { op: "append", .. }), "{err}");
+            assert_eq!(std::fs::metadata(&p).unwrap().len(), before, "not cut back");
+            assert_eq!(log.len(), before);
+            set_fsize_limit(libc::RLIM_INFINITY);
+            log.append(3, b"short").unwrap();
+            log.sync().unwrap();
+            drop(log);
+            let (_, recs) = RecordLog::open(&p).unwrap();
+            let kinds: Vec<u8> = recs.iter().map(|r| r.kind).collect();
+            assert_eq!(kinds, vec![1, 3]);
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "log::tests::a_failed_append_is_cut_back_and_later_appends_stay_readable",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD, dir.path())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "child: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     #[test]

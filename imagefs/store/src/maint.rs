@@ -253,6 +253,7 @@ impl Store {
         }
         if !drops.is_empty() {
             inner.commit_locked(&mut w, &drops)?;
+            crate::fault::point("gc.dropped");
         }
         for id in &report.versions_removed {
             // with no mount to prune it, fsck would report the copy of a dropped version; a
@@ -330,6 +331,7 @@ impl Store {
         }
         // the copies are durable, then the index forgets the old packs, then they go
         inner.sync_objects(&mut w)?;
+        crate::fault::point("gc.copied");
         for k in &dead_keys {
             inner.objects()?.remove(k);
         }
@@ -343,10 +345,12 @@ impl Store {
             marks.insert(p.id, p.len);
         }
         inner.objects()?.rewrite(&marks)?;
+        crate::fault::point("gc.index_rewritten");
         for id in doomed {
             inner.readers.forget(id);
             let path = pack::pack_path(&packs_dir, id);
             std::fs::remove_file(&path).map_err(StoreError::io("remove", &path))?;
+            crate::fault::point("gc.deleting");
         }
         pack::fsync_dir(&packs_dir)?;
         Ok(report)

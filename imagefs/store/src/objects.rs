@@ -135,6 +135,7 @@ impl Inner {
         let key = obj_key(kind, hash);
         self.objects()?.insert(key, loc);
         w.unsynced.push((key, loc));
+        crate::fault::point("objects.put");
         Ok(loc)
     }
 
@@ -144,6 +145,7 @@ impl Inner {
             return Ok(());
         };
         pack.sync()?;
+        crate::fault::point("pack.synced");
         self.objects()?.persist(&w.unsynced, pack.id, pack.len)?;
         w.unsynced.clear();
         Ok(())
@@ -166,7 +168,9 @@ impl Inner {
             r.apply(&mut batch)?;
             w.refs.append(REF_KIND, &r.encode())?;
         }
+        crate::fault::point("refs.appended");
         w.refs.sync()?;
+        crate::fault::point("refs.synced");
         batch.insert(REFS_STATE_KEY, &w.refs.len().to_le_bytes()[..]);
         self.db.apply_batch(batch)?;
         self.db.flush()?;

@@ -171,8 +171,18 @@ impl ObjIndex {
         }
         buf.extend_from_slice(&mark_record(pack, len));
         let mut f = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        f.write_all(&buf)
-            .map_err(StoreError::io("append", &self.path))?;
+        let before = f
+            .metadata()
+            .map_err(StoreError::io("stat", &self.path))?
+            .len();
+        if let Err(e) = f.write_all(&buf) {
+            // Cut a partial record back (ENOSPC mid-record): records after it would be
+            // misaligned and lost at the next open.
+            if let Err(t) = f.set_len(before) {
+                tracing::warn!(path = %self.path.display(), "cutting a failed append: {t}");
+            }
+            return Err(StoreError::io("append", &self.path)(e));
+        }
         self.marks
             .lock()
             .unwrap_or_else(|p| p.into_inner())

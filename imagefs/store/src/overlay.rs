@@ -519,6 +519,7 @@ pub struct DataFile {
 impl DataFile {
     /// Opens (creating, mode 0600) the data file at `path`.
     pub fn open(path: &Path) -> Result<DataFile, OverlayError> {
+        let existed = path.exists();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -526,7 +527,12 @@ impl DataFile {
             .truncate(false)
             .mode(0o600)
             .open(path);
-        DataFile::opened(path, file)
+        let data = DataFile::opened(path, file)?;
+        if !existed {
+            // Records will name slots in this file: its name must be as durable as they are.
+            crate::log::sync_parent(path).map_err(data.io())?;
+        }
+        Ok(data)
     }
 
     /// Opens an existing data file read-only (fsck).
