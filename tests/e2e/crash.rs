@@ -176,6 +176,7 @@ impl Campaign {
             if fired && died {
                 self.fired += 1;
             } else if self.missed.len() < 20 {
+                eprintln!("CRASH MISSED {}: {spec} never fired", self.scenario);
                 self.missed.push(spec.clone());
             }
         }
@@ -647,9 +648,21 @@ fn crash_gc() {
     .unwrap();
     // Each round's image shares 16 of its 48 new blocks with the previous one, so dropping the
     // previous one leaves a pack gc must rewrite (live copies), not just delete.
-    let mut prev_img = base.clone();
-    let mut prev_new: Vec<usize> = Vec::new();
-    let mut prev_tag: Option<String> = None;
+    // Round 0 drops this one.
+    let (mut prev_img, mut prev_new) = mutated(&base, &mut c.rng, "gc-init", 32);
+    std::fs::write(&src, &prev_img).unwrap();
+    run(
+        &st,
+        &[
+            "import",
+            src.to_str().unwrap(),
+            "g:init",
+            "--block-size",
+            "4096",
+        ],
+    )
+    .unwrap();
+    let mut prev_tag = Some("g:init".to_string());
     for round in 0..c.rounds() {
         let (mut img, picked) = mutated(&base, &mut c.rng, &format!("gc{round}"), 32);
         for &b in prev_new.iter().filter(|b| !picked.contains(*b)).take(16) {
@@ -956,7 +969,10 @@ fn crash_daemon_mid_cow_write() {
                 writes_done.clone(),
             );
             std::thread::spawn(move || {
-                let f = OpenOptions::new().write(true).open(&disk).unwrap();
+                // A kill at once may beat the open: nothing written, nothing to check.
+                let Ok(f) = OpenOptions::new().write(true).open(&disk) else {
+                    return;
+                };
                 let mut rng = Rng::new(wseed, "writer");
                 let t = Instant::now();
                 for i in 0..3000usize {
@@ -1152,6 +1168,21 @@ const ROLLOUT_POINTS: &[(&str, u64)] = &[
 
 const ROLL_INSTANCES: [&str; 4] = ["r-1", "r-2", "r-3", "r-4"];
 
+/// Rollout journals (`ID.log`; a `.log.tmp` is one being created).
+fn journals(dir: &Path) -> Vec<(PathBuf, std::time::SystemTime)> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .map(|p| {
+            let t = p.metadata().and_then(|m| m.modified()).unwrap();
+            (p, t)
+        })
+        .collect()
+}
+
 /// The rollout a `--json` run printed its id for, if it got that far.
 fn rollout_id(stdout: &str) -> Option<String> {
     stdout
@@ -1203,9 +1234,9 @@ fn crash_rollout_driver_mid_wave() {
     let mut from = 0usize;
     for round in 0..c.rounds() {
         let to = 1 - from;
-        let kill = c.pick(ROLLOUT_POINTS, Duration::from_millis(300));
-        let journals = d.store.join("rollouts");
-        let before = std::fs::read_dir(&journals).map_or(0, |r| r.count());
+        let kill = c.pick(ROLLOUT_POINTS, Duration::from_millis(150));
+        let jdir = d.store.join("rollouts");
+        let before = journals(&jdir).len();
         let mut cmd = imagefs(&d.store);
         cmd.args([
             "rollout",
@@ -1217,7 +1248,7 @@ fn crash_rollout_driver_mid_wave() {
             "--json",
         ]);
         let ran = match run_killed(&mut cmd, &kill, Duration::from_secs(60), || {
-            std::fs::read_dir(&journals).map_or(0, |r| r.count()) > before
+            journals(&jdir).len() > before
         }) {
             Ok(r) => r,
             Err(e) => {
@@ -1270,15 +1301,12 @@ fn crash_rollout_driver_mid_wave() {
             (Some(id), true) => run(&d.store, &["rollout", "--resume", id]),
             (None, true) => {
                 // Killed before it printed an id: its journal, if any, is the newest one.
-                let newest = std::fs::read_dir(&journals)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-                    .map(|e| e.path());
-                let resumable = newest
-                    .filter(|_| std::fs::read_dir(&journals).map_or(0, |r| r.count()) > before)
-                    .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()));
+                let all = journals(&jdir);
+                let resumable = all
+                    .iter()
+                    .max_by_key(|(_, t)| *t)
+                    .filter(|_| all.len() > before)
+                    .and_then(|(p, _)| p.file_stem().map(|s| s.to_string_lossy().into_owned()));
                 match resumable {
                     Some(id) => run(&d.store, &["rollout", "--resume", &id]),
                     None => run(

@@ -974,23 +974,31 @@ fn kill9_mid_substitution_leaves_wholly_old_or_wholly_new() {
         let mut first = vec![0u8; BS];
         held.read_exact_at(&mut first, 0).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
+        // The substitution the daemon died in: even ones go to v2, odd ones back to v1.
+        let in_flight = Arc::new(AtomicUsize::new(0));
         let flipper = {
-            let (store, dir, stop, vm) = (
+            let (store, dir, stop, vm, in_flight) = (
                 m.store.clone(),
                 m.dir.path().to_path_buf(),
                 stop.clone(),
                 vm.clone(),
+                in_flight.clone(),
             );
             std::thread::spawn(move || {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     let target = if i % 2 == 0 { "web:v2" } else { "web:v1" };
-                    let _ = Command::new(bin("imagefs"))
+                    in_flight.store(i, Ordering::SeqCst);
+                    let done = Command::new(bin("imagefs"))
                         .arg("--store")
                         .arg(&store)
                         .args(["substitute", &vm, target])
                         .current_dir(&dir)
-                        .output();
+                        .output()
+                        .is_ok_and(|o| o.status.success());
+                    if !done {
+                        return;
+                    }
                     i += 1;
                 }
             })
@@ -1005,6 +1013,17 @@ fn kill9_mid_substitution_leaves_wholly_old_or_wholly_new() {
         assert!(
             now == a || now == b,
             "round {round}: neither wholly v1 nor wholly v2"
+        );
+        // Every point lies past the commit (the record reached the file: a process kill keeps
+        // the page cache), so the substitution the daemon died in shows, wholly.
+        let new = if in_flight.load(Ordering::SeqCst).is_multiple_of(2) {
+            &b
+        } else {
+            &a
+        };
+        assert!(
+            &now == new,
+            "round {round}: the substitution killed at {fault}, past its commit, was lost"
         );
         m.stop();
     }
@@ -1280,6 +1299,18 @@ fn scrub_finds_a_flipped_byte_in_a_flat_copy_removes_it_and_reads_are_right_agai
         "{text}"
     );
     assert!(!copy.exists(), "the bad copy is still there");
+    // fs-verity is on for the copy, or the machine says it has none (this project's kernels are
+    // built without it): never silence.
+    let verity: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("fs-verity: "))
+        .collect();
+    assert!(
+        verity == ["fs-verity: on for 1 of 1 flat copies"]
+            || (verity.len() == 1
+                && verity[0].starts_with("fs-verity: not available on this kernel")),
+        "{text}"
+    );
     // New opens read verified bytes: the version file and the instance's unwritten blocks.
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
     assert!(

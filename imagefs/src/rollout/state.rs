@@ -210,13 +210,30 @@ impl Journal {
     pub fn create(store: &Path, plan: Plan) -> Result<Journal, StateError> {
         let d = dir(store);
         std::fs::create_dir_all(&d).map_err(|source| StateError::Io { path: d, source })?;
-        let (log, _) = RecordLog::open(&path(store, &plan.id))?;
-        let mut j = Journal {
-            log,
-            state: Rollout::new(plan.clone()),
-        };
-        j.append(Rec::Plan(plan))?;
-        Ok(j)
+        // The log appears with its plan or not at all (written aside, fsynced, renamed): a
+        // kill mid-create must not leave a rollout that cannot be resumed or listed.
+        let final_path = path(store, &plan.id);
+        let tmp = final_path.with_extension("log.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        let r = Rec::Plan(plan.clone());
+        let bytes = serde_json::to_vec(&r).map_err(|_| StateError::Record(tmp.clone()))?;
+        {
+            let (mut log, _) = RecordLog::open(&tmp)?;
+            log.append(KIND, &bytes)?;
+            log.sync()?;
+        }
+        std::fs::rename(&tmp, &final_path).map_err(|source| StateError::Io {
+            path: final_path.clone(),
+            source,
+        })?;
+        imagefs_store::log::sync_parent(&final_path).map_err(|source| StateError::Io {
+            path: final_path.clone(),
+            source,
+        })?;
+        let (log, _) = RecordLog::open(&final_path)?;
+        let mut state = Rollout::new(plan);
+        state.apply(&r);
+        Ok(Journal { log, state })
     }
 
     /// Opens rollout `id` and replays it.
