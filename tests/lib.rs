@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests: where the built binaries are, polling instead of
 //! sleeping, and loud skips. Each scenario lives in its own module under e2e/.
 
+pub mod garage;
 pub mod nested;
 pub mod qemu;
 

@@ -6,6 +6,7 @@ mod ext4;
 mod fullguest;
 mod mount;
 mod powercut;
+mod remote;
 mod rollout;
 mod store;
 mod vm;

@@ -7,6 +7,7 @@ mod images;
 mod maint;
 pub mod output;
 mod patch;
+pub mod remote;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -61,6 +62,13 @@ pub enum StoreCommand {
     Fsck(FsckArgs),
     /// Remove versions nothing refers to and free their blocks
     Gc,
+    /// Remotes: S3 buckets this store pushes versions to and pulls them from
+    #[command(subcommand)]
+    Remote(remote::RemoteCommand),
+    /// Upload a version to a remote: only the blocks it lacks, then the tag (resumable)
+    Push(remote::PushArgs),
+    /// Fetch a version from a remote: only the blocks this store lacks, each verified
+    Pull(remote::PullArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -273,6 +281,9 @@ fn run_on(
             "fsck --repair needs the store to itself: stop the mount first",
         )),
         StoreCommand::Gc => maint::gc(store, instances, o),
+        StoreCommand::Remote(c) => remote::run(store, c, o),
+        StoreCommand::Push(a) => remote::push(store, a, o),
+        StoreCommand::Pull(a) => remote::pull(store, a, o),
     }
 }
 

@@ -69,6 +69,15 @@ impl<'a> Out<'a> {
         Ok(())
     }
 
+    /// Writes a JSON event of the command's own (JSON mode only; text mode shows the bar).
+    pub fn event(&mut self, value: Value) -> Result<(), CliError> {
+        if self.json {
+            writeln!(self.w, "{value}")?;
+            self.w.flush()?;
+        }
+        Ok(())
+    }
+
     /// Ends the progress report.
     pub fn finish(&mut self) {
         if let Some(bar) = self.bar.take() {

@@ -81,6 +81,7 @@ pub mod overlay;
 mod pack;
 mod qcow2;
 mod refs;
+pub mod remote;
 mod source;
 pub mod space;
 mod store;

@@ -1,0 +1,363 @@
+//! remote add|ls|rm|default, push and pull: the store's remote block tier (issue 12). The
+//! format and the algorithms are imagefs_store::remote; the S3 client is imagefs-remote.
+//! Credentials are never printed: only the remote's name, URL and endpoints are.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use imagefs_remote::{RemoteConfig, Remotes, RemotesError, S3Remote};
+use imagefs_store::remote::{
+    list_tags, PullEvent, PullOptions, PushEvent, PushOptions, SyncError, DEFAULT_JOBS,
+    DEFAULT_PACK_SIZE,
+};
+use imagefs_store::{Store, VersionId};
+use serde_json::json;
+
+use super::output::{human_bytes, Out};
+use super::{exit_code, name_tag, parse_size, CliError};
+
+/// `imagefs remote ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum RemoteCommand {
+    /// Add a remote: an S3 bucket (and key prefix) this store pushes to and pulls from
+    Add(RemoteAddArgs),
+    /// List the remotes, and the tags, versions and sizes a remote holds
+    Ls(RemoteLsArgs),
+    /// Forget a remote (its bucket is not touched)
+    Rm(RemoteNameArgs),
+    /// Make a remote the one push and pull use without --remote
+    Default(RemoteNameArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RemoteAddArgs {
+    /// The remote's name
+    pub name: String,
+    /// s3://BUCKET[/PREFIX] (the bucket must exist; it is not created)
+    pub url: String,
+    /// S3 endpoint URL (repeat for the nodes of one cluster); requests are then path-style and
+    /// http is allowed. Without it: AWS.
+    #[arg(long = "endpoint", value_name = "URL")]
+    pub endpoints: Vec<String>,
+    /// The region (Garage's default is "garage")
+    #[arg(long)]
+    pub region: Option<String>,
+    /// A credentials file (access_key_id / secret_access_key lines, or an AWS credentials file's
+    /// [default] section), copied into the store, 0600. Without it the AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY of the process running the command are used.
+    #[arg(long, value_name = "FILE")]
+    pub credentials: Option<PathBuf>,
+    /// Deadline of one request, retries included (e.g. 30s, 500ms)
+    #[arg(long, value_parser = imagefs_remote::parse_duration, value_name = "DURATION")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RemoteLsArgs {
+    /// The remote whose tags to list [default: the default remote]
+    #[arg(long)]
+    pub remote: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RemoteNameArgs {
+    /// The remote's name
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PushArgs {
+    /// NAME:TAG to push (the remote's tag gets the same name)
+    pub name_tag: String,
+    /// The remote [default: the default remote]
+    #[arg(long)]
+    pub remote: Option<String>,
+    /// Target size of a pack object (blocks are uploaded grouped into packs)
+    #[arg(long, value_parser = parse_size, default_value_t = DEFAULT_PACK_SIZE)]
+    pub pack_size: u64,
+    /// Uploads in flight at most
+    #[arg(long, default_value_t = DEFAULT_JOBS)]
+    pub jobs: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct PullArgs {
+    /// NAME:TAG, or NAME:TAG@VERSION_ID to pin the version by id (then tagged NAME:TAG here)
+    pub spec: String,
+    /// The remote [default: the default remote]
+    #[arg(long)]
+    pub remote: Option<String>,
+    /// Requests in flight at most
+    #[arg(long, default_value_t = DEFAULT_JOBS)]
+    pub jobs: usize,
+}
+
+impl From<RemotesError> for CliError {
+    fn from(e: RemotesError) -> CliError {
+        CliError::new(e.exit_code(), e.to_string())
+    }
+}
+
+impl From<SyncError> for CliError {
+    fn from(e: SyncError) -> CliError {
+        CliError::new(exit_code(e.kind()), e.to_string())
+    }
+}
+
+/// The remote `name` (or the default) with a client for it.
+fn open(dir: &Path, name: Option<&str>) -> Result<(Remotes, RemoteConfig, S3Remote), CliError> {
+    let remotes = Remotes::load(dir)?;
+    let cfg = remotes.pick(name)?.clone();
+    let creds = remotes.credentials(&cfg)?;
+    let client = S3Remote::new(&cfg, &creds)?;
+    Ok((remotes, cfg, client))
+}
+
+fn describe(r: &RemoteConfig) -> serde_json::Value {
+    json!({"name": r.name, "url": r.url(), "endpoints": r.endpoints, "region": r.region,
+           "timeout_ms": r.timeout_ms, "credentials": if r.credentials_file { "file" } else { "environment" }})
+}
+
+pub fn run(store: &Store, cmd: &RemoteCommand, o: &mut Out<'_>) -> Result<(), CliError> {
+    let dir = store.dir();
+    match cmd {
+        RemoteCommand::Add(a) => {
+            let (bucket, prefix) = imagefs_remote::parse_url(&a.url)?;
+            let mut remotes = Remotes::load(dir)?;
+            let cfg = RemoteConfig {
+                name: a.name.clone(),
+                bucket,
+                prefix,
+                endpoints: a.endpoints.clone(),
+                region: a.region.clone(),
+                timeout_ms: a
+                    .timeout
+                    .unwrap_or(imagefs_remote::DEFAULT_TIMEOUT)
+                    .as_millis()
+                    .try_into()
+                    .unwrap_or(u64::MAX),
+                credentials_file: a.credentials.is_some(),
+            };
+            remotes.add(cfg.clone(), a.credentials.as_deref())?;
+            let is_default = remotes.default.as_deref() == Some(a.name.as_str());
+            o.result(
+                json!({"remote": describe(&cfg), "default": is_default}),
+                &format!(
+                    "added remote {} = {}{}",
+                    cfg.name,
+                    cfg.url(),
+                    if is_default { " (default)" } else { "" }
+                ),
+            )
+        }
+        RemoteCommand::Rm(a) => {
+            let mut remotes = Remotes::load(dir)?;
+            if remotes.remotes.is_empty() {
+                return Err(RemotesError::NoRemotes.into());
+            }
+            let r = remotes.remove(&a.name)?;
+            o.result(
+                json!({"removed": r.name, "default": remotes.default}),
+                &format!(
+                    "removed remote {} ({}; its bucket is untouched)",
+                    r.name,
+                    r.url()
+                ),
+            )
+        }
+        RemoteCommand::Default(a) => {
+            let mut remotes = Remotes::load(dir)?;
+            if remotes.remotes.is_empty() {
+                return Err(RemotesError::NoRemotes.into());
+            }
+            remotes.set_default(&a.name)?;
+            o.result(
+                json!({"default": a.name}),
+                &format!("default remote: {}", a.name),
+            )
+        }
+        RemoteCommand::Ls(a) => {
+            let (remotes, cfg, client) = open(dir, a.remote.as_deref())?;
+            let tags = list_tags(&client)?;
+            let mut text = String::new();
+            for r in &remotes.remotes {
+                let mark = if remotes.default.as_deref() == Some(r.name.as_str()) {
+                    "*"
+                } else {
+                    " "
+                };
+                text.push_str(&format!(
+                    "{mark} {:<16} {:<32} {}\n",
+                    r.name,
+                    r.url(),
+                    r.endpoints.join(",")
+                ));
+            }
+            text.push_str(&format!(
+                "\ntags in {}:\n{:<28} {:<14} {:>12} PUSHED\n",
+                cfg.name, "IMAGE:TAG", "VERSION", "SIZE"
+            ));
+            let mut jtags = Vec::new();
+            for t in &tags {
+                let short: String = t.version.chars().take(12).collect();
+                text.push_str(&format!(
+                    "{:<28} {:<14} {:>12} {}\n",
+                    format!("{}:{}", t.image, t.tag),
+                    short,
+                    human_bytes(t.size),
+                    t.pushed
+                ));
+                jtags.push(json!({"image": t.image, "tag": t.tag, "version": t.version,
+                    "size": t.size, "block_size": t.block_size, "pushed": t.pushed}));
+            }
+            let list: Vec<serde_json::Value> = remotes.remotes.iter().map(describe).collect();
+            o.result(
+                json!({"remotes": list, "default": remotes.default, "remote": cfg.name, "tags": jtags}),
+                &text,
+            )
+        }
+    }
+}
+
+pub fn push(store: &Store, a: &PushArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let (image, tag) = name_tag(&a.name_tag)?;
+    let (remotes, cfg, client) = open(store.dir(), a.remote.as_deref())?;
+    let id = store.resolve(&a.name_tag)?;
+    let opts = PushOptions {
+        pack_size: a.pack_size.max(1),
+        jobs: a.jobs.max(1),
+        cache: Some(remotes.cache_dir(&cfg.name)),
+    };
+    let (mut done, mut total) = (0u64, 0u64);
+    let mut out_err = None;
+    let r = store.push(&client, &id, &tag, &opts, &mut |e| {
+        let step = (|| -> Result<(), CliError> {
+            match e {
+                PushEvent::Planned {
+                    blocks,
+                    new_blocks,
+                    new_bytes,
+                    packs,
+                } => {
+                    total = *new_bytes;
+                    o.event(
+                        json!({"type": "planned", "blocks": blocks, "new_blocks": new_blocks,
+                        "new_bytes": new_bytes, "packs": packs}),
+                    )?;
+                    o.start("push", total);
+                }
+                PushEvent::Pack {
+                    pack,
+                    blocks,
+                    bytes,
+                    uploaded,
+                } => {
+                    o.event(json!({"type": "pack", "pack": pack, "blocks": blocks,
+                        "bytes": bytes, "uploaded": uploaded}))?;
+                    done += bytes;
+                    o.progress("push", done, total)?;
+                }
+                PushEvent::Map { bytes, uploaded } => {
+                    o.event(json!({"type": "map", "bytes": bytes, "uploaded": uploaded}))?
+                }
+                PushEvent::Tag { key } => o.event(json!({"type": "tag", "key": key}))?,
+            }
+            Ok(())
+        })();
+        if let Err(err) = step {
+            out_err.get_or_insert(err);
+        }
+    });
+    o.finish();
+    let r = r?;
+    if let Some(e) = out_err {
+        return Err(e);
+    }
+    o.result(
+        json!({"image": image.as_str(), "tag": tag.as_str(), "id": r.id.to_hex(),
+               "remote": cfg.name, "blocks": r.blocks, "new_blocks": r.new_blocks,
+               "packs_uploaded": r.packs_uploaded, "packs_present": r.packs_present,
+               "bytes_uploaded": r.bytes_uploaded, "block_bytes": r.block_bytes,
+               "objects_uploaded": r.objects_uploaded}),
+        &format!(
+            "pushed {image}:{tag} = {} to {}: {} of {} blocks new, {} uploaded in {} objects",
+            r.id.short(),
+            cfg.name,
+            r.new_blocks,
+            r.blocks,
+            human_bytes(r.bytes_uploaded),
+            r.objects_uploaded
+        ),
+    )
+}
+
+pub fn pull(store: &Store, a: &PullArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let (spec, pinned) = match a.spec.split_once('@') {
+        Some((s, id)) => (
+            s,
+            Some(id.parse::<VersionId>().map_err(|_| {
+                CliError::new(2, format!("{id:?} is not a version id (64 hex digits)"))
+            })?),
+        ),
+        None => (a.spec.as_str(), None),
+    };
+    let (image, tag) = name_tag(spec)?;
+    let (remotes, cfg, client) = open(store.dir(), a.remote.as_deref())?;
+    let opts = PullOptions {
+        jobs: a.jobs.max(1),
+        cache: Some(remotes.cache_dir(&cfg.name)),
+    };
+    let (mut done, mut total) = (0u64, 0u64);
+    let mut out_err = None;
+    let r = store.pull(&client, &image, &tag, pinned, &opts, &mut |e| {
+        let step = (|| -> Result<(), CliError> {
+            match e {
+                PullEvent::Planned {
+                    id,
+                    blocks,
+                    wanted_blocks,
+                    wanted_bytes,
+                    requests,
+                } => {
+                    total = *wanted_bytes;
+                    o.event(
+                        json!({"type": "planned", "id": id.to_hex(), "blocks": blocks,
+                        "wanted_blocks": wanted_blocks, "wanted_bytes": wanted_bytes,
+                        "requests": requests}),
+                    )?;
+                    o.start("pull", total);
+                }
+                PullEvent::Fetched { bytes, .. } => {
+                    done += bytes;
+                    o.progress("pull", done, total)?;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(err) = step {
+            out_err.get_or_insert(err);
+        }
+    });
+    o.finish();
+    let r = r?;
+    if let Some(e) = out_err {
+        return Err(e);
+    }
+    o.result(
+        json!({"image": image.as_str(), "tag": tag.as_str(), "id": r.id.to_hex(),
+               "remote": cfg.name, "size": r.size, "blocks": r.blocks,
+               "blocks_fetched": r.blocks_fetched, "bytes_fetched": r.bytes_fetched,
+               "meta_bytes": r.meta_bytes, "requests": r.requests,
+               "already_local": r.already_local}),
+        &format!(
+            "pulled {image}:{tag} = {} from {}: {} of {} blocks fetched ({} in {} requests)",
+            r.id.short(),
+            cfg.name,
+            r.blocks_fetched,
+            r.blocks,
+            human_bytes(r.bytes_fetched),
+            r.requests
+        ),
+    )
+}

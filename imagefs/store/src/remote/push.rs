@@ -1,0 +1,336 @@
+//! push: uploads what a remote lacks of one version, then its map, then (last, the commit
+//! point) its tag. Idempotent and resumable: objects are named by content, and the blocks to
+//! upload are grouped into packs deterministically (in order of first use in the version,
+//! `pack_size / block_size` per pack), so after an interruption the packs left to do are the
+//! same packs, and one already complete is found by name and not sent again.
+
+use std::collections::{BTreeSet, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Mutex};
+
+use super::{
+    check_format, encode_idx, encode_map, idx_key, map_key, pack_key, tag_key, MapHeader, PackLoc,
+    Remote, RemoteIndex, RemoteMap, SyncError, TagObject, DEFAULT_JOBS, DEFAULT_PACK_SIZE, FORMAT,
+    FORMAT_KEY,
+};
+use crate::ids::{BlockHash, Tag, VersionId};
+use crate::Store;
+
+/// How a push runs.
+#[derive(Debug, Clone)]
+pub struct PushOptions {
+    /// Target size of a pack object in bytes.
+    pub pack_size: u64,
+    /// Uploads in flight at most.
+    pub jobs: usize,
+    /// A directory for copies of the remote's pack indexes (immutable, so never stale).
+    pub cache: Option<PathBuf>,
+}
+
+impl Default for PushOptions {
+    fn default() -> Self {
+        PushOptions {
+            pack_size: DEFAULT_PACK_SIZE,
+            jobs: DEFAULT_JOBS,
+            cache: None,
+        }
+    }
+}
+
+/// Progress of a push, in order: one `Planned`, one `Pack` per pack, one `Map`, one `Tag`.
+#[derive(Debug, Clone)]
+pub enum PushEvent {
+    /// What the push will upload.
+    Planned {
+        /// Blocks of the version that are not holes (distinct hashes).
+        blocks: u64,
+        /// Of those, blocks the remote lacks.
+        new_blocks: u64,
+        /// Their bytes.
+        new_bytes: u64,
+        /// Packs they make.
+        packs: u64,
+    },
+    /// One pack is in the remote (with its index).
+    Pack {
+        /// The pack's name (blake3 of its bytes).
+        pack: String,
+        blocks: u64,
+        /// Bytes of the pack object.
+        bytes: u64,
+        /// False when a complete copy was already there (an interrupted push's).
+        uploaded: bool,
+    },
+    /// The version's map is in the remote.
+    Map { bytes: u64, uploaded: bool },
+    /// The tag now names the version (the commit point).
+    Tag { key: String },
+}
+
+/// What a push did.
+#[derive(Debug, Clone)]
+pub struct PushReport {
+    pub id: VersionId,
+    /// Distinct non-hole blocks of the version.
+    pub blocks: u64,
+    /// Blocks uploaded (the remote lacked them).
+    pub new_blocks: u64,
+    /// Packs uploaded by this push.
+    pub packs_uploaded: u64,
+    /// Packs found complete (from an interrupted push).
+    pub packs_present: u64,
+    /// Every byte this push sent: packs, pack indexes, map, tag, format marker.
+    pub bytes_uploaded: u64,
+    /// Of those, bytes of block data.
+    pub block_bytes: u64,
+    /// Objects written.
+    pub objects_uploaded: u64,
+}
+
+struct PackDone {
+    pack: String,
+    entries: Vec<(BlockHash, PackLoc)>,
+    bytes: u64,
+    uploaded_bytes: u64,
+    uploaded: bool,
+    objects: u64,
+}
+
+impl Store {
+    /// Pushes version `id` to `remote` as `IMAGE:tag` (its own image): uploads the blocks the
+    /// remote lacks in packs, the map, and last the tag. `on_event` is called on this thread.
+    pub fn push(
+        &self,
+        remote: &dyn Remote,
+        id: &VersionId,
+        tag: &Tag,
+        opts: &PushOptions,
+        on_event: &mut dyn FnMut(&PushEvent),
+    ) -> Result<PushReport, SyncError> {
+        let v = self.version(id)?;
+        let mut bytes_uploaded = 0u64;
+        let mut objects = 0u64;
+        if !check_format(remote)? {
+            let marker = serde_json::json!({ "format": FORMAT })
+                .to_string()
+                .into_bytes();
+            let len = marker.len() as u64;
+            if remote.put_if_absent(FORMAT_KEY, marker)? {
+                bytes_uploaded += len;
+                objects += 1;
+            }
+        }
+        let n = v.block_count();
+        let mut hashes = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            hashes.push(v.block_hash(i)?);
+        }
+        if let Some(c) = &opts.cache {
+            let _ = std::fs::create_dir_all(c);
+        }
+        let ridx = RemoteIndex::load(remote, opts.cache.as_deref())?;
+        let mut seen = HashSet::new();
+        let mut need = Vec::new();
+        for h in hashes.iter().flatten() {
+            if seen.insert(*h) && !ridx.blocks.contains_key(h) {
+                need.push(*h);
+            }
+        }
+        let bs = u64::from(v.block_size());
+        let per_pack = (opts.pack_size / bs).max(1) as usize;
+        let groups: Vec<&[BlockHash]> = need.chunks(per_pack).collect();
+        on_event(&PushEvent::Planned {
+            blocks: seen.len() as u64,
+            new_blocks: need.len() as u64,
+            new_bytes: need.len() as u64 * bs,
+            packs: groups.len() as u64,
+        });
+        let done = self.upload_packs(remote, &groups, bs, opts.jobs.max(1), on_event)?;
+        let mut located: std::collections::HashMap<BlockHash, String> =
+            std::collections::HashMap::new();
+        let (mut packs_uploaded, mut packs_present, mut block_bytes) = (0, 0, 0);
+        for d in &done {
+            bytes_uploaded += d.uploaded_bytes;
+            objects += d.objects;
+            if d.uploaded {
+                packs_uploaded += 1;
+                block_bytes += d.bytes;
+            } else {
+                packs_present += 1;
+            }
+            for (h, _) in &d.entries {
+                located.insert(*h, d.pack.clone());
+            }
+        }
+        let mut packs = BTreeSet::new();
+        for h in hashes.iter().flatten() {
+            let p = match located.get(h) {
+                Some(p) => p.clone(),
+                None => ridx.blocks.get(h).map(|(p, _)| p.clone()).ok_or_else(|| {
+                    SyncError::Refused(format!("block {} was not uploaded", h.short()))
+                })?,
+            };
+            packs.insert(p);
+        }
+        let map = RemoteMap {
+            header: MapHeader {
+                image: v.image().to_string(),
+                size: v.size(),
+                block_size: v.block_size(),
+                packs: packs.into_iter().collect(),
+            },
+            hashes,
+        };
+        let map_bytes = encode_map(&map);
+        let map_len = map_bytes.len() as u64;
+        let map_uploaded = remote.put_if_absent(&map_key(id), map_bytes)?;
+        if map_uploaded {
+            bytes_uploaded += map_len;
+            objects += 1;
+        }
+        on_event(&PushEvent::Map {
+            bytes: map_len,
+            uploaded: map_uploaded,
+        });
+        let key = tag_key(v.image(), tag);
+        let t = TagObject {
+            format: 1,
+            image: v.image().to_string(),
+            tag: tag.to_string(),
+            version: id.to_hex(),
+            size: v.size(),
+            block_size: v.block_size(),
+            pushed: crate::store::now_secs(),
+        };
+        let tag_bytes = serde_json::to_vec(&t).unwrap_or_default();
+        bytes_uploaded += tag_bytes.len() as u64;
+        objects += 1;
+        remote.put(&key, tag_bytes)?;
+        on_event(&PushEvent::Tag { key });
+        Ok(PushReport {
+            id: *id,
+            blocks: seen.len() as u64,
+            new_blocks: need.len() as u64,
+            packs_uploaded,
+            packs_present,
+            bytes_uploaded,
+            block_bytes,
+            objects_uploaded: objects,
+        })
+    }
+
+    /// Builds and uploads each group as a pack on `jobs` threads; returns them in any order.
+    fn upload_packs(
+        &self,
+        remote: &dyn Remote,
+        groups: &[&[BlockHash]],
+        bs: u64,
+        jobs: usize,
+        on_event: &mut dyn FnMut(&PushEvent),
+    ) -> Result<Vec<PackDone>, SyncError> {
+        let next = Mutex::new(0usize);
+        let stop = AtomicBool::new(false);
+        let (tx, rx) = mpsc::channel::<Result<PackDone, SyncError>>();
+        std::thread::scope(|s| {
+            for _ in 0..jobs.min(groups.len()) {
+                let tx = tx.clone();
+                let (next, stop) = (&next, &stop);
+                s.spawn(move || loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let i = {
+                        let mut g = next.lock().unwrap_or_else(|p| p.into_inner());
+                        let i = *g;
+                        *g += 1;
+                        i
+                    };
+                    let Some(group) = groups.get(i) else {
+                        return;
+                    };
+                    let r = self.upload_pack(remote, group, bs);
+                    if r.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    if tx.send(r).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(tx);
+            let mut out = Vec::with_capacity(groups.len());
+            let mut first_err = None;
+            for r in rx {
+                match r {
+                    Ok(d) => {
+                        on_event(&PushEvent::Pack {
+                            pack: d.pack.clone(),
+                            blocks: d.entries.len() as u64,
+                            bytes: d.bytes,
+                            uploaded: d.uploaded,
+                        });
+                        out.push(d);
+                    }
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        first_err.get_or_insert(e);
+                    }
+                }
+            }
+            match first_err {
+                Some(e) => Err(e),
+                None => Ok(out),
+            }
+        })
+    }
+
+    /// One pack: its blocks read (and verified) from the store, the pack uploaded unless a
+    /// complete copy is there, then its index (never an index before its pack).
+    fn upload_pack(
+        &self,
+        remote: &dyn Remote,
+        group: &[BlockHash],
+        bs: u64,
+    ) -> Result<PackDone, SyncError> {
+        let bsz = bs as usize;
+        let mut data = vec![0u8; group.len() * bsz];
+        let mut entries = Vec::with_capacity(group.len());
+        for (i, (h, buf)) in group.iter().zip(data.chunks_mut(bsz)).enumerate() {
+            self.read_block(h, buf)?;
+            entries.push((
+                *h,
+                PackLoc {
+                    offset: (i * bsz) as u64,
+                    len: bsz as u32,
+                },
+            ));
+        }
+        let pack = blake3::hash(&data).to_hex().to_string();
+        let bytes = data.len() as u64;
+        let (mut uploaded_bytes, mut objects) = (0, 0);
+        let uploaded = match remote.head(&pack_key(&pack))? {
+            Some(len) if len == bytes => false,
+            _ => {
+                remote.put(&pack_key(&pack), data)?;
+                uploaded_bytes += bytes;
+                objects += 1;
+                true
+            }
+        };
+        let idx = encode_idx(&entries);
+        let idx_len = idx.len() as u64;
+        if remote.put_if_absent(&idx_key(&pack), idx)? {
+            uploaded_bytes += idx_len;
+            objects += 1;
+        }
+        Ok(PackDone {
+            pack,
+            entries,
+            bytes,
+            uploaded_bytes,
+            uploaded,
+            objects,
+        })
+    }
+}

@@ -1,0 +1,157 @@
+//! A single-node Garage (the fleet tier's S3 engine, `make garage`) for one test: loopback
+//! only, free ports, everything in a temp dir, one bucket and one key; killed on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use imagefs_store::remote::Remote;
+
+/// Where `make garage` installs it (or the first `garage` on PATH).
+pub fn binary() -> Option<PathBuf> {
+    crate::tool("garage").or_else(|| {
+        let p = PathBuf::from("/usr/local/bin/garage");
+        p.is_file().then_some(p)
+    })
+}
+
+/// A running Garage server.
+pub struct Garage {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    /// http://127.0.0.1:PORT
+    pub endpoint: String,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn hex(seed: &str, n: usize) -> String {
+    crate::noise(seed, n.div_ceil(2))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>()[..n]
+        .to_string()
+}
+
+impl Garage {
+    /// Starts a single node with bucket `bucket` and waits until it answers S3 requests.
+    pub fn start(bucket: &str) -> Garage {
+        let bin = binary().expect("garage binary (make garage)");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+        let seed = format!("{}-{s3}", std::process::id());
+        let conf = format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+             replication_factor = 1\ncompression_level = \"none\"\n\
+             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_secret = \"{secret}\"\n\n[s3_api]\ns3_region = \"garage\"\n\
+             api_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\n\
+             [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+            d = dir.path().display(),
+            secret = hex(&format!("rpc{seed}"), 64),
+        );
+        let conf_path = dir.path().join("garage.toml");
+        std::fs::write(&conf_path, conf).expect("write garage.toml");
+        let key_id = format!("GK{}", hex(&format!("key{seed}"), 24));
+        let secret = hex(&format!("secret{seed}"), 64);
+        let log = std::fs::File::create(dir.path().join("garage.log")).expect("log");
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(&conf_path)
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", &key_id)
+            .env("GARAGE_DEFAULT_SECRET_KEY", &secret)
+            .env("GARAGE_DEFAULT_BUCKET", bucket)
+            .env("RUST_LOG", "garage=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn garage");
+        let g = Garage {
+            child: Some(child),
+            dir,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            bucket: bucket.to_string(),
+            key_id,
+            secret,
+        };
+        g.wait_ready();
+        g
+    }
+
+    fn wait_ready(&self) {
+        let client = self.client("", Duration::from_secs(2));
+        let start = Instant::now();
+        loop {
+            if client.list("").is_ok() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "garage did not answer within 30 s; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Garage's own log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("garage.log")).unwrap_or_default()
+    }
+
+    /// Writes a credentials file for the key (as `remote add --credentials` takes it).
+    pub fn credentials_file(&self, path: &Path) {
+        std::fs::write(
+            path,
+            format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                self.key_id, self.secret
+            ),
+        )
+        .expect("write credentials");
+    }
+
+    /// An S3 client on the bucket (keys under `prefix`), for what a test does behind
+    /// imagefs's back (overwriting an object, watching for a tag).
+    pub fn client(&self, prefix: &str, timeout: Duration) -> imagefs_remote::S3Remote {
+        let cfg = imagefs_remote::RemoteConfig {
+            name: "test".into(),
+            bucket: self.bucket.clone(),
+            prefix: prefix.to_string(),
+            endpoints: vec![self.endpoint.clone()],
+            region: Some("garage".into()),
+            timeout_ms: timeout.as_millis() as u64,
+            credentials_file: false,
+        };
+        let creds = imagefs_remote::Credentials {
+            access_key_id: self.key_id.clone(),
+            secret_access_key: self.secret.clone(),
+            session_token: None,
+        };
+        imagefs_remote::S3Remote::new(&cfg, &creds).expect("S3 client")
+    }
+
+    /// Kills the server (as a lost host) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Garage {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
