@@ -201,6 +201,7 @@ fn a_wrong_byte_in_a_pack_is_an_integrity_error_and_nothing_is_committed() {
         .unwrap();
     let mut bytes = s.remote.get(&key).unwrap();
     bytes[BS + 10] ^= 1;
+    let tampered = crate::BlockHash(*blake3::hash(&bytes[BS..2 * BS]).as_bytes());
     s.remote.put(&key, bytes).unwrap();
     let app = ImageName::new("app").unwrap();
     let e =
@@ -217,6 +218,8 @@ fn a_wrong_byte_in_a_pack_is_an_integrity_error_and_nothing_is_committed() {
     assert_eq!(e.kind(), crate::ErrorKind::Corrupt);
     assert!(s.b.resolve("app:v1").is_err());
     assert!(s.b.version(&s.v1).is_err());
+    // the wrong bytes were not stored, under any name
+    assert!(!s.b.has_block(&tampered).unwrap());
     let f = s.b.fsck(&mut |_, _| {}).unwrap();
     assert!(f.problems.is_empty(), "{:?}", f.problems);
 }
