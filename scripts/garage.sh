@@ -9,7 +9,8 @@ ROOT=${GARAGE_ROOT:-/usr/local}
 BIN="$ROOT/bin/garage"
 CARGO=${CARGO:-cargo}
 
-have() { [ -x "$BIN" ] && "$BIN" --version 2>/dev/null | grep -q "v$VERSION"; }
+# `garage --version` says "garage cargo:2.5.0 [features: ...]" for a cargo-installed build.
+have() { [ -x "$BIN" ] && "$BIN" --version 2>/dev/null | grep -Eq "(^|[^0-9.])${VERSION//./\\.}([^0-9.]|$)"; }
 have && exit 0
 # One build at a time per machine: a second `make garage` waits for the first, then finds it done.
 mkdir -p /var/lock
@@ -19,6 +20,6 @@ have && exit 0
 echo "make garage: building garage $VERSION into $ROOT/bin (cargo install, about 11 minutes on 2 cores, once per machine)"
 TGT=${GARAGE_BUILD_DIR:-/var/tmp/imagefs-garage-build}
 CARGO_TARGET_DIR="$TGT" nice -n 19 "$CARGO" install garage --locked --version "$VERSION" --root "$ROOT" --quiet
-have || { echo "make garage: $BIN --version does not report v$VERSION" >&2; exit 1; }
+have || { echo "make garage: $BIN --version does not report $VERSION" >&2; exit 1; }
 rm -rf "$TGT"
 echo "make garage: installed $("$BIN" --version | head -n1)"
