@@ -128,7 +128,10 @@ impl S3Remote {
             };
             match err {
                 RemoteError::Unreachable(_) | RemoteError::Timeout(_) => {
-                    tracing::warn!(endpoint = %ep, "{err}; trying the next endpoint");
+                    // the last endpoint's failure is the command's one line; say nothing twice
+                    if i + 1 < n {
+                        tracing::warn!(endpoint = %ep, "{err}; trying the next endpoint");
+                    }
                     last = err;
                 }
                 other => return Err(other),
