@@ -147,6 +147,10 @@ fn push_and_pull_move_only_new_blocks_and_a_tampered_pack_stores_nothing() {
     assert_eq!(p2["new_blocks"], changed.len() as u64, "{p2}");
     assert_eq!(p2["block_bytes"], (changed.len() * BS) as u64, "{p2}");
     let meta = p2["bytes_uploaded"].as_u64().unwrap() - p2["block_bytes"].as_u64().unwrap();
+    eprintln!(
+        "remote: push v1 sent {} bytes; push v2 sent {} bytes ({} of blocks, {meta} of metadata)",
+        p1["bytes_uploaded"], p2["bytes_uploaded"], p2["block_bytes"]
+    );
     assert!(
         meta <= 384 * 32 + 4 * 44 + 2048,
         "v2's push sent {meta} bytes of metadata"
@@ -191,6 +195,10 @@ fn push_and_pull_move_only_new_blocks_and_a_tampered_pack_stores_nothing() {
     let r1 = result(&ok(&b, &["pull", "app:v1", "--json"]));
     assert_eq!(r1["blocks_fetched"], distinct_blocks(&i1));
     let r2 = result(&ok(&b, &["pull", "app:v2", "--json"]));
+    eprintln!(
+        "remote: pull v1 fetched {} bytes in {} requests; pull v2 fetched {} bytes in {} requests",
+        r1["bytes_fetched"], r1["requests"], r2["bytes_fetched"], r2["requests"]
+    );
     assert_eq!(r2["blocks_fetched"], changed.len() as u64, "{r2}");
     assert_eq!(r2["bytes_fetched"], (changed.len() * BS) as u64, "{r2}");
     // blocks 7, 8, 9 and 300 lie side by side in v2's pack: one ranged read
@@ -341,6 +349,14 @@ fn a_killed_push_resumes_without_resending_finished_objects_and_no_tag_shows_ear
         }
     }
     let r = result(&out);
+    eprintln!(
+        "remote: killed after {} pack events; {} packs complete ({} indexed) of {total}; the rerun \
+         uploaded {} and found {present} whole without an index",
+        finished.len(),
+        complete.len(),
+        indexed.len(),
+        uploaded.len()
+    );
     assert!(
         uploaded.is_disjoint(&complete),
         "the resumed push uploaded again a pack that was complete"
@@ -396,6 +412,7 @@ fn no_remote_is_exit_2_and_a_stopped_garage_is_exit_1_within_the_deadline() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(code(&out), 1, "{args:?}: {err}");
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        eprintln!("remote: {args:?} with garage stopped: exit 1 after {took:?}");
         assert!(
             took < Duration::from_secs(6),
             "{args:?} took {took:?} (deadline 3 s)"
