@@ -425,5 +425,52 @@ impl RemoteIndex {
     }
 }
 
+/// Runs `work` on each item on up to `jobs` threads, handing each success to `done` on the
+/// calling thread as it comes (in any order); the first failure stops the threads taking new
+/// items and is returned once the running ones have ended.
+fn parallel_each<T: Sync, R: Send>(
+    items: &[T],
+    jobs: usize,
+    work: impl Fn(&T) -> Result<R, SyncError> + Sync,
+    mut done: impl FnMut(R),
+) -> Result<(), SyncError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = std::sync::mpsc::channel::<Result<R, SyncError>>();
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1).min(items.len()) {
+            let tx = tx.clone();
+            let (next, stop, work) = (&next, &stop, &work);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return;
+                    };
+                    let r = work(item);
+                    if r.is_err() {
+                        stop.store(true, Ordering::Relaxed);
+                    }
+                    if tx.send(r).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        drop(tx);
+        let mut first_err = None;
+        for r in rx {
+            match r {
+                Ok(v) => done(v),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    })
+}
+
 #[cfg(test)]
 mod tests;

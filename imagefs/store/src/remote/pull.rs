@@ -5,12 +5,10 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
 
 use super::{
-    check_format, decode_map, integrity, load_idx, map_key, pack_key, tag_key, PackLoc, Remote,
-    RemoteError, SyncError, TagObject, DEFAULT_JOBS, MAX_RANGE,
+    check_format, decode_map, integrity, load_idx, map_key, pack_key, parallel_each, tag_key,
+    PackLoc, Remote, RemoteError, SyncError, TagObject, DEFAULT_JOBS, MAX_RANGE,
 };
 use crate::error::StoreError;
 use crate::ids::{BlockHash, ImageName, Tag, VersionId};
@@ -353,59 +351,21 @@ impl Store {
         jobs: usize,
         on_event: &mut dyn FnMut(&PullEvent),
     ) -> Result<(u64, u64), SyncError> {
-        let next = Mutex::new(0usize);
-        let stop = AtomicBool::new(false);
-        let (tx, rx) = mpsc::channel::<Result<(u64, u64), SyncError>>();
-        std::thread::scope(|s| {
-            for _ in 0..jobs.min(fetches.len()) {
-                let tx = tx.clone();
-                let (next, stop) = (&next, &stop);
-                s.spawn(move || loop {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let i = {
-                        let mut g = next.lock().unwrap_or_else(|p| p.into_inner());
-                        let i = *g;
-                        *g += 1;
-                        i
-                    };
-                    let Some(f) = fetches.get(i) else {
-                        return;
-                    };
-                    let r = self.fetch_one(remote, f, bs);
-                    if r.is_err() {
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                    if tx.send(r).is_err() {
-                        return;
-                    }
+        let (mut blocks, mut bytes) = (0u64, 0u64);
+        parallel_each(
+            fetches,
+            jobs,
+            |f| self.fetch_one(remote, f, bs),
+            |(b, n)| {
+                blocks += b;
+                bytes += n;
+                on_event(&PullEvent::Fetched {
+                    blocks: b,
+                    bytes: n,
                 });
-            }
-            drop(tx);
-            let (mut blocks, mut bytes) = (0u64, 0u64);
-            let mut first_err = None;
-            for r in rx {
-                match r {
-                    Ok((b, n)) => {
-                        blocks += b;
-                        bytes += n;
-                        on_event(&PullEvent::Fetched {
-                            blocks: b,
-                            bytes: n,
-                        });
-                    }
-                    Err(e) => {
-                        stop.store(true, Ordering::Relaxed);
-                        first_err.get_or_insert(e);
-                    }
-                }
-            }
-            match first_err {
-                Some(e) => Err(e),
-                None => Ok((blocks, bytes)),
-            }
-        })
+            },
+        )?;
+        Ok((blocks, bytes))
     }
 
     fn fetch_one(&self, remote: &dyn Remote, f: &Fetch, bs: u32) -> Result<(u64, u64), SyncError> {

@@ -6,13 +6,11 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Mutex};
 
 use super::{
-    check_format, encode_idx, encode_map, idx_key, map_key, pack_key, tag_key, MapHeader, PackLoc,
-    Remote, RemoteIndex, RemoteMap, SyncError, TagObject, DEFAULT_JOBS, DEFAULT_PACK_SIZE, FORMAT,
-    FORMAT_KEY,
+    check_format, encode_idx, encode_map, idx_key, map_key, pack_key, parallel_each, tag_key,
+    MapHeader, PackLoc, Remote, RemoteIndex, RemoteMap, SyncError, TagObject, DEFAULT_JOBS,
+    DEFAULT_PACK_SIZE, FORMAT, FORMAT_KEY,
 };
 use crate::ids::{BlockHash, Tag, VersionId};
 use crate::Store;
@@ -229,60 +227,22 @@ impl Store {
         jobs: usize,
         on_event: &mut dyn FnMut(&PushEvent),
     ) -> Result<Vec<PackDone>, SyncError> {
-        let next = Mutex::new(0usize);
-        let stop = AtomicBool::new(false);
-        let (tx, rx) = mpsc::channel::<Result<PackDone, SyncError>>();
-        std::thread::scope(|s| {
-            for _ in 0..jobs.min(groups.len()) {
-                let tx = tx.clone();
-                let (next, stop) = (&next, &stop);
-                s.spawn(move || loop {
-                    if stop.load(Ordering::Relaxed) {
-                        return;
-                    }
-                    let i = {
-                        let mut g = next.lock().unwrap_or_else(|p| p.into_inner());
-                        let i = *g;
-                        *g += 1;
-                        i
-                    };
-                    let Some(group) = groups.get(i) else {
-                        return;
-                    };
-                    let r = self.upload_pack(remote, group, bs);
-                    if r.is_err() {
-                        stop.store(true, Ordering::Relaxed);
-                    }
-                    if tx.send(r).is_err() {
-                        return;
-                    }
+        let mut out = Vec::with_capacity(groups.len());
+        parallel_each(
+            groups,
+            jobs,
+            |group| self.upload_pack(remote, group, bs),
+            |d| {
+                on_event(&PushEvent::Pack {
+                    pack: d.pack.clone(),
+                    blocks: d.entries.len() as u64,
+                    bytes: d.bytes,
+                    uploaded: d.uploaded,
                 });
-            }
-            drop(tx);
-            let mut out = Vec::with_capacity(groups.len());
-            let mut first_err = None;
-            for r in rx {
-                match r {
-                    Ok(d) => {
-                        on_event(&PushEvent::Pack {
-                            pack: d.pack.clone(),
-                            blocks: d.entries.len() as u64,
-                            bytes: d.bytes,
-                            uploaded: d.uploaded,
-                        });
-                        out.push(d);
-                    }
-                    Err(e) => {
-                        stop.store(true, Ordering::Relaxed);
-                        first_err.get_or_insert(e);
-                    }
-                }
-            }
-            match first_err {
-                Some(e) => Err(e),
-                None => Ok(out),
-            }
-        })
+                out.push(d);
+            },
+        )?;
+        Ok(out)
     }
 
     /// One pack: its blocks read (and verified) from the store, the pack uploaded unless a
