@@ -78,6 +78,7 @@ fuzz:
 # Kill campaigns (not part of `make test`, which runs 20 kills per scenario): CRASH_KILLS
 # (default 1000) kills of each of import, apply, gc, the daemon mid write and mid substitution,
 # and the rollout driver mid-wave, one at a time, then the power-cut test (CRASH_CUTS, default
-# 50). CRASH_SEED replays a run. Prints `CRASH <scenario> kills=N inside=M damage=D seed=S`.
-crashtest:
+# 50; it boots the guest kernel, hence `guest`). CRASH_SEED replays a run. Prints
+# `CRASH <scenario> kills=N inside=M damage=D seed=S` and `POWERCUT cuts=N ... damage=D`.
+crashtest: guest build
 	bash scripts/crashtest.sh
