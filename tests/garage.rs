@@ -44,7 +44,6 @@ fn hex(seed: &str, n: usize) -> String {
 impl Garage {
     /// Starts a single node with bucket `bucket` and waits until it answers S3 requests.
     pub fn start(bucket: &str) -> Garage {
-        let bin = binary().expect("garage binary (make garage)");
         let dir = tempfile::tempdir().expect("temp dir");
         let (s3, rpc, admin) = (free_port(), free_port(), free_port());
         let seed = format!("{}-{s3}", std::process::id());
@@ -62,30 +61,48 @@ impl Garage {
         std::fs::write(&conf_path, conf).expect("write garage.toml");
         let key_id = format!("GK{}", hex(&format!("key{seed}"), 24));
         let secret = hex(&format!("secret{seed}"), 64);
-        let log = std::fs::File::create(dir.path().join("garage.log")).expect("log");
-        let child = Command::new(&bin)
-            .arg("-c")
-            .arg(&conf_path)
-            .args(["server", "--single-node", "--default-bucket"])
-            .env("GARAGE_DEFAULT_ACCESS_KEY", &key_id)
-            .env("GARAGE_DEFAULT_SECRET_KEY", &secret)
-            .env("GARAGE_DEFAULT_BUCKET", bucket)
-            .env("RUST_LOG", "garage=info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn garage");
-        let g = Garage {
-            child: Some(child),
+        let mut g = Garage {
+            child: None,
             dir,
             endpoint: format!("http://127.0.0.1:{s3}"),
             bucket: bucket.to_string(),
             key_id,
             secret,
         };
+        g.spawn();
         g.wait_ready();
         g
+    }
+
+    /// Starts the server process on the config and data in the test's dir.
+    fn spawn(&mut self) {
+        let bin = binary().expect("garage binary (make garage)");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("garage.log"))
+            .expect("log");
+        let child = Command::new(&bin)
+            .arg("-c")
+            .arg(self.dir.path().join("garage.toml"))
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", &self.key_id)
+            .env("GARAGE_DEFAULT_SECRET_KEY", &self.secret)
+            .env("GARAGE_DEFAULT_BUCKET", &self.bucket)
+            .env("RUST_LOG", "garage=info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn garage");
+        self.child = Some(child);
+    }
+
+    /// Starts a stopped server again on the same data (same ports, bucket and key).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+        self.wait_ready();
     }
 
     fn wait_ready(&self) {
