@@ -8,8 +8,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use imagefs_remote::{RemoteConfig, Remotes, RemotesError, S3Remote};
 use imagefs_store::remote::{
-    list_tags, PullEvent, PullOptions, PushEvent, PushOptions, SyncError, DEFAULT_JOBS,
-    DEFAULT_PACK_SIZE,
+    gc, list_tags, tag_key, GcAction, GcOptions, PullEvent, PullOptions, PushEvent, PushOptions,
+    SyncError, DEFAULT_JOBS, DEFAULT_PACK_SIZE,
 };
 use imagefs_store::{Store, VersionId};
 use serde_json::json;
@@ -24,6 +24,11 @@ pub enum RemoteCommand {
     Add(RemoteAddArgs),
     /// List the remotes, and the tags, versions and sizes a remote holds
     Ls(RemoteLsArgs),
+    /// Delete the objects no remote tag reaches: a first pass marks them, a pass at least
+    /// --grace later deletes those still unreachable (a push racing it is never broken)
+    Gc(RemoteGcArgs),
+    /// Remove a tag from a remote (its objects go at a later `remote gc`)
+    Untag(RemoteUntagArgs),
     /// Forget a remote (its bucket is not touched)
     Rm(RemoteNameArgs),
     /// Make a remote the one push and pull use without --remote
@@ -64,6 +69,52 @@ pub struct RemoteLsArgs {
 pub struct RemoteNameArgs {
     /// The remote's name
     pub name: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RemoteGcArgs {
+    /// The remote [default: the default remote]
+    #[arg(long)]
+    pub remote: Option<String>,
+    /// Least time between the pass that marks an unreachable object and the pass that deletes
+    /// it (e.g. 1h, 30m, 10s, 0s); longer than any push or lazy reader relies on an untagged
+    /// version
+    #[arg(long, value_parser = parse_grace, default_value = "1h", value_name = "DURATION")]
+    pub grace: Duration,
+    /// Deletes in flight at most
+    #[arg(long, default_value_t = DEFAULT_JOBS)]
+    pub jobs: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RemoteUntagArgs {
+    /// NAME:TAG to remove from the remote
+    pub name_tag: String,
+    /// The remote [default: the default remote]
+    #[arg(long)]
+    pub remote: Option<String>,
+}
+
+/// A grace period: N followed by ms, s, m, h or d (0 allowed: the next pass may delete).
+fn parse_grace(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    let units: [(&str, u64); 5] = [
+        ("ms", 1),
+        ("s", 1000),
+        ("m", 60_000),
+        ("h", 3_600_000),
+        ("d", 86_400_000),
+    ];
+    let (num, mult) = units
+        .iter()
+        .find_map(|(u, m)| t.strip_suffix(u).map(|n| (n, *m)))
+        .unwrap_or((t, 1000));
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 1h, 30m, 10s, 0s)"))
 }
 
 #[derive(Debug, Clone, Args)]
@@ -119,9 +170,95 @@ fn describe(r: &RemoteConfig) -> serde_json::Value {
            "timeout_ms": r.timeout_ms, "credentials": if r.credentials_file { "file" } else { "environment" }})
 }
 
+/// `imagefs remote gc`: one pass of imagefs_store::remote::gc.
+fn remote_gc(store: &Store, a: &RemoteGcArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let (_, cfg, client) = open(store.dir(), a.remote.as_deref())?;
+    let r = gc(
+        &client,
+        &GcOptions {
+            grace: a.grace,
+            jobs: a.jobs.max(1),
+        },
+    )?;
+    let action = match r.action {
+        GcAction::Empty => "empty",
+        GcAction::Marked => "marked",
+        GcAction::Waiting => "waiting",
+        GcAction::Deleted => "deleted",
+    };
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let when = match r.deletable_at {
+        Some(t) if r.candidates > 0 => format!(
+            "; {} marked ({}), deletable by a gc {}",
+            r.candidates,
+            human_bytes(r.candidate_bytes),
+            if t <= now_ms {
+                "from now on".to_string()
+            } else {
+                format!("in {} s", (t - now_ms).div_ceil(1000))
+            }
+        ),
+        _ => "; nothing marked".to_string(),
+    };
+    let text = match r.action {
+        GcAction::Empty => format!("remote {} holds no imagefs objects", cfg.name),
+        GcAction::Waiting => format!(
+            "gc {}: the grace since the marking pass has not passed, nothing deleted{when}",
+            cfg.name
+        ),
+        GcAction::Marked => format!(
+            "gc {}: first pass over {} tags, {} objects reachable{when}",
+            cfg.name, r.tags, r.reachable
+        ),
+        GcAction::Deleted => format!(
+            "gc {}: deleted {} objects ({}) no tag reaches; {} tags, {} objects reachable{when}",
+            cfg.name,
+            r.deleted,
+            human_bytes(r.deleted_bytes),
+            r.tags,
+            r.reachable
+        ),
+    };
+    o.result(
+        json!({"remote": cfg.name, "action": action, "tags": r.tags, "reachable": r.reachable,
+               "unreachable": r.unreachable, "deleted": r.deleted,
+               "deleted_bytes": r.deleted_bytes, "candidates": r.candidates,
+               "candidate_bytes": r.candidate_bytes, "deletable_at_ms": r.deletable_at,
+               "deletions": r.deletions, "grace_ms": a.grace.as_millis() as u64}),
+        &text,
+    )
+}
+
+/// `imagefs remote untag NAME:TAG`: deletes the tag object (exit 3 when there is none).
+fn untag(store: &Store, a: &RemoteUntagArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let (image, tag) = name_tag(&a.name_tag)?;
+    let (_, cfg, client) = open(store.dir(), a.remote.as_deref())?;
+    let key = tag_key(&image, &tag);
+    // the trait by path: its name is not otherwise needed here
+    if imagefs_store::remote::Remote::head(&client, &key)
+        .map_err(SyncError::from)?
+        .is_none()
+    {
+        return Err(SyncError::NotInRemote(format!("tag {image}:{tag}")).into());
+    }
+    imagefs_store::remote::Remote::delete(&client, &key).map_err(SyncError::from)?;
+    o.result(
+        json!({"remote": cfg.name, "untagged": format!("{image}:{tag}")}),
+        &format!(
+            "removed {image}:{tag} from {} (its objects go at a later remote gc)",
+            cfg.name
+        ),
+    )
+}
+
 pub fn run(store: &Store, cmd: &RemoteCommand, o: &mut Out<'_>) -> Result<(), CliError> {
     let dir = store.dir();
     match cmd {
+        RemoteCommand::Gc(a) => remote_gc(store, a, o),
+        RemoteCommand::Untag(a) => untag(store, a, o),
         RemoteCommand::Add(a) => {
             let (bucket, prefix) = imagefs_remote::parse_url(&a.url)?;
             let mut remotes = Remotes::load(dir)?;

@@ -25,6 +25,7 @@
 //! mismatch is [`SyncError::Integrity`] (exit 5) and stores nothing wrong. Tags are trusted as
 //! far as the bucket's credentials are; `NAME:TAG@VERSION_ID` pins a version by id.
 
+mod gc;
 mod pull;
 mod push;
 
@@ -37,6 +38,10 @@ use thiserror::Error;
 use crate::error::{ErrorKind, StoreError};
 use crate::ids::{BlockHash, ImageName, Tag, VersionId};
 
+pub use gc::{
+    gc, read_state as read_gc_state, GcAction, GcOptions, GcPhase, GcReport, GcState,
+    DEFAULT_GRACE, GC_STATE_KEY,
+};
 pub use pull::{PullEvent, PullOptions, PullReport};
 pub use push::{PushEvent, PushOptions, PushReport};
 
@@ -393,10 +398,12 @@ pub(crate) fn load_idx(
 }
 
 impl RemoteIndex {
-    /// Lists the remote's packs and reads every pack index.
+    /// Lists the remote's packs and reads every pack index, leaving out the packs whose key is
+    /// in `skip` (gc candidates: a push does not build on them).
     pub(crate) fn load(
         remote: &dyn Remote,
         cache: Option<&std::path::Path>,
+        skip: &std::collections::HashSet<String>,
     ) -> Result<RemoteIndex, SyncError> {
         let mut idx = Vec::new();
         let mut packs = std::collections::HashSet::new();
@@ -414,7 +421,7 @@ impl RemoteIndex {
         let mut blocks = std::collections::HashMap::new();
         for p in idx {
             // an index whose pack is gone (gc) names nothing we can read
-            if !packs.contains(&p) {
+            if !packs.contains(&p) || skip.contains(&pack_key(&p)) {
                 continue;
             }
             for (h, loc) in load_idx(remote, cache, &p)? {

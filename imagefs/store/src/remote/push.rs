@@ -7,10 +7,11 @@
 use std::collections::{BTreeSet, HashSet};
 use std::path::PathBuf;
 
+use super::gc::{read_state, settled_state};
 use super::{
     check_format, encode_idx, encode_map, idx_key, map_key, pack_key, parallel_each, tag_key,
-    MapHeader, PackLoc, Remote, RemoteIndex, RemoteMap, SyncError, TagObject, DEFAULT_JOBS,
-    DEFAULT_PACK_SIZE, FORMAT, FORMAT_KEY,
+    GcState, MapHeader, PackLoc, Remote, RemoteIndex, RemoteMap, SyncError, TagObject,
+    DEFAULT_JOBS, DEFAULT_PACK_SIZE, FORMAT, FORMAT_KEY,
 };
 use crate::ids::{BlockHash, Tag, VersionId};
 use crate::Store;
@@ -107,16 +108,24 @@ impl Store {
         on_event: &mut dyn FnMut(&PushEvent),
     ) -> Result<PushReport, SyncError> {
         let v = self.version(id)?;
-        let mut bytes_uploaded = 0u64;
-        let mut objects = 0u64;
+        let mut r = PushReport {
+            id: *id,
+            blocks: 0,
+            new_blocks: 0,
+            packs_uploaded: 0,
+            packs_present: 0,
+            bytes_uploaded: 0,
+            block_bytes: 0,
+            objects_uploaded: 0,
+        };
         if !check_format(remote)? {
             let marker = serde_json::json!({ "format": FORMAT })
                 .to_string()
                 .into_bytes();
             let len = marker.len() as u64;
             if remote.put_if_absent(FORMAT_KEY, marker)? {
-                bytes_uploaded += len;
-                objects += 1;
+                r.bytes_uploaded += len;
+                r.objects_uploaded += 1;
             }
         }
         let n = v.block_count();
@@ -127,7 +136,65 @@ impl Store {
         if let Some(c) = &opts.cache {
             let _ = std::fs::create_dir_all(c);
         }
-        let ridx = RemoteIndex::load(remote, opts.cache.as_deref())?;
+        // Each attempt plans against the gc state read before it; a deletion pass that began
+        // since (seen before or after the tag write) means a new plan (module doc of gc.rs).
+        for _ in 0..PUSH_ATTEMPTS {
+            let before = settled_state(remote)?;
+            let candidates: HashSet<String> = before
+                .as_ref()
+                .map(|s| s.candidates.iter().cloned().collect())
+                .unwrap_or_default();
+            let map =
+                self.push_objects(remote, &v, &hashes, &candidates, opts, &mut r, on_event)?;
+            if GcState::deletion_since(before.as_ref(), read_state(remote)?.as_ref()) {
+                continue;
+            }
+            let key = tag_key(v.image(), tag);
+            let t = TagObject {
+                format: 1,
+                image: v.image().to_string(),
+                tag: tag.to_string(),
+                version: id.to_hex(),
+                size: v.size(),
+                block_size: v.block_size(),
+                pushed: crate::store::now_secs(),
+            };
+            let tag_bytes = serde_json::to_vec(&t).unwrap_or_default();
+            r.bytes_uploaded += tag_bytes.len() as u64;
+            r.objects_uploaded += 1;
+            remote.put(&key, tag_bytes)?;
+            if !GcState::deletion_since(before.as_ref(), read_state(remote)?.as_ref()) {
+                on_event(&PushEvent::Tag { key });
+                return Ok(r);
+            }
+            // A deletion pass began around the tag write: it may have listed the tags before
+            // ours. Once it is over, everything the tag reaches must still be there.
+            settled_state(remote)?;
+            if all_present(remote, id, &map)? {
+                on_event(&PushEvent::Tag { key });
+                return Ok(r);
+            }
+        }
+        Err(SyncError::Refused(format!(
+            "remote gc deleted objects this push needs on each of {PUSH_ATTEMPTS} attempts; \
+             run the push again"
+        )))
+    }
+
+    /// One attempt's uploads: the blocks the remote lacks (gc candidates counted as lacking)
+    /// in packs, then the map. Returns the map's header.
+    #[allow(clippy::too_many_arguments)]
+    fn push_objects(
+        &self,
+        remote: &dyn Remote,
+        v: &crate::version::Version,
+        hashes: &[Option<BlockHash>],
+        candidates: &HashSet<String>,
+        opts: &PushOptions,
+        r: &mut PushReport,
+        on_event: &mut dyn FnMut(&PushEvent),
+    ) -> Result<MapHeader, SyncError> {
+        let ridx = RemoteIndex::load(remote, opts.cache.as_deref(), candidates)?;
         let mut seen = HashSet::new();
         let mut need = Vec::new();
         for h in hashes.iter().flatten() {
@@ -144,18 +211,20 @@ impl Store {
             new_bytes: need.len() as u64 * bs,
             packs: groups.len() as u64,
         });
-        let done = self.upload_packs(remote, &groups, bs, opts.jobs.max(1), on_event)?;
+        r.blocks = seen.len() as u64;
+        r.new_blocks += need.len() as u64;
+        let done =
+            self.upload_packs(remote, &groups, bs, opts.jobs.max(1), candidates, on_event)?;
         let mut located: std::collections::HashMap<BlockHash, String> =
             std::collections::HashMap::new();
-        let (mut packs_uploaded, mut packs_present, mut block_bytes) = (0, 0, 0);
         for d in &done {
-            bytes_uploaded += d.uploaded_bytes;
-            objects += d.objects;
+            r.bytes_uploaded += d.uploaded_bytes;
+            r.objects_uploaded += d.objects;
             if d.uploaded {
-                packs_uploaded += 1;
-                block_bytes += d.bytes;
+                r.packs_uploaded += 1;
+                r.block_bytes += d.bytes;
             } else {
-                packs_present += 1;
+                r.packs_present += 1;
             }
             for (h, _) in &d.entries {
                 located.insert(*h, d.pack.clone());
@@ -178,44 +247,35 @@ impl Store {
                 block_size: v.block_size(),
                 packs: packs.into_iter().collect(),
             },
-            hashes,
+            hashes: hashes.to_vec(),
         };
         let map_bytes = encode_map(&map);
         let map_len = map_bytes.len() as u64;
-        let map_uploaded = remote.put_if_absent(&map_key(id), map_bytes)?;
+        let mkey = map_key(&v.id());
+        // A map already there is kept only when it is this one: one a gc marked, or one naming
+        // packs since deleted (an earlier push's), is rewritten.
+        let map_uploaded = if candidates.contains(&mkey) {
+            remote.put(&mkey, map_bytes)?;
+            true
+        } else {
+            match remote.get(&mkey) {
+                Ok(old) if old == map_bytes => false,
+                Ok(_) | Err(super::RemoteError::NotFound { .. }) => {
+                    remote.put(&mkey, map_bytes)?;
+                    true
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
         if map_uploaded {
-            bytes_uploaded += map_len;
-            objects += 1;
+            r.bytes_uploaded += map_len;
+            r.objects_uploaded += 1;
         }
         on_event(&PushEvent::Map {
             bytes: map_len,
             uploaded: map_uploaded,
         });
-        let key = tag_key(v.image(), tag);
-        let t = TagObject {
-            format: 1,
-            image: v.image().to_string(),
-            tag: tag.to_string(),
-            version: id.to_hex(),
-            size: v.size(),
-            block_size: v.block_size(),
-            pushed: crate::store::now_secs(),
-        };
-        let tag_bytes = serde_json::to_vec(&t).unwrap_or_default();
-        bytes_uploaded += tag_bytes.len() as u64;
-        objects += 1;
-        remote.put(&key, tag_bytes)?;
-        on_event(&PushEvent::Tag { key });
-        Ok(PushReport {
-            id: *id,
-            blocks: seen.len() as u64,
-            new_blocks: need.len() as u64,
-            packs_uploaded,
-            packs_present,
-            bytes_uploaded,
-            block_bytes,
-            objects_uploaded: objects,
-        })
+        Ok(map.header)
     }
 
     /// Builds and uploads each group as a pack on `jobs` threads; returns them in any order.
@@ -225,13 +285,14 @@ impl Store {
         groups: &[&[BlockHash]],
         bs: u64,
         jobs: usize,
+        candidates: &HashSet<String>,
         on_event: &mut dyn FnMut(&PushEvent),
     ) -> Result<Vec<PackDone>, SyncError> {
         let mut out = Vec::with_capacity(groups.len());
         parallel_each(
             groups,
             jobs,
-            |group| self.upload_pack(remote, group, bs),
+            |group| self.upload_pack(remote, group, bs, candidates),
             |d| {
                 on_event(&PushEvent::Pack {
                     pack: d.pack.clone(),
@@ -252,6 +313,7 @@ impl Store {
         remote: &dyn Remote,
         group: &[BlockHash],
         bs: u64,
+        candidates: &HashSet<String>,
     ) -> Result<PackDone, SyncError> {
         let bsz = bs as usize;
         let mut data = vec![0u8; group.len() * bsz];
@@ -269,8 +331,10 @@ impl Store {
         let pack = blake3::hash(&data).to_hex().to_string();
         let bytes = data.len() as u64;
         let (mut uploaded_bytes, mut objects) = (0, 0);
+        // a pack a gc marked is rewritten, not taken as there (gc.rs)
+        let marked = candidates.contains(&pack_key(&pack));
         let uploaded = match remote.head(&pack_key(&pack))? {
-            Some(len) if len == bytes => false,
+            Some(len) if len == bytes && !marked => false,
             _ => {
                 remote.put(&pack_key(&pack), data)?;
                 uploaded_bytes += bytes;
@@ -280,7 +344,13 @@ impl Store {
         };
         let idx = encode_idx(&entries);
         let idx_len = idx.len() as u64;
-        if remote.put_if_absent(&idx_key(&pack), idx)? {
+        let idx_written = if candidates.contains(&idx_key(&pack)) {
+            remote.put(&idx_key(&pack), idx)?;
+            true
+        } else {
+            remote.put_if_absent(&idx_key(&pack), idx)?
+        };
+        if idx_written {
             uploaded_bytes += idx_len;
             objects += 1;
         }
@@ -293,4 +363,20 @@ impl Store {
             objects,
         })
     }
+}
+
+/// Pushes a version at most this many times over when gc passes keep deleting what it needs.
+const PUSH_ATTEMPTS: usize = 4;
+
+/// True when the map of `id` and every pack and index its header names are in the remote.
+fn all_present(remote: &dyn Remote, id: &VersionId, map: &MapHeader) -> Result<bool, SyncError> {
+    if remote.head(&map_key(id))?.is_none() {
+        return Ok(false);
+    }
+    for p in &map.packs {
+        if remote.head(&pack_key(p))?.is_none() || remote.head(&idx_key(p))?.is_none() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
