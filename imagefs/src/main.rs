@@ -80,6 +80,7 @@ fn main() -> ExitCode {
         Command::Mount(cmd) => mount::cmd::run_dir(&dir, cmd, json, &mut out, run_forwarded),
         Command::Vm(cmd) => imagefs_store::Store::open(&dir)
             .map_err(cli::CliError::from)
+            .inspect(|s| cli::remote::attach(s, false))
             .and_then(|s| vm::run(&mount::Ctx::offline(s), cmd, json, &mut out)),
         Command::Agent(_) | Command::Rollout(_) => return ExitCode::from(2),
     };

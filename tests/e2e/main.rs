@@ -7,6 +7,7 @@ mod fullguest;
 mod mount;
 mod powercut;
 mod remote;
+mod remote_lazy;
 mod rollout;
 mod store;
 mod vm;

@@ -67,8 +67,8 @@ pub fn ls(store: &Store, a: &LsArgs, o: &mut Out<'_>) -> Result<(), CliError> {
     }
     let mut jversions = Vec::new();
     let mut text = format!(
-        "{:<20} {:<16} {:<14} {:>12} CREATED\n",
-        "IMAGE", "TAGS", "VERSION", "SIZE"
+        "{:<20} {:<16} {:<14} {:>12} {:>7} CREATED\n",
+        "IMAGE", "TAGS", "VERSION", "SIZE", "LOCAL"
     );
     for v in store
         .versions()?
@@ -76,12 +76,27 @@ pub fn ls(store: &Store, a: &LsArgs, o: &mut Out<'_>) -> Result<(), CliError> {
         .filter(|v| wanted(v.image.as_str()))
     {
         let tags = tags_of.get(&v.id).cloned().unwrap_or_default();
+        // how much of a lazy version is in this store (the rest is in its remote)
+        let (local, remote) = match store.lazy_status(&v.id)? {
+            Some(s) if s.blocks > 0 => (
+                (s.blocks - s.absent.min(s.blocks)) as f64 / s.blocks as f64,
+                Some(s.remote),
+            ),
+            _ => (1.0, None),
+        };
         jversions.push(json!({
             "id": v.id.to_hex(), "image": v.image.as_str(), "size": v.size,
             "block_size": v.block_size, "created": v.created, "tags": tags,
+            "local": local, "lazy_remote": remote,
         }));
+        let pct = local * 100.0;
+        let local_s = if pct >= 100.0 || pct == 0.0 || pct >= 10.0 {
+            format!("{pct:.0}%")
+        } else {
+            format!("{pct:.1}%")
+        };
         text.push_str(&format!(
-            "{:<20} {:<16} {:<14} {:>12} {}\n",
+            "{:<20} {:<16} {:<14} {:>12} {:>7} {}\n",
             v.image.as_str(),
             if tags.is_empty() {
                 "-".to_string()
@@ -90,6 +105,7 @@ pub fn ls(store: &Store, a: &LsArgs, o: &mut Out<'_>) -> Result<(), CliError> {
             },
             v.id.short(),
             human_bytes(v.size),
+            local_s,
             v.created
         ));
     }

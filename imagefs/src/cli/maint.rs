@@ -126,7 +126,14 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
         r.flat_copies,
         human_bytes(r.flat_bytes_checked),
         human_bytes(r.instance_bytes_checked),
-        if r.problems.is_empty() {
+        if r.remote_blocks > 0 {
+            // a lazy version's absent blocks are in its remote: fetched on first read
+            format!(
+                "{} blocks remote (lazy versions), {}",
+                r.remote_blocks,
+                if r.problems.is_empty() { "clean" } else { "" }
+            )
+        } else if r.problems.is_empty() {
             "clean".to_string()
         } else {
             format!("{} problems", r.problems.len())
@@ -138,7 +145,8 @@ pub fn fsck(store: &Store, repaired: bool, o: &mut Out<'_>) -> Result<(), CliErr
                "nodes": r.nodes, "bytes_checked": r.bytes_checked, "problems": problems,
                "flat_copies": r.flat_copies, "flat_bytes_checked": r.flat_bytes_checked,
                "flat_removed": flat_removed,
-               "instance_bytes_checked": r.instance_bytes_checked}),
+               "instance_bytes_checked": r.instance_bytes_checked,
+               "remote_blocks": r.remote_blocks}),
         &text,
     )?;
     if ok {

@@ -235,6 +235,7 @@ pub fn run_dir(
         }
         _ => {
             let store = Store::open(dir)?;
+            remote::attach(&store, false);
             // No daemon holds the store (the caller forwards otherwise): these instances are
             // the only live ones.
             let instances = imagefs_store::instance::Instances::new(&store);

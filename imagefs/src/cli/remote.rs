@@ -2,14 +2,16 @@
 //! format and the algorithms are imagefs_store::remote; the S3 client is imagefs-remote.
 //! Credentials are never printed: only the remote's name, URL and endpoints are.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use imagefs_remote::{RemoteConfig, Remotes, RemotesError, S3Remote};
 use imagefs_store::remote::{
-    gc, list_tags, tag_key, GcAction, GcOptions, PullEvent, PullOptions, PushEvent, PushOptions,
-    SyncError, DEFAULT_JOBS, DEFAULT_PACK_SIZE,
+    gc, list_tags, tag_key, Counters, GcAction, GcOptions, PullEvent, PullOptions, PushEvent,
+    PushOptions, Remote, RemoteError, RemoteSource, SyncError, DEFAULT_JOBS, DEFAULT_PACK_SIZE,
 };
 use imagefs_store::{Store, VersionId};
 use serde_json::json;
@@ -33,6 +35,9 @@ pub enum RemoteCommand {
     Rm(RemoteNameArgs),
     /// Make a remote the one push and pull use without --remote
     Default(RemoteNameArgs),
+    /// Fetch counters of lazy reads, prefetches and pulls: requests, bytes and blocks fetched,
+    /// cache hits, integrity errors; in total and per version
+    Stats(RemoteLsArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -142,6 +147,10 @@ pub struct PullArgs {
     /// Requests in flight at most
     #[arg(long, default_value_t = DEFAULT_JOBS)]
     pub jobs: usize,
+    /// Record the version (its verified block map) without its blocks: readable through the
+    /// mount at once, each block fetched on its first read (`imagefs prefetch` fetches the rest)
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 impl From<RemotesError> for CliError {
@@ -314,6 +323,7 @@ pub fn run(store: &Store, cmd: &RemoteCommand, o: &mut Out<'_>) -> Result<(), Cl
                 &format!("default remote: {}", a.name),
             )
         }
+        RemoteCommand::Stats(a) => stats(store, a, o),
         RemoteCommand::Ls(a) => {
             let (remotes, cfg, client) = open(dir, a.remote.as_deref())?;
             let tags = list_tags(&client)?;
@@ -444,7 +454,26 @@ pub fn pull(store: &Store, a: &PullArgs, o: &mut Out<'_>) -> Result<(), CliError
     let opts = PullOptions {
         jobs: a.jobs.max(1),
         cache: Some(remotes.cache_dir(&cfg.name)),
+        remote_name: cfg.name.clone(),
     };
+    if a.lazy {
+        let started = std::time::Instant::now();
+        let r = store.pull_lazy(&client, &cfg.name, &image, &tag, pinned, &opts)?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        return o.result(
+            json!({"image": image.as_str(), "tag": tag.as_str(), "id": r.id.to_hex(),
+                   "remote": cfg.name, "size": r.size, "blocks": r.blocks, "lazy": true,
+                   "blocks_fetched": 0, "bytes_fetched": 0, "meta_bytes": r.meta_bytes,
+                   "already_local": r.already_local, "ms": ms}),
+            &format!(
+                "pulled {image}:{tag} = {} from {} lazily in {ms:.0} ms: {} blocks, fetched on first read ({} of metadata)",
+                r.id.short(),
+                cfg.name,
+                r.blocks,
+                human_bytes(r.meta_bytes)
+            ),
+        );
+    }
     let (mut done, mut total) = (0u64, 0u64);
     let mut out_err = None;
     let r = store.pull(&client, &image, &tag, pinned, &opts, &mut |e| {
@@ -497,4 +526,92 @@ pub fn pull(store: &Store, a: &PullArgs, o: &mut Out<'_>) -> Result<(), CliError
             r.requests
         ),
     )
+}
+
+/// `imagefs remote stats`: the store's fetch counters for one remote.
+fn stats(store: &Store, a: &RemoteLsArgs, o: &mut Out<'_>) -> Result<(), CliError> {
+    let remotes = Remotes::load(store.dir())?;
+    let cfg = remotes.pick(a.remote.as_deref())?;
+    let all = store.remote_stats();
+    let r = all.remotes.get(&cfg.name).cloned().unwrap_or_default();
+    let line = |name: &str, c: &Counters| {
+        format!(
+            "{name:<18} {:>9} {:>12} {:>9} {:>10} {:>9}\n",
+            c.requests,
+            human_bytes(c.bytes_fetched),
+            c.blocks_fetched,
+            c.cache_hits,
+            c.integrity_errors
+        )
+    };
+    let mut text = format!(
+        "remote {}:\n{:<18} {:>9} {:>12} {:>9} {:>10} {:>9}\n",
+        cfg.name, "VERSION", "REQUESTS", "FETCHED", "BLOCKS", "CACHE_HITS", "INTEGRITY"
+    );
+    let mut versions = serde_json::Map::new();
+    for (v, c) in &r.versions {
+        text.push_str(&line(&v.chars().take(12).collect::<String>(), c));
+        versions.insert(v.clone(), counters_json(c));
+    }
+    text.push_str(&line("total", &r.total));
+    o.result(
+        json!({"remote": cfg.name, "total": counters_json(&r.total), "versions": versions}),
+        text.trim_end(),
+    )
+}
+
+fn counters_json(c: &Counters) -> serde_json::Value {
+    json!({"requests": c.requests, "bytes_fetched": c.bytes_fetched,
+           "blocks_fetched": c.blocks_fetched, "cache_hits": c.cache_hits,
+           "integrity_errors": c.integrity_errors})
+}
+
+/// A remote's client and its deadline.
+type Client = (Arc<dyn Remote>, Duration);
+
+/// The clients of a store's remotes, built from its remotes configuration on first use (the
+/// daemon builds them at mount time): the store's lazy reads fetch through them.
+struct Clients {
+    dir: PathBuf,
+    built: Mutex<HashMap<String, Client>>,
+}
+
+impl RemoteSource for Clients {
+    fn remote(&self, name: &str) -> Result<(Arc<dyn Remote>, Duration), RemoteError> {
+        let mut built = self.built.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((r, d)) = built.get(name) {
+            return Ok((r.clone(), *d));
+        }
+        let remotes = Remotes::load(&self.dir).map_err(|e| RemoteError::Config(e.to_string()))?;
+        let cfg = remotes
+            .pick(Some(name))
+            .map_err(|e| RemoteError::Config(e.to_string()))?;
+        let creds = remotes
+            .credentials(cfg)
+            .map_err(|e| RemoteError::Config(e.to_string()))?;
+        let client: Arc<dyn Remote> =
+            Arc::new(S3Remote::new(cfg, &creds).map_err(|e| RemoteError::Config(e.to_string()))?);
+        built.insert(name.to_string(), (client.clone(), cfg.timeout()));
+        Ok((client, cfg.timeout()))
+    }
+}
+
+/// Hands `store` the clients of its remotes, so lazy versions can be read. With `eager` (the
+/// daemon at mount time) each configured remote's client is built now; failures are logged
+/// and retried on first use.
+pub fn attach(store: &Store, eager: bool) {
+    let clients = Arc::new(Clients {
+        dir: store.dir().to_path_buf(),
+        built: Mutex::new(HashMap::new()),
+    });
+    if eager {
+        if let Ok(remotes) = Remotes::load(store.dir()) {
+            for r in &remotes.remotes {
+                if let Err(e) = clients.remote(&r.name) {
+                    tracing::warn!(remote = %r.name, "no client for lazy reads yet: {e}");
+                }
+            }
+        }
+    }
+    store.set_remote_source(clients);
 }

@@ -249,6 +249,8 @@ fn serve(
     // Before any thread starts, so every thread inherits the blocked set.
     let signals = signals::block_stop_signals().map_err(DaemonError::Setup)?;
     let store = Arc::new(Store::open(&cfg.store_dir)?);
+    // lazy versions read through the remotes' clients, built now from the store's config
+    crate::cli::remote::attach(&store, true);
     match cfg.reserve {
         None => {}
         Some(crate::cli::Reserve::Bytes(b)) => store.set_reserve(b),
@@ -338,6 +340,7 @@ fn serve(
     let served = session.run();
     life.on(Event::SessionEnded);
     let flushed = instances.flush_all(&store);
+    store.flush_remote_stats();
     let _ = std::fs::remove_file(control::socket_path(&cfg.store_dir));
     life.on(Event::Closed);
     tracing::info!("unmounted; store closed");

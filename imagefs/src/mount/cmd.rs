@@ -52,6 +52,14 @@ pub struct PrefetchArgs {
     /// List the flat copies held instead.
     #[arg(long, conflicts_with = "versions")]
     pub list: bool,
+    /// Return at once; the blocks are fetched and the copy built in the background (by the
+    /// daemon, else by a detached imagefs process)
+    #[arg(long)]
+    pub background: bool,
+    /// The remote a lazy version's missing blocks are fetched from [default: the one it was
+    /// pulled from]
+    #[arg(long)]
+    pub remote: Option<String>,
 }
 
 /// Runs `cmd` in a CLI process that holds no store yet (no daemon runs for `dir`).
@@ -98,7 +106,9 @@ pub fn run_dir(
             Ok(())
         }
         _ => {
-            let ctx = Ctx::offline(imagefs_store::Store::open(dir)?);
+            let store = imagefs_store::Store::open(dir)?;
+            crate::cli::remote::attach(&store, false);
+            let ctx = Ctx::offline(store);
             run(&ctx, cmd, json, out)
         }
     }
@@ -265,17 +275,41 @@ fn prefetch(ctx: &Ctx, a: &PrefetchArgs, json: bool, out: &mut dyn Write) -> Res
         .map_err(io_err);
     }
     let mut done = Vec::new();
-    for spec in &a.versions {
-        let id = ctx.store.resolve(spec)?;
+    let ids = a
+        .versions
+        .iter()
+        .map(|s| ctx.store.resolve(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    if a.background {
+        return prefetch_background(ctx, a, &ids, flat, json, out);
+    }
+    for (spec, id) in a.versions.iter().zip(&ids) {
         let started = Instant::now();
-        flat.ensure(&id).map_err(flat_err)?;
+        // a lazy version's missing blocks first: no copy is built before all are local
+        let fetched = ctx.store.fetch_missing(
+            id,
+            None,
+            a.remote.as_deref(),
+            imagefs_store::remote::DEFAULT_JOBS,
+        )?;
+        flat.ensure(id).map_err(flat_err)?;
         let ms = started.elapsed().as_secs_f64() * 1e3;
         if json {
-            done.push(json!({ "version": spec, "id": id.to_string(), "ms": ms }));
+            done.push(json!({ "version": spec, "id": id.to_string(), "ms": ms,
+                "blocks_fetched": fetched.blocks, "bytes_fetched": fetched.bytes }));
         } else {
+            let got = if fetched.blocks > 0 {
+                format!(
+                    "fetched {} block(s) ({}), ",
+                    fetched.blocks,
+                    human_bytes(fetched.bytes)
+                )
+            } else {
+                String::new()
+            };
             writeln!(
                 out,
-                "{spec} ({}): flat copy ready in {ms:.0} ms",
+                "{spec} ({}): {got}flat copy ready in {ms:.0} ms",
                 id.short()
             )
             .map_err(io_err)?;
@@ -285,6 +319,72 @@ fn prefetch(ctx: &Ctx, a: &PrefetchArgs, json: bool, out: &mut dyn Write) -> Res
         writeln!(out, "{}", json!({ "prefetched": done })).map_err(io_err)?;
     }
     Ok(())
+}
+
+/// `prefetch --background`: the daemon runs it on a thread of its own; without a daemon a
+/// detached `imagefs prefetch` (which then holds the store until done) does.
+fn prefetch_background(
+    ctx: &Ctx,
+    a: &PrefetchArgs,
+    ids: &[imagefs_store::VersionId],
+    flat: std::sync::Arc<FlatCache>,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CliError> {
+    if ctx.live.is_some() {
+        let store = ctx.store.clone();
+        let (ids, remote) = (ids.to_vec(), a.remote.clone());
+        std::thread::Builder::new()
+            .name("prefetch".to_string())
+            .spawn(move || {
+                for id in ids {
+                    let r = store
+                        .fetch_missing(
+                            &id,
+                            None,
+                            remote.as_deref(),
+                            imagefs_store::remote::DEFAULT_JOBS,
+                        )
+                        .map_err(FlatError::from)
+                        .and_then(|_| flat.ensure(&id));
+                    if let Err(e) = r {
+                        tracing::error!(id = %id.short(), "background prefetch failed: {e}");
+                    }
+                }
+            })
+            .map_err(|e| CliError::new(1, format!("cannot start a prefetch thread: {e}")))?;
+    } else {
+        drop(flat);
+        let exe = std::env::current_exe()
+            .map_err(|e| CliError::new(1, format!("cannot find the imagefs binary: {e}")))?;
+        let mut cmd = std::process::Command::new(exe);
+        cmd.arg("--store").arg(ctx.store.dir()).arg("prefetch");
+        if let Some(r) = &a.remote {
+            cmd.args(["--remote", r]);
+        }
+        cmd.args(ids.iter().map(|i| i.to_hex()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        // The child takes the store's lock once this process has let it go.
+        cmd.spawn()
+            .map_err(|e| CliError::new(1, format!("cannot start a background prefetch: {e}")))?;
+    }
+    let list: Vec<String> = ids.iter().map(|i| i.to_hex()).collect();
+    if json {
+        writeln!(
+            out,
+            "{}",
+            json!({"type": "result", "background": true, "versions": list})
+        )
+    } else {
+        writeln!(
+            out,
+            "prefetching {} version(s) in the background",
+            list.len()
+        )
+    }
+    .map_err(io_err)
 }
 
 /// `imagefs mount MOUNTPOINT`.
@@ -371,6 +471,10 @@ pub struct SubstituteArgs {
     /// Report what would change; change nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// The remote a lazy target's changed blocks are fetched from [default: the one it was
+    /// pulled from]
+    #[arg(long)]
+    pub remote: Option<String>,
 }
 
 /// `imagefs log INSTANCE`.
@@ -535,6 +639,19 @@ pub fn substitute(
     let target = store.version(&target_id)?;
     let target = ctx.instances.live_version(&target_id).unwrap_or(target);
     let inst = ctx.instances.get(store, &id)?;
+    // A lazy target: its changed blocks are fetched (bounded parallel) before the switch, so
+    // the switch itself never waits on the network.
+    let mut fetched = imagefs_store::remote::FetchReport::default();
+    if !a.dry_run && store.is_lazy(&target_id)? {
+        let base = inst.view().base().id();
+        let changed = store.diff(&base, &target_id)?;
+        fetched = store.fetch_missing(
+            &target_id,
+            Some(&changed),
+            a.remote.as_deref(),
+            imagefs_store::remote::DEFAULT_JOBS,
+        )?;
+    }
     let prepare_us = t.elapsed().as_micros() as u64;
     let policy = match (a.force, a.keep_local) {
         (true, _) => ConflictPolicy::Force,
@@ -592,6 +709,8 @@ pub fn substitute(
         let mut v = serde_json::to_value(&outcome).map_err(|e| io_err(e.into()))?;
         if let Some(obj) = v.as_object_mut() {
             obj.insert("type".into(), json!("result"));
+            obj.insert("bytes_fetched".into(), json!(fetched.bytes));
+            obj.insert("blocks_fetched".into(), json!(fetched.blocks));
             if let Some(times) = obj.get_mut("times").and_then(|t| t.as_object_mut()) {
                 times.insert("prepare_us".into(), json!(prepare_us));
                 times.insert("invalidate_us".into(), json!(invalidate_us));
@@ -626,6 +745,15 @@ pub fn substitute(
         }
         for r in &outcome.conflicts {
             writeln!(text, "  conflict: bytes {} +{}", r.offset, r.len).map_err(io_err)?;
+        }
+        if fetched.blocks > 0 {
+            writeln!(
+                text,
+                "  fetched {} block(s), {} from the remote first",
+                fetched.blocks,
+                human_bytes(fetched.bytes)
+            )
+            .map_err(io_err)?;
         }
         crate::vm::notify::describe(&guest, &mut text).map_err(io_err)?;
         out.write_all(&text).map_err(io_err)?;

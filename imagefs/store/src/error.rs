@@ -138,6 +138,13 @@ pub enum StoreError {
     /// the tag is in use
     #[error("{0}")]
     Refused(String),
+    /// a lazy version's block could not be fetched from its remote (unreachable past the
+    /// remote's deadline, no client, no such object)
+    #[error("fetching {key} from the remote: {why}")]
+    RemoteFetch { key: String, why: String },
+    /// bytes a remote sent do not match their hash (nothing from them was stored)
+    #[error("integrity error: {key}: {why} (nothing from it was stored)")]
+    RemoteIntegrity { key: String, why: String },
 }
 
 impl StoreError {
@@ -145,7 +152,8 @@ impl StoreError {
     pub fn kind(&self) -> ErrorKind {
         use StoreError::*;
         match self {
-            Io { .. } | NoSpace { .. } => ErrorKind::Io,
+            Io { .. } | NoSpace { .. } | RemoteFetch { .. } => ErrorKind::Io,
+            RemoteIntegrity { .. } => ErrorKind::Corrupt,
             Index(_) | IndexInconsistent(_) | MissingObject { .. } | CorruptObject { .. } => {
                 ErrorKind::Corrupt
             }

@@ -262,6 +262,11 @@ impl FlatCache {
         if st.copies.contains_key(id) || st.pending.contains_key(id) || st.failed.contains_key(id) {
             return;
         }
+        // building would fetch every block of a lazy version in the background: wait until
+        // its blocks are local (prefetch, or reads)
+        if !matches!(self.store.is_lazy(id), Ok(false)) {
+            return;
+        }
         if self.queue.send(*id).is_ok() {
             st.pending.insert(*id, Pending::Queued);
         } else {
@@ -439,6 +444,12 @@ impl FlatCache {
     }
 
     fn build(&self, id: &VersionId) -> Result<Arc<File>, FlatError> {
+        if self.store.is_lazy(id)? {
+            return Err(FlatError::Failed(format!(
+                "version {} is lazy: some of its blocks are only in its remote (imagefs prefetch fetches them)",
+                id.short()
+            )));
+        }
         let version = self.store.version(id)?;
         let size = version.size();
         // at most this much gets allocated (the tail block is allocated whole)

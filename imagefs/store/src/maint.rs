@@ -56,6 +56,9 @@ pub struct FsckReport {
     pub flat_removed: Vec<Problem>,
     /// Bytes of instance data slots checked against their checksums.
     pub instance_bytes_checked: u64,
+    /// Blocks of lazy versions that are only in their remote (not missing: a read fetches
+    /// them), counted once each.
+    pub remote_blocks: u64,
 }
 
 /// Per pack: live objects to keep, dead keys to drop, bytes the index accounts for.
@@ -256,6 +259,7 @@ impl Store {
             crate::fault::point("gc.dropped");
         }
         for id in &report.versions_removed {
+            inner.lazy_forget(id);
             // with no mount to prune it, fsck would report the copy of a dropped version; a
             // mount's cache (which prunes after gc) keeps reading a file unlinked under it
             if let Err(e) = flat::remove_copy(&inner.dir, id) {
@@ -482,11 +486,26 @@ impl Store {
             for (idx, h) in blocks {
                 report.blocks += 1;
                 let status = seen.entry(h).or_insert_with(|| {
-                    report.bytes_checked += bs as u64;
-                    inner
-                        .read_object(ObjKind::Block, &h, &mut buf)
-                        .err()
-                        .map(|e| e.to_string())
+                    match inner.read_object(ObjKind::Block, &h, &mut buf) {
+                        Ok(()) => {
+                            report.bytes_checked += bs as u64;
+                            None
+                        }
+                        // a lazy version's block the remote holds: "remote", not missing
+                        Err(StoreError::MissingObject { .. })
+                            if inner.lazy.active() && {
+                                let b = BlockHash(h);
+                                self.is_remote_block(&b).unwrap_or(false)
+                            } =>
+                        {
+                            report.remote_blocks += 1;
+                            None
+                        }
+                        Err(e) => {
+                            report.bytes_checked += bs as u64;
+                            Some(e.to_string())
+                        }
+                    }
                 });
                 if let Some(detail) = status {
                     report.problems.push(Problem {

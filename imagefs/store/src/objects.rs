@@ -56,7 +56,7 @@ impl Inner {
             Some(b) => b,
             None => {
                 let mut b = vec![0u8; bs];
-                self.read_object(ObjKind::Block, hash, &mut b)?;
+                self.read_block_fetching(hash, &mut b)?;
                 let b = std::sync::Arc::new(b);
                 self.block_cache.insert(*hash, b.clone());
                 b

@@ -82,6 +82,8 @@ pub(crate) struct Inner {
     pub gc_roots: Mutex<Vec<std::sync::Weak<dyn crate::maint::GcRoots>>>,
     /// Free space kept on the store's filesystem for metadata.
     pub reserve: crate::space::Reserve,
+    /// Lazy versions: where their absent blocks are, the remotes' clients, fetch counters.
+    pub lazy: crate::remote::lazy::Lazy,
     _lock: File,
 }
 
@@ -318,6 +320,7 @@ impl Store {
                 gc_roots: Mutex::new(Vec::new()),
                 block_cache: crate::cache::BlockCache::new(),
                 reserve: crate::space::Reserve::new(dir.to_path_buf()),
+                lazy: crate::remote::lazy::Lazy::new(dir),
                 _lock: lock,
             }),
         })
@@ -454,8 +457,9 @@ impl Store {
 
     /// Reads the block named `hash` into `buf` (its full length) and checks it against the
     /// hash: `Corrupt` if it does not match, `MissingObject` if the store lacks it.
+    /// A lazy version's absent block is fetched from its remote first.
     pub fn read_block(&self, hash: &BlockHash, buf: &mut [u8]) -> Result<(), StoreError> {
-        self.inner.read_object(ObjKind::Block, &hash.0, buf)
+        self.inner.read_block_fetching(&hash.0, buf)
     }
 
     /// Copies part of the block `hash` (`out.len()` bytes at `offset` within it) after checking
@@ -467,13 +471,13 @@ impl Store {
         offset: usize,
         out: &mut [u8],
     ) -> Result<(), StoreError> {
-        let len = self
-            .inner
-            .object_len(ObjKind::Block, &hash.0)?
-            .ok_or_else(|| StoreError::MissingObject {
-                what: ObjKind::Block.name(),
-                hash: hash.to_hex(),
-            })?;
+        let len =
+            self.inner
+                .block_len_fetching(&hash.0)?
+                .ok_or_else(|| StoreError::MissingObject {
+                    what: ObjKind::Block.name(),
+                    hash: hash.to_hex(),
+                })?;
         self.inner
             .read_block_part(&hash.0, len as usize, offset, out)
     }

@@ -149,6 +149,9 @@ impl Version {
         buf: &mut [u8],
     ) -> Result<usize, StoreError> {
         let v = &self.0;
+        if v.store.lazy.active() {
+            v.store.lazy_prepare(self, offset, buf.len() as u64)?;
+        }
         let bs = u64::from(v.block_size);
         let end = v.size.min(offset.saturating_add(buf.len() as u64));
         let mut pos = offset;
@@ -164,8 +167,7 @@ impl Version {
             match self.block_hash(index)? {
                 None => out.fill(0),
                 Some(h) if within == 0 && take == bs as usize => {
-                    v.store
-                        .read_object(crate::pack::ObjKind::Block, &h.0, out)?
+                    v.store.read_block_fetching(&h.0, out)?
                 }
                 Some(h) => v.store.read_block_part(&h.0, bs as usize, within, out)?,
             }

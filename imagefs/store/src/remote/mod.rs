@@ -26,6 +26,7 @@
 //! far as the bucket's credentials are; `NAME:TAG@VERSION_ID` pins a version by id.
 
 mod gc;
+pub(crate) mod lazy;
 mod pull;
 mod push;
 
@@ -41,6 +42,9 @@ use crate::ids::{BlockHash, ImageName, Tag, VersionId};
 pub use gc::{
     gc, read_state as read_gc_state, GcAction, GcOptions, GcPhase, GcReport, GcState,
     DEFAULT_GRACE, GC_STATE_KEY,
+};
+pub use lazy::{
+    Counters, FetchReport, LazyStatus, RemoteCounters, RemoteSource, RemoteStats, READ_AHEAD,
 };
 pub use pull::{PullEvent, PullOptions, PullReport};
 pub use push::{PushEvent, PushOptions, PushReport};

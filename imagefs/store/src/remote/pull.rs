@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 
+use super::lazy::Counters;
 use super::{
     check_format, decode_map, integrity, load_idx, map_key, pack_key, parallel_each, tag_key,
     PackLoc, Remote, RemoteError, SyncError, TagObject, DEFAULT_JOBS, MAX_RANGE,
@@ -22,6 +23,8 @@ pub struct PullOptions {
     pub jobs: usize,
     /// A directory for copies of the remote's pack indexes.
     pub cache: Option<PathBuf>,
+    /// The remote's name here, under which fetches are counted (`remote stats`).
+    pub remote_name: String,
 }
 
 impl Default for PullOptions {
@@ -29,6 +32,7 @@ impl Default for PullOptions {
         PullOptions {
             jobs: DEFAULT_JOBS,
             cache: None,
+            remote_name: String::new(),
         }
     }
 }
@@ -122,7 +126,7 @@ impl Store {
         self.inner.commit_version(image, size, bs, &root)
     }
 
-    fn build_map(
+    pub(crate) fn build_map(
         &self,
         size: u64,
         bs: u32,
@@ -143,17 +147,15 @@ impl Store {
         b.finish()
     }
 
-    /// Pulls `image:tag` from `remote` (or, with `pinned`, that version id, tagged `image:tag`
-    /// here) and tags it locally. Fetches only blocks this store lacks.
-    pub fn pull(
+    /// The version `image:tag` names in `remote` (or `pinned`) and its block map, checked
+    /// against the version id; also the bytes of metadata fetched.
+    pub(crate) fn fetch_map(
         &self,
         remote: &dyn Remote,
         image: &ImageName,
         tag: &Tag,
         pinned: Option<VersionId>,
-        opts: &PullOptions,
-        on_event: &mut dyn FnMut(&PullEvent),
-    ) -> Result<PullReport, SyncError> {
+    ) -> Result<(VersionId, super::RemoteMap, u64), SyncError> {
         let name = format!("{image}:{tag}");
         if !check_format(remote)? {
             return Err(SyncError::NotInRemote(name));
@@ -210,6 +212,23 @@ impl Store {
                 .into());
             }
         }
+        Ok((id, map, meta_bytes))
+    }
+
+    /// Pulls `image:tag` from `remote` (or, with `pinned`, that version id, tagged `image:tag`
+    /// here) and tags it locally. Fetches only blocks this store lacks.
+    pub fn pull(
+        &self,
+        remote: &dyn Remote,
+        image: &ImageName,
+        tag: &Tag,
+        pinned: Option<VersionId>,
+        opts: &PullOptions,
+        on_event: &mut dyn FnMut(&PullEvent),
+    ) -> Result<PullReport, SyncError> {
+        let (id, map, meta_bytes) = self.fetch_map(remote, image, tag, pinned)?;
+        let key = map_key(&id);
+        let bs = map.header.block_size;
         let mut distinct = HashSet::new();
         let mut wanted = HashSet::new();
         for h in map.hashes.iter().flatten() {
@@ -217,7 +236,8 @@ impl Store {
                 wanted.insert(*h);
             }
         }
-        let already_local = self.version(&id).is_ok();
+        // a lazy version is not local until its blocks are
+        let already_local = self.version(&id).is_ok() && !self.is_lazy(&id)?;
         let mut report = PullReport {
             id,
             image: image.clone(),
@@ -240,8 +260,30 @@ impl Store {
                 wanted_bytes: wanted.len() as u64 * u64::from(bs),
                 requests: fetches.len() as u64,
             });
-            let (blocks, bytes) =
-                self.fetch_all(remote, &fetches, bs, opts.jobs.max(1), on_event)?;
+            let fetched = self.fetch_all(remote, &fetches, bs, opts.jobs.max(1), on_event);
+            let (blocks, bytes) = match fetched {
+                Ok(v) => v,
+                Err(e) => {
+                    if matches!(e, SyncError::Integrity { .. }) {
+                        let c = Counters {
+                            integrity_errors: 1,
+                            ..Counters::default()
+                        };
+                        self.count_fetch(&opts.remote_name, Some(&id), c);
+                    }
+                    return Err(e);
+                }
+            };
+            self.count_fetch(
+                &opts.remote_name,
+                Some(&id),
+                Counters {
+                    requests: fetches.len() as u64,
+                    bytes_fetched: bytes,
+                    blocks_fetched: blocks,
+                    ..Counters::default()
+                },
+            );
             report.blocks_fetched = blocks;
             report.bytes_fetched = bytes;
             report.requests = fetches.len() as u64;
@@ -254,6 +296,8 @@ impl Store {
                     "does not make the version it names",
                 ));
             }
+            // every block is here now: no longer lazy
+            self.is_lazy(&id)?;
         }
         self.set_tag(image, tag, &id)?;
         Ok(report)
