@@ -4,6 +4,7 @@
 mod agent_cmd;
 mod cli;
 mod daemon;
+mod fleet;
 mod mount;
 mod rollout;
 mod vm;
@@ -36,6 +37,11 @@ enum Command {
     Vm(vm::VmCommand),
     /// Substitute a version into running VMs wave by wave, with health checks
     Rollout(rollout::RolloutArgs),
+    /// The fleet: its CA and certificates, the hosts in the inventory, their status
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
+    /// Show the daemon serving this store: imagefs version, mountpoint, pid (exit 3 if none)
+    Status,
 }
 
 fn main() -> ExitCode {
@@ -66,6 +72,11 @@ fn main() -> ExitCode {
         let code = rollout::run(&dir, r, args.global.json);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    // The fleet's files are the operator's own (STORE/fleet), never the daemon's business.
+    if let Command::Fleet(f) = &args.command {
+        let code = fleet::run(&dir, f, args.global.json);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let json = args.global.json;
     // A daemon holding the store runs the command itself (mount/daemon/client.rs).
     if let Some(code) =
@@ -82,7 +93,12 @@ fn main() -> ExitCode {
             .map_err(cli::CliError::from)
             .inspect(|s| cli::remote::attach(s, false))
             .and_then(|s| vm::run(&mount::Ctx::offline(s), cmd, json, &mut out)),
-        Command::Agent(_) | Command::Rollout(_) => return ExitCode::from(2),
+        Command::Status => {
+            let e = cli::CliError::new(3, format!("no daemon serves {}", dir.display()));
+            let code = cli::report(&e, json, &mut out, &mut std::io::stderr());
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
+        Command::Agent(_) | Command::Rollout(_) | Command::Fleet(_) => return ExitCode::from(2),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -93,22 +109,92 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs a command forwarded over the control socket on the daemon's store; returns the exit code.
+/// Whether `command` may run when it came over the fleet transport (TLS, from an operator's
+/// certificate): what `fleet status` and rollouts need, nothing that removes, reads or writes
+/// files of the host by path. Anything not listed is refused.
+fn served_to_the_fleet(command: &Command) -> bool {
+    use cli::StoreCommand as S;
+    use mount::cmd::{InstanceCmd, MountCommand as M};
+    matches!(
+        command,
+        Command::Status
+            | Command::Store(S::Ls(_) | S::Diff(_) | S::Pull(_))
+            | Command::Mount(M::Instance(InstanceCmd::Ls) | M::Substitute(_))
+            | Command::Vm(vm::VmCommand::Ls)
+    )
+}
+
+/// The name of the command in `argv` (its words before the first option or argument), for a
+/// refusal message.
+fn command_words(argv: &[String]) -> String {
+    argv.iter()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .take(2)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `imagefs status` inside the daemon.
+fn daemon_status(
+    ctx: &mount::Ctx,
+    json: bool,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    let mountpoint = ctx
+        .live
+        .as_ref()
+        .map(|l| l.life.mountpoint().display().to_string())
+        .unwrap_or_default();
+    let version = env!("CARGO_PKG_VERSION");
+    let pid = std::process::id();
+    if json {
+        let v = serde_json::json!({"type": "result", "imagefs": version, "mountpoint": mountpoint,
+            "store": ctx.store.dir().display().to_string(), "pid": pid});
+        writeln!(out, "{v}")
+    } else {
+        writeln!(
+            out,
+            "imagefs {version}: daemon {pid} serves {} at {mountpoint}",
+            ctx.store.dir().display()
+        )
+    }
+}
+
+/// Runs a command forwarded to the daemon (control socket or fleet transport) on its store;
+/// returns the exit code.
 fn run_forwarded(
     argv: Vec<String>,
     ctx: &mount::Ctx,
+    transport: daemon::Transport,
     out: &mut dyn std::io::Write,
     err: &mut dyn std::io::Write,
 ) -> i32 {
-    let args = match Args::try_parse_from(argv) {
+    let args = match Args::try_parse_from(&argv) {
         Ok(a) => a,
         Err(e) => {
             let _ = write!(err, "{e}");
             return 2;
         }
     };
+    if transport == daemon::Transport::Fleet && !served_to_the_fleet(&args.command) {
+        let _ = writeln!(
+            err,
+            "imagefs: error: `{}` is not served over the fleet transport (allowed: status, ls, \
+             diff, pull, instance ls, substitute, vm ls)",
+            command_words(&argv)
+        );
+        return 2;
+    }
     let json = args.global.json;
     let result = match &args.command {
+        Command::Status => {
+            return match daemon_status(ctx, json, out) {
+                Ok(()) => 0,
+                Err(_) => 1,
+            }
+        }
         Command::Store(cmd) => {
             let result = cli::run(&ctx.store, &ctx.instances, cmd, json, out);
             if matches!(cmd, cli::StoreCommand::Gc) {
@@ -118,10 +204,10 @@ fn run_forwarded(
         }
         Command::Mount(cmd) => mount::cmd::run(ctx, cmd, json, out),
         Command::Vm(cmd) => vm::run(ctx, cmd, json, out),
-        Command::Agent(_) | Command::Rollout(_) => {
+        Command::Agent(_) | Command::Rollout(_) | Command::Fleet(_) => {
             let _ = writeln!(
                 err,
-                "the agent and rollout commands are not run by the daemon"
+                "the agent, rollout and fleet commands are not run by the daemon"
             );
             return 2;
         }

@@ -3,6 +3,7 @@
 mod agent;
 mod crash;
 mod ext4;
+mod fleet;
 mod fullguest;
 mod mount;
 mod powercut;

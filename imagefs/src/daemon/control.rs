@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -125,14 +125,14 @@ pub fn forward(
     Err(ControlError::HungUp)
 }
 
-/// A `Write` that sends each write as one answer line.
-#[derive(Debug)]
-pub struct AnswerWriter {
-    stream: Arc<UnixStream>,
+/// A `Write` that sends each write as one answer line, on whichever transport the request came
+/// (the Unix socket, or the fleet's TLS connection: daemon/tls.rs).
+struct AnswerWriter<'a, W: Write> {
+    stream: &'a Mutex<W>,
     to_err: bool,
 }
 
-impl Write for AnswerWriter {
+impl<W: Write> Write for AnswerWriter<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let text = String::from_utf8_lossy(buf).into_owned();
         let a = if self.to_err {
@@ -140,7 +140,7 @@ impl Write for AnswerWriter {
         } else {
             Answer::Out(text)
         };
-        send(&self.stream, &a)?;
+        send(self.stream, &a)?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -148,11 +148,12 @@ impl Write for AnswerWriter {
     }
 }
 
-fn send(stream: &UnixStream, a: &Answer) -> io::Result<()> {
+fn send<W: Write>(stream: &Mutex<W>, a: &Answer) -> io::Result<()> {
     let mut line = serde_json::to_vec(a).map_err(io::Error::other)?;
     line.push(b'\n');
-    let mut w = stream;
-    w.write_all(&line)
+    let mut w = stream.lock().unwrap_or_else(|p| p.into_inner());
+    w.write_all(&line)?;
+    w.flush()
 }
 
 /// Runs one command: argv, stdout, stderr; returns the exit code.
@@ -240,36 +241,50 @@ pub fn serve(listener: UnixListener, handler: Handler) {
 }
 
 fn serve_one(stream: UnixStream, handler: Handler) {
-    let stream = Arc::new(stream);
+    let req = read_request(&mut &stream);
+    answer(stream, &handler, req);
+}
+
+/// Reads one request line (at most MAX_REQUEST bytes) and parses it; `None` if it is malformed,
+/// too long or the peer went away.
+pub fn read_request(stream: &mut dyn Read) -> Option<Request> {
     let mut line = Vec::new();
-    let read = BufReader::new(&*stream)
+    BufReader::new(stream)
         .take(MAX_REQUEST + 1)
-        .read_until(b'\n', &mut line);
-    let req = match read {
-        Ok(_) => parse_request(line.strip_suffix(b"\n").unwrap_or(&line)),
-        Err(_) => None,
-    };
-    let Some(req) = req else {
-        let _ = send(
-            &stream,
-            &Answer::Err("error: malformed control request\n".into()),
-        );
-        let _ = send(&stream, &Answer::Exit(2));
-        return;
-    };
-    // Line-buffered: one answer per line of output, not one per formatting fragment.
-    let mut out = io::LineWriter::new(AnswerWriter {
-        stream: stream.clone(),
-        to_err: false,
-    });
-    let mut err = io::LineWriter::new(AnswerWriter {
-        stream: stream.clone(),
-        to_err: true,
-    });
-    let code = handler(req.argv, &mut out, &mut err);
-    let _ = out.flush();
-    let _ = err.flush();
-    let _ = send(&stream, &Answer::Exit(code));
+        .read_until(b'\n', &mut line)
+        .ok()?;
+    parse_request(line.strip_suffix(b"\n").unwrap_or(&line))
+}
+
+/// Runs `req` with `handler`, streaming its output to `stream` as answer lines and ending with
+/// its exit code; a malformed request (`None`) is exit 2 and runs nothing.
+pub fn answer<W: Write>(stream: W, handler: &Handler, req: Option<Request>) {
+    let stream = Mutex::new(stream);
+    match req {
+        None => {
+            let _ = send(
+                &stream,
+                &Answer::Err("error: malformed control request\n".into()),
+            );
+            let _ = send(&stream, &Answer::Exit(2));
+        }
+        Some(req) => {
+            // Line-buffered: one answer per line of output, not one per formatting fragment.
+            let mut out = io::LineWriter::new(AnswerWriter {
+                stream: &stream,
+                to_err: false,
+            });
+            let mut err = io::LineWriter::new(AnswerWriter {
+                stream: &stream,
+                to_err: true,
+            });
+            let code = handler(req.argv, &mut out, &mut err);
+            let _ = out.flush();
+            let _ = err.flush();
+            drop((out, err));
+            let _ = send(&stream, &Answer::Exit(code));
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
-//! The mount daemon: owns the store while mounted, serves FUSE, the control socket and signals.
+//! The mount daemon: owns the store while mounted, serves FUSE, the control socket, signals and,
+//! with --listen, the fleet's TLS transport (tls.rs).
 //! Invariants: the lifecycle moves only through `Lifecycle::on` (one `match` holds every
 //! transition); the store is released (instances flushed, socket removed) only after the kernel
 //! has dropped the mount, so no request can arrive at a closed store.
@@ -6,6 +7,7 @@
 pub mod client;
 pub mod control;
 mod signals;
+pub mod tls;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -188,10 +190,22 @@ pub struct MountConfig {
     pub reserve: Option<crate::cli::Reserve>,
     /// Bytes per second of background re-verification of flat copies (0: none).
     pub scrub_rate: u64,
+    /// Also serve commands over TCP with mutual TLS (the fleet transport).
+    pub listen: tls::ListenArgs,
 }
 
-/// Runs one command forwarded over the control socket against the daemon's context.
-pub type Dispatch = fn(Vec<String>, &Ctx, &mut dyn Write, &mut dyn Write) -> i32;
+/// Where a command reached the daemon from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// The control socket: a local CLI of the store's owner; every command runs.
+    Local,
+    /// The fleet's TLS listener: an operator holding a client certificate of the fleet CA;
+    /// only the commands allowed there run.
+    Fleet,
+}
+
+/// Runs one command forwarded to the daemon (over either transport) against its context.
+pub type Dispatch = fn(Vec<String>, &Ctx, Transport, &mut dyn Write, &mut dyn Write) -> i32;
 
 /// Errors of the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -219,11 +233,16 @@ pub enum DaemonError {
     /// Flushing instances at shutdown failed
     #[error(transparent)]
     Flush(#[from] imagefs_store::instance::InstanceError),
+    /// The fleet listener (--listen, --tls-dir) could not be set up
+    #[error(transparent)]
+    Listen(#[from] tls::TlsError),
 }
 
 /// Mounts the store and serves until unmounted (by a signal, `imagefs umount` or umount(8)).
 /// With `daemonize`, returns in the parent as soon as the mount is up in the child.
 pub fn run(cfg: MountConfig, dispatch: Dispatch) -> Result<(), DaemonError> {
+    // Before detaching: a bad TLS file or a taken port is said where the user ran `mount`.
+    let listener = tls::prepare(&cfg.listen)?;
     let ready = if cfg.daemonize {
         match signals::daemonize(&cfg.store_dir).map_err(DaemonError::Setup)? {
             signals::Forked::Parent(result) => {
@@ -234,7 +253,7 @@ pub fn run(cfg: MountConfig, dispatch: Dispatch) -> Result<(), DaemonError> {
     } else {
         None
     };
-    let result = serve(&cfg, dispatch, ready.as_ref());
+    let result = serve(&cfg, dispatch, listener, ready.as_ref());
     if let (Err(e), Some(r)) = (&result, ready) {
         r.fail(&e.to_string());
     }
@@ -244,6 +263,7 @@ pub fn run(cfg: MountConfig, dispatch: Dispatch) -> Result<(), DaemonError> {
 fn serve(
     cfg: &MountConfig,
     dispatch: Dispatch,
+    listener_tls: Option<tls::Listener>,
     ready: Option<&signals::Ready>,
 ) -> Result<(), DaemonError> {
     // Before any thread starts, so every thread inherits the blocked set.
@@ -307,14 +327,23 @@ fn serve(
             life: life.clone(),
         }),
     });
-    let handler: control::Handler = {
+    let handler = |transport: Transport| -> control::Handler {
         let ctx = ctx.clone();
-        Arc::new(move |argv, out, err| dispatch(argv, &ctx, out, err))
+        Arc::new(move |argv, out, err| dispatch(argv, &ctx, transport, out, err))
     };
+    let local = handler(Transport::Local);
     std::thread::Builder::new()
         .name("control-accept".into())
-        .spawn(move || control::serve(listener, handler))
+        .spawn(move || control::serve(listener, local))
         .map_err(DaemonError::Setup)?;
+    if let Some(l) = listener_tls {
+        let fleet = handler(Transport::Fleet);
+        tracing::info!(addr = ?l.local_addr().ok(), "fleet: serving commands over TLS");
+        std::thread::Builder::new()
+            .name("fleet-accept".into())
+            .spawn(move || tls::serve(l, fleet))
+            .map_err(DaemonError::Setup)?;
+    }
     signals::spawn_stop_thread(signals, life.clone()).map_err(DaemonError::Setup)?;
     spawn_reclaimer(Arc::downgrade(&instances)).map_err(DaemonError::Setup)?;
     if let (Some(flat), true) = (flat_for_scrub, cfg.scrub_rate > 0) {

@@ -81,6 +81,7 @@ pub fn run_dir(
                 flat_budget: a.flat_cache,
                 reserve: a.reserve,
                 scrub_rate: a.scrub_rate,
+                listen: a.listen.clone(),
             };
             crate::daemon::run(cfg, dispatch).map_err(|e| {
                 use crate::daemon::DaemonError;
@@ -412,6 +413,8 @@ pub struct MountArgs {
     /// copy is removed; its file is then served, and verified, by the daemon); 0 turns it off.
     #[arg(long, default_value = "50M", value_parser = crate::cli::parse_size)]
     pub scrub_rate: u64,
+    #[command(flatten)]
+    pub listen: crate::daemon::tls::ListenArgs,
 }
 
 /// `imagefs umount MOUNTPOINT`.

@@ -1,0 +1,211 @@
+//! The fleet transport: the daemon's commands over TCP with mutual TLS (rustls, ring provider),
+//! for an operator driving many hosts (`imagefs fleet ...`). Wire format as on the control
+//! socket (control.rs: one JSON request line, answer lines, one exit); the same handler runs
+//! the command, told it came over the fleet transport, so only the commands allowed there run.
+//! Invariants: a client certificate must chain to the fleet CA (--tls-dir/ca.pem) and carry
+//! clientAuth, else the handshake fails and nothing is read from the connection; at most
+//! MAX_CONNECTIONS are served at once; a connection must finish its handshake and request
+//! within IDLE, and each answer write must go through within IDLE.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ServerConfig, ServerConnection, StreamOwned};
+
+use super::control;
+use crate::fleet::certs::{self, CertError};
+
+/// Connections served at once; more are closed at once (each holds a thread).
+pub const MAX_CONNECTIONS: usize = 32;
+/// Deadline for the handshake plus the request line, and for each answer write.
+pub const IDLE: Duration = Duration::from_secs(60);
+
+/// `imagefs mount ... --listen ADDR:PORT --tls-dir DIR`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ListenArgs {
+    /// Also serve this daemon's commands over TCP at ADDR:PORT, with mutual TLS, to the
+    /// fleet's operator (imagefs fleet); only the commands fleet status and rollouts need run
+    /// there. Needs --tls-dir.
+    #[arg(long, value_name = "ADDR:PORT", requires = "tls_dir")]
+    pub listen: Option<SocketAddr>,
+    /// The host's TLS files, as `imagefs fleet cert NAME --out DIR` writes them: ca.pem (the
+    /// fleet CA, which client certificates must chain to), cert.pem, key.pem.
+    #[arg(long, value_name = "DIR", requires = "listen", value_parser = tls_dir)]
+    pub tls_dir: Option<PathBuf>,
+}
+
+/// A directory holding the three files (checked when the command line is parsed: exit 2).
+fn tls_dir(s: &str) -> Result<PathBuf, String> {
+    let dir = std::path::absolute(s).map_err(|e| format!("{s}: {e}"))?;
+    for f in certs::HOST_FILES {
+        if !dir.join(f).is_file() {
+            return Err(format!(
+                "{} has no {f} (imagefs fleet cert NAME --out DIR writes it)",
+                dir.display()
+            ));
+        }
+    }
+    Ok(dir)
+}
+
+/// Errors setting up the listener.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The TLS files
+    #[error("--tls-dir: {0}")]
+    Files(#[from] CertError),
+    /// rustls refused the configuration (e.g. the key does not match the certificate)
+    #[error("--tls-dir: {0}")]
+    Config(String),
+    /// Binding the address
+    #[error("--listen {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+}
+
+/// A listener ready to serve: bound socket and TLS configuration.
+#[derive(Debug)]
+pub struct Listener {
+    tcp: TcpListener,
+    config: Arc<ServerConfig>,
+}
+
+/// Loads the TLS files and binds the address (before the daemon answers that it is up, so a
+/// wrong file or a taken port fails `mount`).
+pub fn prepare(args: &ListenArgs) -> Result<Option<Listener>, TlsError> {
+    let (Some(addr), Some(dir)) = (args.listen, args.tls_dir.as_ref()) else {
+        return Ok(None);
+    };
+    let provider = certs::provider();
+    let roots = Arc::new(certs::roots(&dir.join("ca.pem"))?);
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let chain = certs::load_certs(&dir.join("cert.pem"))?;
+    let key = certs::load_key(&dir.join("key.pem"))?;
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let tcp = TcpListener::bind(addr).map_err(|source| TlsError::Bind { addr, source })?;
+    Ok(Some(Listener {
+        tcp,
+        config: Arc::new(config),
+    }))
+}
+
+impl Listener {
+    /// The bound address.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+}
+
+/// Connections being served now.
+static OPEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Serves connections until the listener fails; each on its own thread.
+pub fn serve(listener: Listener, handler: control::Handler) {
+    for conn in listener.tcp.incoming() {
+        let Ok(tcp) = conn else { continue };
+        let peer = tcp
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "?".into());
+        if OPEN.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            OPEN.fetch_sub(1, Ordering::SeqCst);
+            tracing::warn!(%peer, "fleet: {MAX_CONNECTIONS} connections open; closing a new one");
+            continue;
+        }
+        let (config, handler) = (listener.config.clone(), handler.clone());
+        let spawned = std::thread::Builder::new()
+            .name("fleet-conn".into())
+            .spawn(move || {
+                serve_one(tcp, config, &handler, &peer);
+                OPEN.fetch_sub(1, Ordering::SeqCst);
+            });
+        if let Err(e) = spawned {
+            OPEN.fetch_sub(1, Ordering::SeqCst);
+            tracing::error!(error = %e, "fleet: cannot start a thread");
+        }
+    }
+}
+
+/// A socket whose reads fail once `until` has passed (each read waits at most until then), so
+/// a peer trickling bytes cannot hold a connection past the deadline.
+struct Deadline {
+    sock: TcpStream,
+    until: Option<Instant>,
+}
+
+impl Read for Deadline {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(until) = self.until {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
+            self.sock.set_read_timeout(Some(left))?;
+        }
+        self.sock.read(buf)
+    }
+}
+
+impl Write for Deadline {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+fn serve_one(tcp: TcpStream, config: Arc<ServerConfig>, handler: &control::Handler, peer: &str) {
+    let _ = tcp.set_nodelay(true);
+    if let Err(e) = tcp.set_write_timeout(Some(IDLE)) {
+        tracing::warn!(%peer, error = %e, "fleet: socket setup failed");
+        return;
+    }
+    let sock = Deadline {
+        sock: tcp,
+        until: Some(Instant::now() + IDLE),
+    };
+    let conn = match ServerConnection::new(config) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "fleet: TLS setup failed");
+            return;
+        }
+    };
+    let mut tls = StreamOwned::new(conn, sock);
+    // The whole handshake first: a client certificate that does not chain to the fleet CA or
+    // lacks clientAuth ends the connection here, before a byte of request is read.
+    while tls.conn.is_handshaking() {
+        if let Err(e) = tls.conn.complete_io(&mut tls.sock) {
+            tracing::warn!(%peer, error = %e, "fleet: refused a connection in the TLS handshake");
+            let _ = tls.sock.sock.shutdown(std::net::Shutdown::Both);
+            return;
+        }
+    }
+    let req = control::read_request(&mut tls);
+    // The request is in: the command may take as long as it takes.
+    tls.sock.until = None;
+    let _ = tls.sock.sock.set_read_timeout(None);
+    if let Some(r) = &req {
+        tracing::info!(%peer, argv = ?r.argv, "fleet: command");
+    }
+    control::answer(&mut tls, handler, req);
+    tls.conn.send_close_notify();
+    let _ = tls.flush();
+}
