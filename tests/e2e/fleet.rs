@@ -115,14 +115,29 @@ impl Operator {
         ok(&self.store, &["fleet", "add", name, addr]);
     }
 
-    /// `fleet status --json --timeout T`: its result, exit code and how long it took.
+    /// `fleet status --json --timeout T`: its result, exit code and how long it took. A status
+    /// still running after 30 s is killed and fails the test (it must keep its deadline).
     fn status(&self, timeout: &str) -> (Value, i32, Duration) {
         let start = Instant::now();
-        let out = imagefs(
-            &self.store,
-            &["--json", "fleet", "status", "--timeout", timeout],
-        );
+        let mut child = Command::new(bin("imagefs"))
+            .arg("--store")
+            .arg(&self.store)
+            .args(["--json", "fleet", "status", "--timeout", timeout])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let done = wait_until(Duration::from_secs(30), || {
+            child.try_wait().unwrap().is_some()
+        });
+        if !done {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
         let took = start.elapsed();
+        assert!(
+            done,
+            "fleet status --timeout {timeout} still ran after {took:?}"
+        );
         (result(&out), out.status.code().unwrap_or(-1), took)
     }
 }
