@@ -336,9 +336,21 @@ fn lazy_pull_reads_each_block_once_substitutes_with_changed_blocks_and_prefetch_
     );
     m.stop();
 
-    // prefetch on a third store: fetches every block, builds the flat copy; ls says 100%
+    // export on a third store (after a local gc, which keeps what a lazy version needs):
+    // fetches what it needs and gives v2's bytes
     let c = store_with_remote(tmp.path(), "c", &g, "10s");
     ok(&c, &["pull", "app:v2", "--lazy"]);
+    ok(&c, &["gc"]);
+    let out = tmp.path().join("v2.out");
+    ok(&c, &["export", "app:v2", out.to_str().unwrap()]);
+    assert!(std::fs::read(&out).unwrap() == i2);
+    assert_eq!(version_local(&c, &v2), 1.0);
+
+    // prefetch on a fourth: fetches every block, builds the flat copy; ls says 100%
+    let d = store_with_remote(tmp.path(), "d", &g, "10s");
+    ok(&d, &["pull", "app:v2", "--lazy"]);
+    ok(&d, &["gc"]);
+    let c = d;
     let t = Instant::now();
     let pf = String::from_utf8_lossy(&ok(&c, &["prefetch", "app:v2", "--json"]).stdout).to_string();
     eprintln!(
@@ -353,9 +365,6 @@ fn lazy_pull_reads_each_block_once_substitutes_with_changed_blocks_and_prefetch_
         String::from_utf8_lossy(&ok(&c, &["prefetch", "--list", "--json"]).stdout).to_string();
     assert!(copies.contains(&v2), "no flat copy of v2: {copies}");
     ok(&c, &["fsck"]);
-    let out = tmp.path().join("v2.out");
-    ok(&c, &["export", "app:v2", out.to_str().unwrap()]);
-    assert!(std::fs::read(&out).unwrap() == i2);
 }
 
 /// The packs of the bucket and, per pack, the blake3 of each block its index lists.

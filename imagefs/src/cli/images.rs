@@ -114,6 +114,10 @@ pub fn ls(store: &Store, a: &LsArgs, o: &mut Out<'_>) -> Result<(), CliError> {
 
 pub fn export(store: &Store, a: &ExportArgs, o: &mut Out<'_>) -> Result<(), CliError> {
     let (id, label) = resolve(store, &a.version)?;
+    if store.is_lazy(&id)? {
+        // all of a lazy version is needed: fetched in parallel up front (then it is local)
+        store.fetch_missing(&id, None, None, imagefs_store::remote::DEFAULT_JOBS)?;
+    }
     let v = store.version(&id)?;
     let tmp = {
         let mut name = a

@@ -149,6 +149,16 @@ pub fn bundle(store: &Store, a: &BundleArgs, o: &mut Out<'_>) -> Result<(), CliE
         Some(_) => Some(super::name_tag(&a.b)?.1),
         None => None,
     };
+    if store.is_lazy(&ib)? {
+        // the target's changed blocks of a lazy version, fetched in parallel up front
+        let changed = store.diff(&ia, &ib)?;
+        store.fetch_missing(
+            &ib,
+            Some(&changed),
+            None,
+            imagefs_store::remote::DEFAULT_JOBS,
+        )?;
+    }
     let r = store.write_bundle(&ia, &la, &ib, tag.as_ref(), &a.file)?;
     o.result(
         json!({"base": ia.to_hex(), "target": ib.to_hex(), "changes": r.changes,

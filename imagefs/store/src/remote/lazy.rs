@@ -121,6 +121,9 @@ struct LazyVersion {
     block_size: u32,
     /// The blocks absent at pull time: hash, pack (index into `packs`), offset.
     absent: Vec<([u8; 32], u32, u64)>,
+    /// Entries of `absent` before this one are known local: "is it still lazy?" asked on every
+    /// instance read costs one lookup, not one per block.
+    cursor: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -367,6 +370,7 @@ fn decode_loc(data: &[u8]) -> Option<LazyVersion> {
         packs: h.packs,
         block_size: h.block_size,
         absent,
+        cursor: Default::default(),
     })
 }
 
@@ -764,6 +768,20 @@ impl Inner {
         }
     }
 
+    /// True while some block of `lv` is absent; amortized O(1) (see `LazyVersion::cursor`).
+    fn lazy_incomplete(&self, lv: &LazyVersion) -> Result<bool, StoreError> {
+        let mut at = lv.cursor.load(Ordering::Relaxed);
+        while let Some((h, _, _)) = lv.absent.get(at) {
+            if self.locate(ObjKind::Block, h)?.is_none() {
+                lv.cursor.store(at, Ordering::Relaxed);
+                return Ok(true);
+            }
+            at += 1;
+        }
+        lv.cursor.store(at, Ordering::Relaxed);
+        Ok(false)
+    }
+
     fn lazy_absent(&self, lv: &LazyVersion) -> Result<u64, StoreError> {
         let mut n = 0u64;
         for (h, _, _) in &lv.absent {
@@ -806,14 +824,17 @@ impl Store {
     /// True while some block of `id` is only in a remote. A lazy version found complete is
     /// recorded as local on the way (its `.loc` file removed).
     pub fn is_lazy(&self, id: &VersionId) -> Result<bool, StoreError> {
-        match self.lazy_status(id)? {
-            None => Ok(false),
-            Some(s) if s.absent == 0 => {
-                self.inner.lazy_forget(id);
-                Ok(false)
-            }
-            Some(_) => Ok(true),
+        if !self.inner.lazy.active() {
+            return Ok(false);
         }
+        let Some(lv) = self.inner.lazy.read().versions.get(id).cloned() else {
+            return Ok(false);
+        };
+        if self.inner.lazy_incomplete(&lv)? {
+            return Ok(true);
+        }
+        self.inner.lazy_forget(id);
+        Ok(false)
     }
 
     /// True when `hash` is absent here but a lazy version says where it is in a remote.
@@ -945,6 +966,7 @@ impl Store {
                 packs: packs.clone(),
                 block_size: bs,
                 absent,
+                cursor: Default::default(),
             };
             // the file first: a committed lazy version always knows where its blocks are
             write_loc(&self.inner.dir, &lv)?;
@@ -996,6 +1018,7 @@ mod tests {
             packs: vec!["a".repeat(64)],
             block_size: 4096,
             absent: vec![([1; 32], 0, 0), ([2; 32], 0, 4096)],
+            cursor: Default::default(),
         };
         let bytes = encode_loc(&v);
         let back = decode_loc(&bytes).unwrap();
