@@ -269,10 +269,10 @@ fn lazy_pull_reads_each_block_once_substitutes_with_changed_blocks_and_prefetch_
     // fsck: the absent blocks are "remote", not missing
     let f = result(&ok(&b, &["fsck", "--json"]));
     assert_eq!(f["remote_blocks"], distinct_blocks(&i1), "{f}");
+    let mut m = Mount::start(&b, &tmp.path().join("mnt-b"));
+    // pulled through the daemon, which serves it at once
     let p2 = result(&ok(&b, &["pull", "app:v2", "--lazy", "--json"]));
     let v2 = p2["id"].as_str().unwrap().to_string();
-
-    let mut m = Mount::start(&b, &tmp.path().join("mnt-b"));
     let file = m.mnt.join("images/app/v1.raw");
     // 1 MiB at the start: those blocks and at most 4 MiB of read-ahead, in few requests
     let head = read_direct(&file, 0, 1 << 20).unwrap();
@@ -495,5 +495,84 @@ fn a_lazy_read_with_garage_stopped_is_eio_within_the_deadline_and_works_once_it_
         back == i1[..BS],
         "the lazy read after garage came back differs"
     );
+    m.stop();
+}
+
+/// Stops the VM before the mount goes (the hypervisor is the daemon's child, in its own group).
+struct Vm<'a>(&'a Path, &'a str);
+
+impl Drop for Vm<'_> {
+    fn drop(&mut self) {
+        let _ = run(self.0, &["vm", "stop", "--timeout", "3", self.1]);
+    }
+}
+
+#[test]
+fn a_guest_boots_from_a_lazily_pulled_version_fetching_a_fraction_of_it() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    let (kernel, initrd) = match imagefs_tests::qemu::guest_artifacts() {
+        Ok(a) => a,
+        Err(why) => skip!("{why}"),
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start("images");
+    // a root disk with busybox and 48 MiB of application data the boot never reads
+    let data = noise("lazy-boot-data", 48 << 20);
+    let img = imagefs_tests::qemu::build_rootfs(
+        tmp.path(),
+        128,
+        &[("/opt/app/version", b"app 1.0\n"), ("/opt/app/data", &data)],
+    )
+    .unwrap();
+    let size = std::fs::metadata(&img).unwrap().len();
+    let a = store_with_remote(tmp.path(), "a", &g, "10s");
+    ok(&a, &["import", img.to_str().unwrap(), "app:v1"]);
+    ok(&a, &["push", "app:v1"]);
+    let b = store_with_remote(tmp.path(), "b", &g, "10s");
+    ok(&b, &["pull", "app:v1", "--lazy"]);
+    let mut m = Mount::start(&b, &tmp.path().join("mnt-b"));
+    let t = Instant::now();
+    let vm = Vm(&b, "web-1");
+    ok(
+        &b,
+        &[
+            "vm",
+            "start",
+            "app:v1",
+            "--hypervisor",
+            "auto",
+            "--wait",
+            "120",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "web-1",
+        ],
+    );
+    let boot = t.elapsed();
+    let s = stats(&b);
+    let fetched = s["total"]["bytes_fetched"].as_u64().unwrap();
+    eprintln!(
+        "remote_lazy: a guest booted from a lazy {} MiB version in {:.1} s (agent ready), fetching {fetched} bytes = {:.2}% of the image in {} requests",
+        size >> 20,
+        boot.as_secs_f64(),
+        fetched as f64 * 100.0 / size as f64,
+        s["total"]["requests"]
+    );
+    assert!(fetched > 0 && fetched < size / 4, "{s}");
+    // the guest reads the image's bytes
+    let h = String::from_utf8_lossy(
+        &ok(&b, &["agent", "hash", "--vm", "web-1", "/opt/app/version"]).stdout,
+    )
+    .split_whitespace()
+    .next()
+    .unwrap_or_default()
+    .to_string();
+    assert_eq!(h, blake3::hash(b"app 1.0\n").to_hex().to_string());
+    drop(vm);
+    assert!(m.alive());
     m.stop();
 }

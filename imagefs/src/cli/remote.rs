@@ -464,7 +464,9 @@ pub fn pull(store: &Store, a: &PullArgs, o: &mut Out<'_>) -> Result<(), CliError
             json!({"image": image.as_str(), "tag": tag.as_str(), "id": r.id.to_hex(),
                    "remote": cfg.name, "size": r.size, "blocks": r.blocks, "lazy": true,
                    "blocks_fetched": 0, "bytes_fetched": 0, "meta_bytes": r.meta_bytes,
-                   "already_local": r.already_local, "ms": ms}),
+                   "already_local": r.already_local, "ms": ms,
+                   "times_ms": r.times_ms.iter().map(|(k, v)| (k.to_string(), json!(v)))
+                       .collect::<serde_json::Map<_, _>>()}),
             &format!(
                 "pulled {image}:{tag} = {} from {} lazily in {ms:.0} ms: {} blocks, fetched on first read ({} of metadata)",
                 r.id.short(),

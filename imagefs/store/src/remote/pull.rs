@@ -73,6 +73,8 @@ pub struct PullReport {
     pub requests: u64,
     /// The store held the version already.
     pub already_local: bool,
+    /// Milliseconds spent per step (`pull --lazy`: map, plan, indexes, record, commit).
+    pub times_ms: Vec<(&'static str, f64)>,
 }
 
 /// One ranged read: pack, byte range, and the blocks in it (hash, offset within the range).
@@ -248,6 +250,7 @@ impl Store {
             meta_bytes,
             requests: 0,
             already_local,
+            times_ms: Vec::new(),
         };
         if !already_local {
             let fetches = self.plan_fetches(remote, opts, &map.header.packs, &wanted, bs)?;

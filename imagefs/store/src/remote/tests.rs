@@ -361,3 +361,52 @@ fn an_interrupted_push_resumes_without_resending_complete_packs() {
         .unwrap();
     assert_eq!(read_all(&s.b, &p.id), read_all(&s.a, &s.v1));
 }
+
+/// Hands out one bucket for any remote name (what the binary's client map does).
+struct Source(std::sync::Arc<DirRemote>);
+
+impl RemoteSource for Source {
+    fn remote(
+        &self,
+        _: &str,
+    ) -> Result<(std::sync::Arc<dyn Remote>, std::time::Duration), RemoteError> {
+        Ok((self.0.clone(), std::time::Duration::from_secs(1)))
+    }
+}
+
+#[test]
+fn a_lazy_pull_fetches_no_block_and_reads_fetch_each_block_once_from_every_pack() {
+    let s = setup();
+    // 86 distinct blocks in packs of 43: the second pack's blocks must be found too
+    let o = PushOptions {
+        pack_size: 43 * BS as u64,
+        ..opts()
+    };
+    s.a.push(&s.remote, &s.v1, &tag("v1"), &o, &mut |_| {})
+        .unwrap();
+    let app = ImageName::new("app").unwrap();
+    let remote = std::sync::Arc::new(DirRemote(s.remote.0.clone()));
+    let p =
+        s.b.pull_lazy(
+            &*remote,
+            "r",
+            &app,
+            &tag("v1"),
+            None,
+            &PullOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(p.id, s.v1);
+    assert_eq!(s.b.lazy_status(&s.v1).unwrap().unwrap().absent, 86);
+    assert!(s.b.is_lazy(&s.v1).unwrap());
+    // with no client, a read of an absent block is an error, never zeros
+    let v = s.b.version(&s.v1).unwrap();
+    let mut buf = vec![0u8; BS];
+    assert!(v.read_at(&s.b, 0, &mut buf).is_err());
+    s.b.set_remote_source(std::sync::Arc::new(Source(remote)));
+    assert_eq!(read_all(&s.b, &s.v1), image(0, 100, &[]));
+    assert_eq!(read_all(&s.b, &s.v1), image(0, 100, &[]));
+    let st = s.b.remote_stats();
+    assert_eq!(st.remotes["r"].versions[&s.v1.to_hex()].blocks_fetched, 86);
+    assert!(!s.b.is_lazy(&s.v1).unwrap());
+}
