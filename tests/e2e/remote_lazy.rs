@@ -115,7 +115,8 @@ fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(4) == Some(p.as_ref()))
 }
 
-/// A daemon serving `store` on `mnt` (no flat copies, so every read reaches the daemon).
+/// A daemon serving `store` on `mnt` (by default no flat copies, so every read reaches the
+/// daemon).
 struct Mount {
     store: PathBuf,
     mnt: PathBuf,
@@ -125,11 +126,15 @@ struct Mount {
 
 impl Mount {
     fn start(store: &Path, mnt: &Path) -> Mount {
+        Mount::start_with(store, mnt, "0")
+    }
+
+    fn start_with(store: &Path, mnt: &Path, flat_cache: &str) -> Mount {
         std::fs::create_dir_all(mnt).unwrap();
         let log = mnt.with_extension("daemon.log");
         let child = imagefs(
             store,
-            &["mount", mnt.to_str().unwrap(), "--flat-cache", "0"],
+            &["mount", mnt.to_str().unwrap(), "--flat-cache", flat_cache],
         )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -532,7 +537,9 @@ fn a_guest_boots_from_a_lazily_pulled_version_fetching_a_fraction_of_it() {
     ok(&a, &["push", "app:v1"]);
     let b = store_with_remote(tmp.path(), "b", &g, "10s");
     ok(&b, &["pull", "app:v1", "--lazy"]);
-    let mut m = Mount::start(&b, &tmp.path().join("mnt-b"));
+    // flat copies on: the instance's reads ask for one of its base, which must not be built
+    // (that would fetch the whole version in the background)
+    let mut m = Mount::start_with(&b, &tmp.path().join("mnt-b"), "1G");
     let t = Instant::now();
     let vm = Vm(&b, "web-1");
     ok(
@@ -572,6 +579,19 @@ fn a_guest_boots_from_a_lazily_pulled_version_fetching_a_fraction_of_it() {
     .unwrap_or_default()
     .to_string();
     assert_eq!(h, blake3::hash(b"app 1.0\n").to_hex().to_string());
+    std::thread::sleep(Duration::from_secs(2));
+    let later = stats(&b)["total"]["bytes_fetched"].as_u64().unwrap();
+    assert!(later < size / 4, "{later} bytes fetched in the background");
+    let copies =
+        String::from_utf8_lossy(&ok(&b, &["prefetch", "--list", "--json"]).stdout).to_string();
+    let v1 = result(&ok(&b, &["ls", "--json"]))["versions"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !copies.contains(&v1),
+        "a flat copy of a lazy version: {copies}"
+    );
     drop(vm);
     assert!(m.alive());
     m.stop();
