@@ -368,6 +368,8 @@ fn serve(
     }
     let served = session.run();
     life.on(Event::SessionEnded);
+    // No fleet command may start on the store being closed.
+    tls::stop();
     let flushed = instances.flush_all(&store);
     store.flush_remote_stats();
     let _ = std::fs::remove_file(control::socket_path(&cfg.store_dir));

@@ -10,7 +10,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -115,10 +115,21 @@ impl Listener {
 /// Connections being served now.
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 
+/// Set once the daemon is closing its store: new commands are refused.
+static STOPPING: AtomicBool = AtomicBool::new(false);
+
+/// Refuses every command not yet started (the daemon is closing the store).
+pub fn stop() {
+    STOPPING.store(true, Ordering::SeqCst);
+}
+
 /// Serves connections until the listener fails; each on its own thread.
 pub fn serve(listener: Listener, handler: control::Handler) {
     for conn in listener.tcp.incoming() {
         let Ok(tcp) = conn else { continue };
+        if STOPPING.load(Ordering::SeqCst) {
+            continue;
+        }
         let peer = tcp
             .peer_addr()
             .map(|a| a.to_string())
@@ -202,10 +213,18 @@ fn serve_one(tcp: TcpStream, config: Arc<ServerConfig>, handler: &control::Handl
     // The request is in: the command may take as long as it takes.
     tls.sock.until = None;
     let _ = tls.sock.sock.set_read_timeout(None);
-    if let Some(r) = &req {
-        tracing::info!(%peer, argv = ?r.argv, "fleet: command");
+    if STOPPING.load(Ordering::SeqCst) {
+        let stopping: control::Handler = Arc::new(|_, _, err| {
+            let _ = writeln!(err, "imagefs: error: the daemon is stopping");
+            1
+        });
+        control::answer(&mut tls, &stopping, req);
+    } else {
+        if let Some(r) = &req {
+            tracing::info!(%peer, argv = ?r.argv, "fleet: command");
+        }
+        control::answer(&mut tls, handler, req);
     }
-    control::answer(&mut tls, handler, req);
     tls.conn.send_close_notify();
     let _ = tls.flush();
 }
