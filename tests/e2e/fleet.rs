@@ -7,7 +7,8 @@
 //! own certificate (serverAuth only) and no certificate are refused in the handshake and run
 //! nothing; a command outside the fleet's list is exit 2 and runs nothing; `--listen` without
 //! `--tls-dir` is exit 2; a host added as host-1 whose certificate says host-2 is refused by
-//! the client.
+//! the client; 32 silent connections take every slot of the listener, a 33rd is closed, and
+//! the daemon serves again once they go.
 
 // Test code: a failed unwrap is a failed test with its reason.
 #![allow(clippy::unwrap_used)]
@@ -563,5 +564,36 @@ fn the_fleet_transport_refuses_strangers_hosts_and_unlisted_commands() {
     let (r, _, _) = other.status("5s");
     assert_eq!(r["hosts"][0]["reachable"], false, "{r}");
     h2.stop();
+    h.stop();
+}
+
+#[test]
+fn the_fleet_listener_serves_a_bounded_number_of_connections() {
+    if !is_root() {
+        skip!("needs root for FUSE mounts");
+    }
+    let op = Operator::new();
+    let tls = op.host_files("host-1");
+    let mut h = Host::new(&[]);
+    h.start(&tls);
+    let (addr, ca) = (h.addr(), op.fleet("ca.pem"));
+    let (cert, key) = (op.fleet("operator.pem"), op.fleet("operator.key"));
+    let call = || raw_call(&addr, "host-1", &ca, Some((&cert, &key)), &["status"]);
+    assert!(matches!(call(), Ok((_, 0))), "{:?}", call());
+    // 32 connections that never say a word hold every slot (the daemon accepts in order, so the
+    // next one is the 33rd it sees)...
+    let silent: Vec<TcpStream> = (0..32)
+        .map(|_| TcpStream::connect(&addr).unwrap())
+        .collect();
+    let got = call();
+    assert!(got.is_err(), "a 33rd connection was served: {got:?}");
+    assert!(h.log().contains("32 connections open"), "{}", h.log());
+    // ...and once they go, the daemon serves again.
+    drop(silent);
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(call(), Ok((_, 0)))),
+        "{}",
+        h.log()
+    );
     h.stop();
 }
