@@ -370,6 +370,20 @@ fn lazy_pull_reads_each_block_once_substitutes_with_changed_blocks_and_prefetch_
         String::from_utf8_lossy(&ok(&c, &["prefetch", "--list", "--json"]).stdout).to_string();
     assert!(copies.contains(&v2), "no flat copy of v2: {copies}");
     ok(&c, &["fsck"]);
+
+    // prefetch --background without a daemon returns at once; a detached imagefs completes it
+    let e = store_with_remote(tmp.path(), "e", &g, "10s");
+    ok(&e, &["pull", "app:v2", "--lazy"]);
+    let t = Instant::now();
+    ok(&e, &["prefetch", "app:v2", "--background"]);
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    let done = wait_until(Duration::from_secs(30), || {
+        let out = run(&e, &["ls", "--json"]);
+        out.status.success()
+            && result(&out)["versions"][0]["local"].as_f64() == Some(1.0)
+            && String::from_utf8_lossy(&run(&e, &["prefetch", "--list"]).stdout).contains(&v2)
+    });
+    assert!(done, "the background prefetch did not complete v2");
 }
 
 /// The packs of the bucket and, per pack, the blake3 of each block its index lists.

@@ -107,7 +107,7 @@ pub fn run_dir(
             Ok(())
         }
         _ => {
-            let store = imagefs_store::Store::open(dir)?;
+            let store = open_waiting(dir)?;
             crate::cli::remote::attach(&store, false);
             let ctx = Ctx::offline(store);
             run(&ctx, cmd, json, out)
@@ -322,6 +322,25 @@ fn prefetch(ctx: &Ctx, a: &PrefetchArgs, json: bool, out: &mut dyn Write) -> Res
     Ok(())
 }
 
+/// Set in the environment of the detached `imagefs prefetch` that `prefetch --background`
+/// starts without a daemon: it waits for its parent to let the store go.
+const PREFETCH_CHILD: &str = "IMAGEFS_PREFETCH_CHILD";
+
+/// Opens the store; a background prefetch child waits up to 30 s while it is busy.
+fn open_waiting(dir: &Path) -> Result<imagefs_store::Store, CliError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match imagefs_store::Store::open(dir) {
+            Err(imagefs_store::StoreError::Busy(_))
+                if std::env::var_os(PREFETCH_CHILD).is_some() && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            r => return Ok(r?),
+        }
+    }
+}
+
 /// `prefetch --background`: the daemon runs it on a thread of its own; without a daemon a
 /// detached `imagefs prefetch` (which then holds the store until done) does.
 fn prefetch_background(
@@ -364,6 +383,7 @@ fn prefetch_background(
             cmd.args(["--remote", r]);
         }
         cmd.args(ids.iter().map(|i| i.to_hex()))
+            .env(PREFETCH_CHILD, "1")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null());
