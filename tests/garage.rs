@@ -172,3 +172,217 @@ impl Drop for Garage {
         self.stop();
     }
 }
+
+/// A Garage cluster of `n` nodes on loopback with replication factor `n` (the failure test:
+/// quorum is 2 of 3, so one node may die): each node its own dir, ports and log; the layout
+/// assigned and applied, a bucket and an imported key made with the garage CLI. Killed on drop.
+pub struct GarageCluster {
+    nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+    /// Each node's S3 endpoint, http://127.0.0.1:PORT, in node order.
+    pub endpoints: Vec<String>,
+    pub bucket: String,
+    pub key_id: String,
+    pub secret: String,
+}
+
+struct ClusterNode {
+    child: Option<Child>,
+    conf: PathBuf,
+    log: PathBuf,
+}
+
+impl GarageCluster {
+    /// Starts `n` nodes, joins them into one layout (zone dc1, 1 GB each) and makes `bucket`
+    /// with one key allowed to read and write it; waits until every node answers S3 requests.
+    pub fn start(n: usize, bucket: &str) -> GarageCluster {
+        let bin = binary().expect("garage binary (make garage)");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let seed = format!("cluster{}-{}", std::process::id(), free_port());
+        let rpc_secret = hex(&format!("rpc{seed}"), 64);
+        let mut nodes = Vec::new();
+        let mut endpoints = Vec::new();
+        let mut rpcs = Vec::new();
+        for i in 0..n {
+            let d = dir.path().join(format!("node{i}"));
+            std::fs::create_dir_all(&d).expect("node dir");
+            let (s3, rpc, admin) = (free_port(), free_port(), free_port());
+            let conf = format!(
+                "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
+                 replication_factor = {n}\ncompression_level = \"none\"\n\
+                 rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+                 rpc_secret = \"{rpc_secret}\"\n\n[s3_api]\ns3_region = \"garage\"\n\
+                 api_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\n\
+                 [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+                d = d.display(),
+            );
+            let conf_path = d.join("garage.toml");
+            std::fs::write(&conf_path, conf).expect("write garage.toml");
+            let log = d.join("garage.log");
+            let f = std::fs::File::create(&log).expect("log");
+            let child = Command::new(&bin)
+                .arg("-c")
+                .arg(&conf_path)
+                .arg("server")
+                .env("RUST_LOG", "garage=info")
+                .stdin(Stdio::null())
+                .stdout(f.try_clone().expect("log"))
+                .stderr(f)
+                .spawn()
+                .expect("spawn garage");
+            nodes.push(ClusterNode {
+                child: Some(child),
+                conf: conf_path,
+                log,
+            });
+            endpoints.push(format!("http://127.0.0.1:{s3}"));
+            rpcs.push(rpc);
+        }
+        let c = GarageCluster {
+            nodes,
+            _dir: dir,
+            endpoints,
+            bucket: bucket.to_string(),
+            key_id: format!("GK{}", hex(&format!("key{seed}"), 24)),
+            secret: hex(&format!("secret{seed}"), 64),
+        };
+        let ids: Vec<String> = (0..n).map(|i| c.node_id(i)).collect();
+        for (i, id) in ids.iter().enumerate().skip(1) {
+            c.cli(&["node", "connect", &format!("{id}@127.0.0.1:{}", rpcs[i])]);
+        }
+        for id in &ids {
+            c.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", id]);
+        }
+        c.cli(&["layout", "apply", "--version", "1"]);
+        c.cli(&["bucket", "create", bucket]);
+        let (k, s) = (c.key_id.clone(), c.secret.clone());
+        c.cli(&["key", "import", "--yes", "-n", "imagefs-test", &k, &s]);
+        c.cli(&[
+            "bucket", "allow", "--read", "--write", "--owner", bucket, "--key", &k,
+        ]);
+        for i in 0..n {
+            c.wait_ready(i);
+        }
+        c
+    }
+
+    /// `garage -c NODE0 ARGS` (the admin CLI talks to node 0 over RPC); panics with the output
+    /// and node 0's log when it fails.
+    fn cli(&self, args: &[&str]) -> String {
+        self.cli_on(0, args)
+            .unwrap_or_else(|e| panic!("garage {args:?}: {e}\nnode 0 log:\n{}", self.log(0)))
+    }
+
+    fn cli_on(&self, node: usize, args: &[&str]) -> Result<String, String> {
+        let bin = binary().expect("garage binary");
+        let out = Command::new(bin)
+            .arg("-c")
+            .arg(&self.nodes[node].conf)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        } else {
+            Err(format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
+    /// The node's id (retried while it starts).
+    fn node_id(&self, node: usize) -> String {
+        let start = Instant::now();
+        loop {
+            if let Ok(out) = self.cli_on(node, &["node", "id", "-q"]) {
+                if let Some(id) = out.trim().split('@').next().filter(|s| !s.is_empty()) {
+                    return id.to_string();
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "garage node {node} did not start within 30 s; its log:\n{}",
+                self.log(node)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_ready(&self, node: usize) {
+        let client = self.client_on(&[node], "", Duration::from_secs(2));
+        let start = Instant::now();
+        while client.list("").is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "garage node {node} did not serve S3 within 30 s; its log:\n{}",
+                self.log(node)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// A node's log so far.
+    pub fn log(&self, node: usize) -> String {
+        std::fs::read_to_string(&self.nodes[node].log).unwrap_or_default()
+    }
+
+    /// Writes a credentials file for the key (as `remote add --credentials` takes it).
+    pub fn credentials_file(&self, path: &Path) {
+        std::fs::write(
+            path,
+            format!(
+                "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+                self.key_id, self.secret
+            ),
+        )
+        .expect("write credentials");
+    }
+
+    /// An S3 client on the bucket through the given nodes' endpoints (failing over in order).
+    pub fn client_on(
+        &self,
+        nodes: &[usize],
+        prefix: &str,
+        timeout: Duration,
+    ) -> imagefs_remote::S3Remote {
+        let cfg = imagefs_remote::RemoteConfig {
+            name: "test".into(),
+            bucket: self.bucket.clone(),
+            prefix: prefix.to_string(),
+            endpoints: nodes.iter().map(|&i| self.endpoints[i].clone()).collect(),
+            region: Some("garage".into()),
+            timeout_ms: timeout.as_millis() as u64,
+            credentials_file: false,
+        };
+        let creds = imagefs_remote::Credentials {
+            access_key_id: self.key_id.clone(),
+            secret_access_key: self.secret.clone(),
+            session_token: None,
+        };
+        imagefs_remote::S3Remote::new(&cfg, &creds).expect("S3 client")
+    }
+
+    /// The node's process id (None once killed).
+    pub fn pid(&self, node: usize) -> Option<u32> {
+        self.nodes[node].child.as_ref().map(Child::id)
+    }
+
+    /// kill -9 of one node (a lost host), waited for.
+    pub fn kill(&mut self, node: usize) {
+        if let Some(mut c) = self.nodes[node].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for GarageCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}

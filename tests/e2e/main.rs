@@ -8,6 +8,8 @@ mod fullguest;
 mod mount;
 mod powercut;
 mod remote;
+mod remote_cluster;
+mod remote_gc;
 mod remote_lazy;
 mod rollout;
 mod store;
