@@ -91,7 +91,14 @@ pub fn prepare(args: &ListenArgs) -> Result<Option<Listener>, TlsError> {
         .build()
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let chain = certs::load_certs(&dir.join("cert.pem"))?;
-    let key = certs::load_key(&dir.join("key.pem"))?;
+    let key_path = dir.join("key.pem");
+    if let Ok(m) = std::fs::metadata(&key_path) {
+        use std::os::unix::fs::PermissionsExt;
+        if m.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(path = %key_path.display(), "fleet: the host key is readable by others than its owner (chmod 600 it)");
+        }
+    }
+    let key = certs::load_key(&key_path)?;
     let config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?

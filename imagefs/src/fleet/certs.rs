@@ -58,8 +58,8 @@ pub enum CertError {
     /// `ca init` on a store that has one
     #[error("{0} already holds a fleet CA (its hosts trust it; remove it by hand to start over)")]
     CaExists(PathBuf),
-    /// Host files would be overwritten
-    #[error("{0} already exists (choose another --out directory)")]
+    /// The --out directory is not new or empty
+    #[error("{0} is not empty (choose a new --out directory)")]
     Exists(PathBuf),
     /// Not a name a certificate and a client can both use
     #[error("{0:?} is not a host name (a DNS name such as host-1 or web.example; not an address)")]
@@ -252,9 +252,11 @@ pub fn load_ca(store: &Path) -> Result<Issued, CertError> {
 pub fn write_host_files(store: &Path, name: &str, out: &Path) -> Result<(), CertError> {
     check_host_name(name)?;
     let ca = load_ca(store)?;
-    for f in HOST_FILES {
-        if out.join(f).exists() {
-            return Err(CertError::Exists(out.join(f)));
+    // A new or empty directory only: it is made 0700, which must not befall a directory in use
+    // (`--out .`), and no earlier host's key is overwritten.
+    if let Ok(mut entries) = std::fs::read_dir(out) {
+        if entries.next().is_some() {
+            return Err(CertError::Exists(out.to_path_buf()));
         }
     }
     let host = issue(&ca, Role::Host, name)?;
@@ -446,5 +448,16 @@ mod tests {
             write_host_files(&store, "10.0.0.1", &dir.path().join("x")),
             Err(CertError::BadName(_))
         ));
+        // A directory in use is refused, and its mode left alone.
+        let busy = dir.path().join("busy");
+        std::fs::create_dir(&busy).unwrap();
+        std::fs::set_permissions(&busy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(busy.join("notes"), b"x").unwrap();
+        assert!(matches!(
+            write_host_files(&store, "host-2", &busy),
+            Err(CertError::Exists(_))
+        ));
+        assert_eq!(mode(&busy), 0o755);
+        assert!(!busy.join("key.pem").exists());
     }
 }
