@@ -335,11 +335,15 @@ fn lazy_pull_reads_each_block_once_substitutes_with_changed_blocks_and_prefetch_
     let inst = read_direct(&m.mnt.join("instances/web-1.raw"), 0, BLOCKS * BS).unwrap();
     assert!(inst == i2, "the substituted instance differs from v2");
     assert_eq!(stats(&b)["versions"][&v2]["blocks_fetched"], 4);
+    let live = stats(&b);
     eprintln!(
         "remote_lazy: stats after reading v1 twice and substituting onto v2: {}",
-        stats(&b)["total"]
+        live["total"]
     );
     m.stop();
+    // the daemon's counters outlive it (kept in the store)
+    let kept = stats(&b);
+    assert_eq!(kept["total"], live["total"], "{kept}");
 
     // export on a third store (after a local gc, which keeps what a lazy version needs):
     // fetches what it needs and gives v2's bytes
