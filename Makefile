@@ -4,7 +4,7 @@ CARGO ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/guest-agent
 
-.PHONY: all setup build agent guest fullguest test lint demo bench clean-guest fuzz crashtest garage
+.PHONY: all setup build agent guest fullguest test lint demo bench clean-guest fuzz crashtest garage demo-fleet
 
 all: build
 
@@ -55,6 +55,12 @@ garage:
 demo: guest build
 	bash scripts/demo.sh
 
+# The fleet's block tier on this machine (issue 12): a single-node Garage, two stores as two
+# hosts; push v1 and a one-file patch v2 from one, pull both into the other, verify byte for
+# byte, print the bytes moved; then untag v1 and run remote gc twice.
+demo-fleet: build garage
+	bash scripts/demo-fleet.sh
+
 clean-guest:
 	rm -rf target/guest
 
@@ -63,7 +69,7 @@ clean-guest:
 # (e.g. BENCH_ARGS="--runs 3 --only import,mount"). scripts/bench-mount.sh stays as a quick check.
 BENCH_ARGS ?=
 # The VM group runs the e2e suite's ignored benchmark tests (release) in the nested VM.
-bench: guest
+bench: guest garage
 	bash scripts/setup.sh --bench
 	CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) build --release -p imagefs -p vmm -p imagefs-bench
 	CARGO_TARGET_DIR=$(CURDIR)/target target/release/imagefs-bench --imagefs target/release/imagefs \

@@ -3,8 +3,9 @@
 # QEMU (one matching version of qemu-system-x86/-common/-data and qemu-utils, which gives
 # qemu-img), busybox-static, cpio, fuse3 tools, e2fsprogs (mkfs.ext4, debugfs), binutils (as,
 # objcopy), file, debootstrap (the full guest's root filesystem), and (with --bench) the bench
-# peers. Every tool a test runs is here (tests/lib.rs TOOLS), so under IMAGEFS_STRICT no test
-# skips. Safe to run again: it installs only what is missing.
+# peers (rclone is the remote group's S3 client). Every tool a test runs is here (tests/lib.rs
+# TOOLS), so under IMAGEFS_STRICT no test skips. Safe to run again: it installs only what is
+# missing.
 set -euo pipefail
 bench=0
 [ "${1:-}" = "--bench" ] && bench=1
@@ -13,7 +14,7 @@ need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
 for p in binutils busybox-static cpio debootstrap e2fsprogs file fuse3 util-linux xz-utils zstd; do have "$p" || need+=("$p"); done
 if [ "$bench" = 1 ]; then
-  for p in casync fio b3sum time; do have "$p" || need+=("$p"); done
+  for p in casync fio b3sum time rclone; do have "$p" || need+=("$p"); done
 fi
 qemu_ok=1
 command -v qemu-system-x86_64 >/dev/null 2>&1 || qemu_ok=0

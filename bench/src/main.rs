@@ -4,13 +4,14 @@
 //! the cached fixture image and the results stay under OUT.
 //!
 //! Usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only GROUP,...] [--cargo-target DIR]
-//! Groups, in priority order: import, chain, mount, disk, vm, vm-live.
+//! Groups, in priority order: import, chain, mount, disk, remote, vm, vm-live.
 
 mod chain;
 mod disk;
 mod fixture;
 mod import;
 mod mount;
+mod remote;
 mod report;
 mod sys;
 mod vm;
@@ -51,7 +52,9 @@ struct Opts {
     cargo_target: PathBuf,
 }
 
-const GROUPS: [&str; 6] = ["import", "chain", "mount", "disk", "vm", "vm-live"];
+const GROUPS: [&str; 7] = [
+    "import", "chain", "mount", "disk", "remote", "vm", "vm-live",
+];
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut o = Opts {
@@ -71,7 +74,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--cargo-target" => o.cargo_target = PathBuf::from(val()?),
             "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
-                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,disk,vm,vm-live] [--cargo-target DIR]");
+                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,disk,remote,vm,vm-live] [--cargo-target DIR]");
                 std::process::exit(0);
             }
             _ => bail!("unknown argument {a:?} (try --help)"),
@@ -127,6 +130,7 @@ fn main() -> anyhow::Result<()> {
             "chain" => chain::run(&env, &mut rep),
             "mount" => mount::run(&env, &mut rep),
             "disk" => disk::run(&env, &mut rep),
+            "remote" => remote::run(&env, &mut rep),
             "vm" => vm::run(&env, &mut rep),
             _ => vm_live::run(&env, &mut rep),
         }
