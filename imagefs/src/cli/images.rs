@@ -90,10 +90,13 @@ pub fn ls(store: &Store, a: &LsArgs, o: &mut Out<'_>) -> Result<(), CliError> {
             "local": local, "lazy_remote": remote,
         }));
         let pct = local * 100.0;
-        let local_s = if pct >= 100.0 || pct == 0.0 || pct >= 10.0 {
-            format!("{pct:.0}%")
-        } else {
+        // never rounded up to 100%: that means every block is here
+        let local_s = if local >= 1.0 {
+            "100%".to_string()
+        } else if pct < 10.0 {
             format!("{pct:.1}%")
+        } else {
+            format!("{:.0}%", pct.floor().min(99.0))
         };
         text.push_str(&format!(
             "{:<20} {:<16} {:<14} {:>12} {:>7} {}\n",
