@@ -4,7 +4,9 @@
 //! substitution onto a lazy version fetches exactly its changed blocks; prefetch completes a
 //! version and builds its flat copy; a tampered pack is EIO through the mount, never wrong
 //! bytes, and a full pull exits 5; with Garage stopped a lazy read is EIO within the remote's
-//! deadline while the daemon and local reads go on, and it succeeds once Garage is back.
+//! deadline while the daemon and local reads go on, and it succeeds once Garage is back; a
+//! guest (QEMU, `vm start`) boots from a lazily pulled root disk fetching a small fraction of
+//! it, and no flat copy of the lazy base is built behind its back.
 
 // Test code: a failed unwrap is a failed test with its reason.
 #![allow(clippy::unwrap_used)]
