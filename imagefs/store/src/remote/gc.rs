@@ -303,20 +303,60 @@ pub fn gc(remote: &dyn Remote, opts: &GcOptions) -> Result<GcReport, SyncError> 
             return Ok(report);
         }
     }
+    // A deletion pass is announced before the tags are listed (a push compares `deletions`
+    // around its tag write).
+    let announced = match &state {
+        Some(s) => {
+            let a = GcState {
+                format: 1,
+                deletions: s.deletions + 1,
+                phase: GcPhase::Deleting,
+                marked_at: s.marked_at,
+                phase_at: now_ms(),
+                candidates: s.candidates.clone(),
+            };
+            write_state(remote, &a)?;
+            report.deletions = a.deletions;
+            Some(a)
+        }
+        None => None,
+    };
+    if let Err(e) = pass(remote, opts, announced.as_ref(), &mut report) {
+        if let Some(a) = &announced {
+            // a pass that stops early (a broken tag, the remote gone) must not leave pushes
+            // waiting on `deleting`; best effort: if this fails too, pushes stop waiting after
+            // STALE_DELETING
+            let _ = write_state(
+                remote,
+                &GcState {
+                    phase: GcPhase::Marked,
+                    phase_at: now_ms(),
+                    ..a.clone()
+                },
+            );
+        }
+        return Err(e);
+    }
+    report.action = if state.is_some() {
+        GcAction::Deleted
+    } else {
+        GcAction::Marked
+    };
+    Ok(report)
+}
+
+/// The body of a gc run after the announcement: the deletion half when `announced` (the
+/// candidates it names still unreachable are deleted), then the marking half (what is
+/// unreachable now and was not just deleted becomes the next candidates, state `marked`).
+fn pass(
+    remote: &dyn Remote,
+    opts: &GcOptions,
+    announced: Option<&GcState>,
+    report: &mut GcReport,
+) -> Result<(), SyncError> {
+    let grace_ms = opts.grace.as_millis() as u64;
     let mut deleted = BTreeSet::new();
-    if let Some(s) = &state {
-        // A deletion pass: announced before the tags are listed (a push compares `deletions`
-        // around its tag write), its candidates deleted when still unreachable.
-        let announced = GcState {
-            format: 1,
-            deletions: s.deletions + 1,
-            phase: GcPhase::Deleting,
-            marked_at: s.marked_at,
-            phase_at: now_ms(),
-            candidates: s.candidates.clone(),
-        };
-        write_state(remote, &announced)?;
-        report.deletions = announced.deletions;
+    if let Some(s) = announced {
         let (tags, reach) = reachable(remote)?;
         let objects = managed_objects(remote)?;
         let doomed: Vec<(String, u64)> = s
@@ -377,12 +417,7 @@ pub fn gc(remote: &dyn Remote, opts: &GcOptions) -> Result<GcReport, SyncError> 
             candidates,
         },
     )?;
-    report.action = if state.is_some() {
-        GcAction::Deleted
-    } else {
-        GcAction::Marked
-    };
-    Ok(report)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -341,3 +341,30 @@ fn a_running_deletion_pass_makes_another_gc_refuse() {
         GcPhase::Marked
     );
 }
+
+#[test]
+fn a_tag_whose_map_is_missing_stops_gc_and_leaves_no_deleting_phase() {
+    let t = two();
+    t.remote.delete("tags/app/v1.json").unwrap();
+    gc(&t.remote, &now()).unwrap();
+    let packs = t.remote.keys("packs/").len();
+    // v2's tag now names a map the bucket lacks: what v2 needs cannot be known
+    t.remote.delete(&map_key(&t.v2)).unwrap();
+    let e = gc(&t.remote, &now()).unwrap_err();
+    assert_eq!(e.kind(), crate::ErrorKind::Conflict, "{e}");
+    assert_eq!(
+        t.remote.keys("packs/").len(),
+        packs,
+        "gc deleted while refusing"
+    );
+    // the pass it announced is closed, so a push does not wait on it
+    let s = read_state(&t.remote).unwrap().unwrap();
+    assert_eq!(s.phase, GcPhase::Marked);
+    let start = std::time::Instant::now();
+    t.a.push(&t.remote, &t.v2, &tag("v2"), &opts(), &mut |_| {})
+        .unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    // pushed again, v2 has its map back and gc goes on
+    gc(&t.remote, &now()).unwrap();
+    pulls_whole(&t.remote, t.tmp.path(), "app", "v2", &t.i2);
+}
