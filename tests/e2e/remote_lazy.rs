@@ -513,6 +513,26 @@ fn a_lazy_read_with_garage_stopped_is_eio_within_the_deadline_and_works_once_it_
         l == li,
         "a local version read wrong while the remote was down"
     );
+    // 12 lazy reads at once (more than the daemon's 8 session threads) must not hold up a
+    // local read: while a remote fails, only a few reads wait out its deadline
+    let lazy: Vec<_> = (0..12)
+        .map(|i| {
+            let f = file.clone();
+            // blocks 31i+2: none is a hole
+            std::thread::spawn(move || read_direct(&f, ((i * 31 + 2) * BS) as u64, BS).err())
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let l = read_direct(&m.mnt.join("images/loc/v1.raw"), 0, 16 * BS).unwrap();
+    let local_took = t.elapsed();
+    let errs: Vec<Option<i32>> = lazy.into_iter().map(|h| h.join().unwrap()).collect();
+    eprintln!(
+        "remote_lazy: a local read during 12 stuck lazy reads took {local_took:?}; lazy reads: {errs:?}"
+    );
+    assert!(l == li);
+    assert!(local_took < Duration::from_secs(1), "{local_took:?}");
+    assert!(errs.iter().all(|e| *e == Some(libc::EIO)), "{errs:?}");
 
     g.restart();
     let back = read_direct(&file, 0, BS).unwrap();

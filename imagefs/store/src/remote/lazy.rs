@@ -189,6 +189,42 @@ pub(crate) struct Lazy {
     inflight: Mutex<HashSet<[u8; 32]>>,
     landed: Condvar,
     stats: Mutex<StatsState>,
+    /// Per remote: is it failing, and how many fetches are inside it.
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+/// While a remote fails, at most [`MAX_WAITING`] reads wait out its deadline; the others fail
+/// at once. The daemon answers reads on a few session threads (8 by default): were they all
+/// waiting on a dead remote, reads of local versions would wait too.
+#[derive(Debug, Default)]
+struct Gate {
+    down: AtomicBool,
+    /// Fetches waiting out the remote's deadline (retrying).
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Reads that may wait on a failing remote at once (half the daemon's default session threads).
+const MAX_WAITING: usize = 4;
+
+impl Gate {
+    /// A place among the fetches that wait on this remote, if one is free.
+    fn wait_slot(&self) -> Option<Waiting<'_>> {
+        self.waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < MAX_WAITING).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Waiting(self))
+    }
+}
+
+/// Holds a place among the fetches waiting on a failing remote.
+struct Waiting<'a>(&'a Gate);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Lazy {
@@ -226,6 +262,7 @@ impl Lazy {
             init: Mutex::new(()),
             source: RwLock::new(None),
             inflight: Mutex::new(HashSet::new()),
+            gates: Mutex::new(HashMap::new()),
             landed: Condvar::new(),
             stats: Mutex::new(StatsState {
                 loaded: false,
@@ -432,7 +469,7 @@ impl Inner {
     ) -> Result<(), StoreError> {
         match self.read_object(ObjKind::Block, hash, buf) {
             Err(StoreError::MissingObject { .. }) if self.lazy.has(hash) => {
-                self.fetch_blocks(&[*hash], None, None, 1)?;
+                self.fetch_blocks(&[*hash], None, None, None, 1)?;
                 self.read_object(ObjKind::Block, hash, buf)
             }
             r => r,
@@ -443,7 +480,7 @@ impl Inner {
     pub(crate) fn block_len_fetching(&self, hash: &[u8; 32]) -> Result<Option<u32>, StoreError> {
         match self.object_len(ObjKind::Block, hash)? {
             None if self.lazy.has(hash) => {
-                self.fetch_blocks(&[*hash], None, None, 1)?;
+                self.fetch_blocks(&[*hash], None, None, None, 1)?;
                 self.object_len(ObjKind::Block, hash)
             }
             r => Ok(r),
@@ -504,9 +541,9 @@ impl Inner {
         if !requested.is_empty() {
             // read-ahead is best effort: a failure there must not fail the request itself
             // (bad bytes in the read-ahead); an unreachable remote is not asked twice
-            match self.fetch_blocks(&wanted, Some(&lv.id), None, 1) {
+            match self.fetch_blocks(&wanted, Some(&requested), Some(&lv.id), None, 1) {
                 Err(StoreError::RemoteIntegrity { .. }) if wanted.len() > requested.len() => {
-                    self.fetch_blocks(&requested, Some(&lv.id), None, 1)?;
+                    self.fetch_blocks(&requested, None, Some(&lv.id), None, 1)?;
                 }
                 r => {
                     r?;
@@ -518,10 +555,12 @@ impl Inner {
 
     /// Fetches the blocks of `wanted` that are absent and known to a lazy version, `jobs`
     /// ranged reads at a time; counted for `version` (else the version that named each block).
-    /// A block another thread is fetching is waited for, not fetched twice.
+    /// A block another thread is fetching is waited for (only if in `needed`, when given), not
+    /// fetched twice.
     pub(crate) fn fetch_blocks(
         &self,
         wanted: &[[u8; 32]],
+        needed: Option<&[[u8; 32]]>,
         version: Option<&VersionId>,
         remote_override: Option<&str>,
         jobs: usize,
@@ -566,12 +605,30 @@ impl Inner {
             };
         }
         drop(claim);
+        let report = result?;
+        // blocks another read is fetching: wait only for those this read needs, and not at
+        // all while a remote fails (that read is already waiting out the deadline for them;
+        // a thread waiting here too is one fewer to serve reads of local data)
+        if let Some(needed) = needed {
+            others.retain(|h| needed.contains(h));
+        }
+        if others.is_empty() {
+            return Ok(report);
+        }
+        if lock(&lazy.gates)
+            .values()
+            .any(|g| g.down.load(Ordering::Relaxed))
+        {
+            return Err(fetch_err(
+                "",
+                "the remote is failing and another read is already waiting for these blocks",
+            ));
+        }
         let mut f = lock(&lazy.inflight);
         while others.iter().any(|h| f.contains(h)) {
             f = lazy.landed.wait(f).unwrap_or_else(|p| p.into_inner());
         }
-        others.clear();
-        result
+        Ok(report)
     }
 
     fn plan_ranges(
@@ -673,16 +730,41 @@ impl Inner {
     fn fetch_range(&self, src: &dyn RemoteSource, r: &Range) -> Result<(u64, u64), StoreError> {
         let key = pack_key(&r.pack);
         let (remote, deadline) = src.remote(&r.remote).map_err(|e| fetch_err(&key, e))?;
+        let gate = lock(&self.lazy.gates)
+            .entry(r.remote.clone())
+            .or_default()
+            .clone();
+        let busy = || {
+            fetch_err(
+                &key,
+                format!(
+                    "remote {} is failing and {MAX_WAITING} reads already wait on it",
+                    r.remote
+                ),
+            )
+        };
+        // while the remote fails, a read waits only in one of the places (else: EIO at once)
+        let mut slot = None;
+        if gate.down.load(Ordering::Relaxed) {
+            slot = Some(gate.wait_slot().ok_or_else(busy)?);
+        }
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
         let data = loop {
             match remote.get_range(&key, r.start..r.end) {
-                Ok(d) => break d,
+                Ok(d) => {
+                    gate.down.store(false, Ordering::Relaxed);
+                    break d;
+                }
                 Err(
                     e @ (RemoteError::Unreachable(_)
                     | RemoteError::Timeout(_)
                     | RemoteError::Other(_)),
                 ) => {
+                    gate.down.store(true, Ordering::Relaxed);
+                    if slot.is_none() {
+                        slot = Some(gate.wait_slot().ok_or_else(busy)?);
+                    }
                     if started.elapsed() + backoff >= deadline {
                         return Err(fetch_err(
                             &key,
@@ -868,7 +950,9 @@ impl Store {
             Some(list) => list.iter().try_for_each(|&i| add(i))?,
             None => (0..v.block_count()).try_for_each(&mut add)?,
         }
-        let r = self.inner.fetch_blocks(&wanted, Some(id), remote, jobs)?;
+        let r = self
+            .inner
+            .fetch_blocks(&wanted, None, Some(id), remote, jobs)?;
         self.sync()?;
         self.is_lazy(id)?;
         Ok(r)
