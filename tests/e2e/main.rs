@@ -8,6 +8,7 @@ mod fullguest;
 mod mount;
 mod powercut;
 mod remote;
+mod remote_cli;
 mod remote_cluster;
 mod remote_gc;
 mod remote_lazy;

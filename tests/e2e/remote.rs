@@ -10,91 +10,18 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use imagefs_store::remote::Remote;
 use imagefs_tests::garage::{self, Garage};
-use imagefs_tests::{bin, noise, skip};
+use imagefs_tests::{noise, skip};
 use serde_json::Value;
 
-const BS: usize = 64 * 1024;
-
-/// `imagefs --store STORE ARGS` as a user runs it on these machines: AWS_CA_BUNDLE set (it
-/// must not matter for an http endpoint) and no AWS keys in the environment (the remote's
-/// credentials file is what signs).
-fn imagefs(store: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin("imagefs"));
-    c.arg("--store").arg(store).args(args);
-    c.env("AWS_CA_BUNDLE", "/nonexistent/imagefs-test-ca.pem")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("IMAGEFS_FAULT");
-    c
-}
-
-fn run(store: &Path, args: &[&str]) -> Output {
-    imagefs(store, args).output().expect("spawn imagefs")
-}
-
-fn ok(store: &Path, args: &[&str]) -> Output {
-    let out = run(store, args);
-    assert!(
-        out.status.success(),
-        "imagefs {args:?} failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The JSON Lines of `out` (events, then the result last).
-fn lines(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn result(out: &Output) -> Value {
-    let l = lines(out);
-    let r = l.last().cloned().unwrap_or(Value::Null);
-    assert_eq!(r["type"], "result", "no result in {l:?}");
-    r
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().unwrap_or(-1)
-}
-
-/// A store with the remote `g` on `garage` (bucket prefix `fleet`).
-fn store_with_remote(dir: &Path, name: &str, g: &Garage, timeout: &str) -> PathBuf {
-    let store = dir.join(name);
-    ok(&store, &["init"]);
-    let creds = dir.join(format!("{name}.creds"));
-    g.credentials_file(&creds);
-    let url = format!("s3://{}/fleet", g.bucket);
-    let creds_s = creds.to_string_lossy().to_string();
-    ok(
-        &store,
-        &[
-            "remote",
-            "add",
-            "g",
-            &url,
-            "--endpoint",
-            &g.endpoint,
-            "--region",
-            "garage",
-            "--credentials",
-            &creds_s,
-            "--timeout",
-            timeout,
-        ],
-    );
-    store
-}
+use crate::remote_cli::{
+    code, distinct_blocks, imagefs, lines, ok, result, run, store_with_remote, BS,
+};
 
 /// An image of `blocks` blocks of incompressible data with some holes; `changed` blocks get
 /// other bytes (as a patch would).
@@ -109,14 +36,6 @@ fn make_image(path: &Path, blocks: usize, changed: &[usize], seed: &str) -> Vec<
     }
     std::fs::write(path, &img).unwrap();
     img
-}
-
-fn distinct_blocks(img: &[u8]) -> u64 {
-    img.chunks(BS)
-        .filter(|b| b.iter().any(|&x| x != 0))
-        .map(|b| *blake3::hash(b).as_bytes())
-        .collect::<HashSet<_>>()
-        .len() as u64
 }
 
 fn garage_or_skip() -> bool {

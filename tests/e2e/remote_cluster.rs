@@ -8,73 +8,26 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use imagefs_store::remote::Remote;
 use imagefs_tests::garage::{self, GarageCluster};
-use imagefs_tests::{bin, noise, skip};
+use imagefs_tests::{noise, skip};
 use serde_json::Value;
 
-const BS: usize = 64 * 1024;
-
-fn imagefs(store: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin("imagefs"));
-    c.arg("--store").arg(store).args(args);
-    c.env("AWS_CA_BUNDLE", "/nonexistent/imagefs-test-ca.pem")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("IMAGEFS_FAULT");
-    c
-}
-
-fn ok(store: &Path, args: &[&str]) -> Output {
-    let out = imagefs(store, args).output().expect("spawn imagefs");
-    assert!(
-        out.status.success(),
-        "imagefs {args:?} failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn result(out: &Output) -> Value {
-    let r = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .unwrap_or(Value::Null);
-    assert_eq!(r["type"], "result", "no result in {out:?}");
-    r
-}
+use crate::remote_cli::{imagefs, ok, result, store_with_endpoints, BS};
 
 /// A store whose remote `g` lists all three nodes, the first node first.
 fn store_on_cluster(dir: &Path, name: &str, c: &GarageCluster) -> PathBuf {
-    let store = dir.join(name);
-    ok(&store, &["init"]);
-    let creds = dir.join(format!("{name}.creds"));
-    c.credentials_file(&creds);
-    let url = format!("s3://{}/fleet", c.bucket);
-    let mut args = vec![
-        "remote".to_string(),
-        "add".into(),
-        "g".into(),
-        url,
-        "--region".into(),
-        "garage".into(),
-        "--credentials".into(),
-        creds.to_string_lossy().to_string(),
-        "--timeout".into(),
-        "10s".into(),
-    ];
-    for e in &c.endpoints {
-        args.push("--endpoint".into());
-        args.push(e.clone());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&store, &args);
-    store
+    store_with_endpoints(
+        dir,
+        name,
+        &c.bucket,
+        &c.endpoints,
+        |p| c.credentials_file(p),
+        "10s",
+    )
 }
 
 fn export_is(store: &Path, name_tag: &str, want: &[u8]) {

@@ -9,78 +9,16 @@
 
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::Duration;
 
 use imagefs_store::remote::Remote;
 use imagefs_tests::garage::{self, Garage};
-use imagefs_tests::{bin, noise, skip};
+use imagefs_tests::{noise, skip};
 use serde_json::Value;
 
-const BS: usize = 64 * 1024;
-
-fn imagefs(store: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin("imagefs"));
-    c.arg("--store").arg(store).args(args);
-    // as users run it here: AWS_CA_BUNDLE set, no AWS keys (the credentials file signs)
-    c.env("AWS_CA_BUNDLE", "/nonexistent/imagefs-test-ca.pem")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("IMAGEFS_FAULT");
-    c
-}
-
-fn run(store: &Path, args: &[&str]) -> Output {
-    imagefs(store, args).output().expect("spawn imagefs")
-}
-
-fn ok(store: &Path, args: &[&str]) -> Output {
-    let out = run(store, args);
-    assert!(
-        out.status.success(),
-        "imagefs {args:?} failed ({:?}): {}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn result(out: &Output) -> Value {
-    let r = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<Value>(l).ok())
-        .unwrap_or(Value::Null);
-    assert_eq!(r["type"], "result", "no result in {out:?}");
-    r
-}
-
-fn store_with_remote(dir: &Path, name: &str, g: &Garage) -> PathBuf {
-    let store = dir.join(name);
-    ok(&store, &["init"]);
-    let creds = dir.join(format!("{name}.creds"));
-    g.credentials_file(&creds);
-    let url = format!("s3://{}/fleet", g.bucket);
-    ok(
-        &store,
-        &[
-            "remote",
-            "add",
-            "g",
-            &url,
-            "--endpoint",
-            &g.endpoint,
-            "--region",
-            "garage",
-            "--credentials",
-            creds.to_str().unwrap(),
-            "--timeout",
-            "10s",
-        ],
-    );
-    store
-}
+use crate::remote_cli::{imagefs, ok, result, run, store_with_remote, BS};
 
 /// `blocks` blocks of noise (no holes); blocks in `changed` get other noise.
 fn make_image(path: &Path, seed: &str, blocks: usize, changed: &[usize]) -> Vec<u8> {
@@ -102,7 +40,7 @@ fn keys(s3: &impl Remote, prefix: &str) -> HashSet<String> {
 
 /// Pulls `name_tag` into a fresh store `name` and checks its export is `want`.
 fn pulls_whole(dir: &Path, name: &str, g: &Garage, name_tag: &str, want: &[u8]) {
-    let b = store_with_remote(dir, name, g);
+    let b = store_with_remote(dir, name, g, "10s");
     ok(&b, &["pull", name_tag]);
     let out = dir.join(format!("{name}.img"));
     ok(&b, &["export", name_tag, out.to_str().unwrap()]);
@@ -120,7 +58,7 @@ fn gc_deletes_only_what_no_tag_reaches_in_two_passes() {
     let tmp = tempfile::tempdir().unwrap();
     let g = Garage::start("images");
     let s3 = g.client("fleet", Duration::from_secs(10));
-    let a = store_with_remote(tmp.path(), "a", &g);
+    let a = store_with_remote(tmp.path(), "a", &g, "10s");
     // 1 MiB packs (16 blocks): v2 changes v1's first 32 blocks, so two of v1's packs hold only
     // blocks v2 lacks; block 200 changes too, in a pack v2 still needs for its other blocks.
     let (f1, f2) = (tmp.path().join("v1.img"), tmp.path().join("v2.img"));
@@ -168,7 +106,7 @@ fn gc_deletes_only_what_no_tag_reaches_in_two_passes() {
     assert_eq!(gone.iter().filter(|k| k.ends_with(".pack")).count(), 2);
     // v2 still pulls whole, verified block by block; v1 pinned by id is gone (exit 3)
     pulls_whole(tmp.path(), "b", &g, "app:v2", &i2);
-    let c = store_with_remote(tmp.path(), "c", &g);
+    let c = store_with_remote(tmp.path(), "c", &g, "10s");
     let pinned = format!("app:v1@{v1_id}");
     assert_eq!(run(&c, &["pull", &pinned]).status.code(), Some(3));
     // nothing more to delete
@@ -187,7 +125,7 @@ fn gc_passes_while_a_push_is_between_its_packs_and_its_tag_do_not_break_it() {
     let tmp = tempfile::tempdir().unwrap();
     let g = Garage::start("images");
     let s3 = g.client("fleet", Duration::from_secs(10));
-    let a = store_with_remote(tmp.path(), "a", &g);
+    let a = store_with_remote(tmp.path(), "a", &g, "10s");
     // 32 MiB in 32 packs, one upload at a time: the push is stopped after its first pack.
     let f = tmp.path().join("app.img");
     let img = make_image(&f, "gc-race", 512, &[]);
@@ -202,7 +140,7 @@ fn gc_passes_while_a_push_is_between_its_packs_and_its_tag_do_not_break_it() {
         "1",
     ];
     // gc runs from another operator's store (the push holds store A's lock)
-    let ops = store_with_remote(tmp.path(), "ops", &g);
+    let ops = store_with_remote(tmp.path(), "ops", &g, "10s");
     let mut child = imagefs(&a, &args).stdout(Stdio::piped()).spawn().unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let pid = child.id() as libc::pid_t;

@@ -15,78 +15,17 @@ use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use imagefs_store::remote::Remote;
 use imagefs_tests::garage::{self, Garage};
-use imagefs_tests::{bin, is_root, noise, skip, wait_until};
+use imagefs_tests::{is_root, noise, skip, wait_until};
 use serde_json::Value;
 
-const BS: usize = 64 * 1024;
+use crate::remote_cli::{distinct_blocks, imagefs, ok, result, run, store_with_remote, BS};
+
 const BLOCKS: usize = 384;
-
-fn imagefs(store: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(bin("imagefs"));
-    c.arg("--store").arg(store).args(args);
-    c.env("AWS_CA_BUNDLE", "/nonexistent/imagefs-test-ca.pem")
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("IMAGEFS_FAULT");
-    c
-}
-
-fn run(store: &Path, args: &[&str]) -> Output {
-    imagefs(store, args).output().expect("spawn imagefs")
-}
-
-fn ok(store: &Path, args: &[&str]) -> Output {
-    let out = run(store, args);
-    assert!(
-        out.status.success(),
-        "imagefs {args:?} failed ({:?}): {}{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn result(out: &Output) -> Value {
-    let r = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .next_back()
-        .unwrap_or(Value::Null);
-    assert_eq!(r["type"], "result", "no result in {out:?}");
-    r
-}
-
-fn store_with_remote(dir: &Path, name: &str, g: &Garage, timeout: &str) -> PathBuf {
-    let store = dir.join(name);
-    ok(&store, &["init"]);
-    let creds = dir.join(format!("{name}.creds"));
-    g.credentials_file(&creds);
-    let url = format!("s3://{}/fleet", g.bucket);
-    ok(
-        &store,
-        &[
-            "remote",
-            "add",
-            "g",
-            &url,
-            "--endpoint",
-            &g.endpoint,
-            "--region",
-            "garage",
-            "--credentials",
-            creds.to_str().unwrap(),
-            "--timeout",
-            timeout,
-        ],
-    );
-    store
-}
 
 /// v1: incompressible blocks with a hole every 29 blocks; v2: `changed` blocks replaced.
 fn make_image(path: &Path, changed: &[usize], seed: &str) -> Vec<u8> {
@@ -100,14 +39,6 @@ fn make_image(path: &Path, changed: &[usize], seed: &str) -> Vec<u8> {
     }
     std::fs::write(path, &img).unwrap();
     img
-}
-
-fn distinct_blocks(img: &[u8]) -> u64 {
-    img.chunks(BS)
-        .filter(|b| b.iter().any(|&x| x != 0))
-        .map(|b| *blake3::hash(b).as_bytes())
-        .collect::<HashSet<_>>()
-        .len() as u64
 }
 
 fn is_mounted(path: &Path) -> bool {
