@@ -1,7 +1,8 @@
 //! Scenario module: a remote on a 3-node Garage cluster (replication factor 3, every node an
 //! `--endpoint`) keeps serving when a node dies: kill -9 of the first endpoint's node in the
 //! middle of a 64 MiB pull, and the pull completes with every block verified; pushes and pulls
-//! go on with that node down.
+//! go on with that node down, and so do a lazy pull and reads through a mount that fetch on
+//! first read.
 
 // Test code: a failed unwrap is a failed test with its reason.
 #![allow(clippy::unwrap_used)]
@@ -17,6 +18,7 @@ use imagefs_tests::{noise, skip};
 use serde_json::Value;
 
 use crate::remote_cli::{imagefs, ok, result, store_with_endpoints, BS};
+use crate::remote_lazy::{read_direct, Mount};
 
 /// A store whose remote `g` lists all three nodes, the first node first.
 fn store_on_cluster(dir: &Path, name: &str, c: &GarageCluster) -> PathBuf {
@@ -120,6 +122,19 @@ fn a_killed_node_mid_pull_is_no_error_and_the_cluster_serves_on() {
     let d = store_on_cluster(tmp.path(), "d", &c);
     ok(&d, &["pull", "app:v1"]);
     export_is(&d, "app:v1", &i1);
+    // A lazy pull, and reads through a mount that fetch on first read, with node 0 still down.
+    let e = store_on_cluster(tmp.path(), "e", &c);
+    ok(&e, &["pull", "app:v2", "--lazy"]);
+    let mut m = Mount::start(&e, &tmp.path().join("mnt-e"));
+    let read = read_direct(&m.mnt.join("images/app/v2.raw"), 0, i2.len());
+    assert!(
+        read.as_deref() == Ok(i2.as_slice()),
+        "a lazy read through the mount with node 0 down: {:?}",
+        read.err()
+    );
+    m.stop();
+    let fetched = result(&ok(&e, &["remote", "stats", "--json"]));
+    eprintln!("remote cluster: lazy reads with node 0 down: {fetched}");
     // the bucket as seen from node 2 alone holds both tags
     let s3 = c.client_on(&[2], "fleet", Duration::from_secs(5));
     assert_eq!(s3.list("tags/").unwrap().len(), 2);

@@ -50,15 +50,15 @@ fn is_mounted(path: &Path) -> bool {
 
 /// A daemon serving `store` on `mnt` (by default no flat copies, so every read reaches the
 /// daemon).
-struct Mount {
+pub(crate) struct Mount {
     store: PathBuf,
-    mnt: PathBuf,
+    pub(crate) mnt: PathBuf,
     log: PathBuf,
     child: Option<Child>,
 }
 
 impl Mount {
-    fn start(store: &Path, mnt: &Path) -> Mount {
+    pub(crate) fn start(store: &Path, mnt: &Path) -> Mount {
         Mount::start_with(store, mnt, "0")
     }
 
@@ -95,7 +95,7 @@ impl Mount {
             .is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
-    fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         ok(&self.store, &["umount", self.mnt.to_str().unwrap()]);
         let status = self.child.take().unwrap().wait().unwrap();
         assert!(status.success(), "daemon exit status {status}");
@@ -118,7 +118,7 @@ impl Drop for Mount {
 
 /// Reads `len` bytes at `off` with O_DIRECT (the kernel's page cache cannot answer, so the
 /// daemon does): the bytes, or the errno.
-fn read_direct(path: &Path, off: u64, len: usize) -> Result<Vec<u8>, i32> {
+pub(crate) fn read_direct(path: &Path, off: u64, len: usize) -> Result<Vec<u8>, i32> {
     let f = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECT)
