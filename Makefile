@@ -69,7 +69,7 @@ clean-guest:
 # (e.g. BENCH_ARGS="--runs 3 --only import,mount"). scripts/bench-mount.sh stays as a quick check.
 BENCH_ARGS ?=
 # The VM group runs the e2e suite's ignored benchmark tests (release) in the nested VM.
-bench: guest garage
+bench: guest fullguest garage
 	bash scripts/setup.sh --bench
 	CARGO_TARGET_DIR=$(CURDIR)/target $(CARGO) build --release -p imagefs -p vmm -p imagefs-bench
 	CARGO_TARGET_DIR=$(CURDIR)/target target/release/imagefs-bench --imagefs target/release/imagefs \

@@ -23,7 +23,36 @@ const MIB: f64 = 1048576.0;
 const PULL_SIZE: u64 = 512 << 20;
 const BUCKET: &str = "bench";
 
+/// The Debian guest booted from a lazily pulled version (the e2e suite's ignored test
+/// `remote_lazy::bench_lazy_debian_boot`): bytes fetched until its agent answers, as a share of
+/// the image, beside the share of an image AWS Lambda's workers read on average.
+fn lazy_boot(env: &Env, rep: &mut Report) {
+    const NAME: &str = "remote_lazy_boot_fetched_percent";
+    let out = match crate::vm::run_test(env, "remote_lazy::bench_lazy_debian_boot") {
+        Ok(o) => o,
+        Err(why) => return rep.skip(NAME, why),
+    };
+    let figure = out
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH lazy-boot-fraction-percent "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    let Some(percent) = figure else {
+        return rep.skip(NAME, "the lazy boot test printed no lazy-boot-fraction-percent");
+    };
+    let mut m = Metric::new(
+        NAME,
+        "%",
+        Better::Lower,
+        "ours: bytes fetched from Garage until the agent of a Debian guest (systemd, QEMU) booted          from a `pull --lazy` version answers, per byte of the image; peer: the average share of          an image AWS Lambda's workers ever read (Brooker et al., USENIX ATC '23), a published          figure, not a run",
+        "report",
+    );
+    m.ours.push(percent);
+    m.peer.push(6.5);
+    rep.add(m);
+}
+
 pub fn run(env: &Env, rep: &mut Report) {
+    lazy_boot(env, rep);
     const PUSH: &str = "remote_push_v2_bytes_vs_rclone_copyto";
     const PULL: &str = "remote_full_pull_vs_rclone_copyto";
     let Some(garage) = garage_binary() else {

@@ -30,6 +30,9 @@ use crate::Store;
 
 /// Read-ahead past a request that misses: at most this many bytes of the version.
 pub const READ_AHEAD: u64 = 4 << 20;
+/// The first read-ahead of a sequential run of reads; it doubles with each further read of
+/// the run, up to [`READ_AHEAD`].
+const READ_AHEAD_START: u64 = 256 << 10;
 /// The largest ranged read of a lazy fetch (adjacent blocks of a pack coalesced up to it).
 const MAX_FETCH: u64 = 8 << 20;
 const LOC_MAGIC: &[u8; 8] = b"IFSLAZY1";
@@ -124,6 +127,37 @@ struct LazyVersion {
     /// Entries of `absent` before this one are known local: "is it still lazy?" asked on every
     /// instance read costs one lookup, not one per block.
     cursor: std::sync::atomic::AtomicUsize,
+    /// Where the version's reads run on sequentially, for read-ahead.
+    stream: Mutex<ReadStream>,
+}
+
+/// Read-ahead state of one lazy version, as the kernel's: a read that starts where the last
+/// one ended (a sequential run) grows the read-ahead, doubling from [`READ_AHEAD_START`] to
+/// [`READ_AHEAD`]; a read elsewhere fetches just what it reads. A boot's scattered reads so
+/// fetch little beyond what they touch, and a copy or scan still fetches in large ranges.
+#[derive(Debug, Default)]
+struct ReadStream {
+    /// The byte after the last read.
+    next: u64,
+    /// Bytes of read-ahead the last read of the run got.
+    window: u64,
+}
+
+impl ReadStream {
+    /// Read-ahead for a read of `offset..end`, and records it.
+    fn advance(&mut self, offset: u64, end: u64) -> u64 {
+        // near where the last read ended, either side (within the read-ahead or one read's
+        // length): a guest's queue may deliver the reads of one run slightly out of order
+        let near = self.window.max(end.saturating_sub(offset));
+        let sequential = self.next > 0 && offset.abs_diff(self.next) <= near && end > offset;
+        self.window = if sequential {
+            (self.window * 2).clamp(READ_AHEAD_START, READ_AHEAD)
+        } else {
+            0
+        };
+        self.next = end;
+        self.window
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -408,6 +442,7 @@ fn decode_loc(data: &[u8]) -> Option<LazyVersion> {
         block_size: h.block_size,
         absent,
         cursor: Default::default(),
+        stream: Default::default(),
     })
 }
 
@@ -488,8 +523,9 @@ impl Inner {
     }
 
     /// Before a read of `len` bytes at `offset` of `v`: when `v` is lazy and the request
-    /// touches an absent block, fetches the request's absent blocks and those up to
-    /// [`READ_AHEAD`] past it, coalesced into ranged reads. Counts cache hits.
+    /// touches an absent block, fetches the request's absent blocks and, when the read runs on
+    /// from the last one, up to [`READ_AHEAD`] past it ([`ReadStream`]), coalesced into ranged
+    /// reads. Counts cache hits.
     pub(crate) fn lazy_prepare(
         &self,
         v: &Version,
@@ -506,7 +542,8 @@ impl Inner {
             return Ok(());
         };
         let last_req = (end - 1) / bs;
-        let last = (end.saturating_add(READ_AHEAD).div_ceil(bs))
+        let ahead = lock(&lv.stream).advance(offset, end);
+        let last = (end.saturating_add(ahead).div_ceil(bs))
             .saturating_sub(1)
             .min(v.block_count().saturating_sub(1));
         let (mut wanted, mut requested, mut hits) = (Vec::new(), Vec::new(), 0u64);
@@ -1076,6 +1113,7 @@ impl Store {
                 block_size: bs,
                 absent,
                 cursor: Default::default(),
+                stream: Default::default(),
             };
             // the file first: a committed lazy version always knows where its blocks are
             write_loc(&self.inner.dir, &lv)?;
@@ -1131,6 +1169,7 @@ mod tests {
             block_size: 4096,
             absent: vec![([1; 32], 0, 0), ([2; 32], 0, 4096)],
             cursor: Default::default(),
+            stream: Default::default(),
         };
         let bytes = encode_loc(&v);
         let back = decode_loc(&bytes).unwrap();

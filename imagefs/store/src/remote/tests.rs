@@ -410,3 +410,45 @@ fn a_lazy_pull_fetches_no_block_and_reads_fetch_each_block_once_from_every_pack(
     assert_eq!(st.remotes["r"].versions[&s.v1.to_hex()].blocks_fetched, 86);
     assert!(!s.b.is_lazy(&s.v1).unwrap());
 }
+
+#[test]
+fn lazy_read_ahead_grows_on_sequential_reads_and_scattered_reads_fetch_what_they_read() {
+    let s = setup();
+    s.a.push(&s.remote, &s.v1, &tag("v1"), &opts(), &mut |_| {})
+        .unwrap();
+    let app = ImageName::new("app").unwrap();
+    let remote = std::sync::Arc::new(DirRemote(s.remote.0.clone()));
+    s.b.pull_lazy(
+        &*remote,
+        "r",
+        &app,
+        &tag("v1"),
+        None,
+        &PullOptions::default(),
+    )
+    .unwrap();
+    s.b.set_remote_source(std::sync::Arc::new(Source(remote)));
+    let v = s.b.version(&s.v1).unwrap();
+    let fetched = || s.b.remote_stats().remotes["r"].versions[&s.v1.to_hex()].blocks_fetched;
+    let mut buf = vec![0u8; 4096];
+    // 4 KiB reads far apart: one block each, no read-ahead
+    for (n, block) in [50u64, 12, 90, 30].into_iter().enumerate() {
+        v.read_at(&s.b, block * BS as u64, &mut buf).unwrap();
+        assert_eq!(fetched(), n as u64 + 1, "read of block {block}");
+    }
+    // a sequential run from block 60: the read-ahead starts and grows
+    let mut big = vec![0u8; BS];
+    v.read_at(&s.b, 60 * BS as u64, &mut big).unwrap();
+    assert_eq!(fetched(), 5, "the run's first read fetches just its block");
+    v.read_at(&s.b, 61 * BS as u64, &mut big).unwrap();
+    let after_second = fetched();
+    assert!(
+        after_second >= 5 + 1 + 4,
+        "a second sequential read gets read-ahead: {after_second} blocks fetched"
+    );
+    assert_eq!(
+        read_all(&s.b, &s.v1),
+        image(0, 100, &[]),
+        "the bytes are the image's"
+    );
+}
