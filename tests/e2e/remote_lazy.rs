@@ -1,7 +1,8 @@
 //! Scenario module: remote_lazy (issue 12). Lazy pull and lazy reads through a real mount from
 //! a real Garage: `pull --lazy` records a version at once and fetches nothing; reads through
 //! the mount fetch each block once (coalesced, read-ahead bounded) and give A's bytes; a
-//! substitution onto a lazy version fetches exactly its changed blocks; prefetch completes a
+//! substitution onto a lazy version fetches exactly its changed blocks, and a rollout of two
+//! instances onto one fetches them once for both; prefetch completes a
 //! version and builds its flat copy; a tampered pack is EIO through the mount, never wrong
 //! bytes, and a full pull exits 5; with Garage stopped a lazy read is EIO within the remote's
 //! deadline while the daemon and local reads go on, and it succeeds once Garage is back; a
@@ -637,4 +638,42 @@ fn bench_lazy_debian_boot() {
         fetched as f64 * 100.0 / size as f64
     );
     assert!(fetched > 0 && fetched < size, "{s}");
+}
+
+#[test]
+fn a_rollout_onto_a_lazy_version_fetches_its_changed_blocks_once_for_all_instances() {
+    if let Some(why) = prerequisites() {
+        skip!("{why}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start("images");
+    let (_, i2) = pushed(tmp.path(), &g, "32M");
+    let b = store_with_remote(tmp.path(), "b", &g, "10s");
+    ok(&b, &["pull", "app:v1", "--lazy"]);
+    let p2 = result(&ok(&b, &["pull", "app:v2", "--lazy", "--json"]));
+    let v2 = p2["id"].as_str().unwrap().to_string();
+    let m = Mount::start(&b, &tmp.path().join("mnt-b"));
+    for id in ["web-1", "web-2"] {
+        ok(&b, &["instance", "create", "app:v1", id]);
+    }
+    // no VMs: each instance passes its health check as "not checked"
+    let out = run(&b, &["rollout", "app:v2", "--instances", "web-*", "--json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "rollout: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = stats(&b);
+    eprintln!(
+        "remote_lazy: rollout of 2 instances onto lazy v2: {}",
+        s["versions"][&v2]
+    );
+    // v2's 4 changed blocks, fetched once for both instances
+    assert_eq!(s["versions"][&v2]["blocks_fetched"], 4, "{s}");
+    for id in ["web-1", "web-2"] {
+        let got = read_direct(&m.mnt.join(format!("instances/{id}.raw")), 0, BLOCKS * BS);
+        assert!(got.as_deref() == Ok(i2.as_slice()), "{id} does not read v2");
+    }
 }
