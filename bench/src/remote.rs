@@ -17,10 +17,10 @@ use crate::sys::{self, io, BenchError, Result};
 use crate::Env;
 
 const MIB: f64 = 1048576.0;
-/// The pulled version: random bytes. 512 MiB rather than 2 GiB: the image, its store, two
-/// copies in Garage (pack objects and rclone's raw object) and both pulled copies must fit on
-/// this machine's shared disk at once.
-const PULL_SIZE: u64 = 512 << 20;
+/// The pulled version: 2 GiB of random bytes, as the issue asks. At its peak the image, its
+/// store, two copies in Garage (pack objects and rclone's raw object) and both pulled copies
+/// are on disk at once: about 12 GiB free is needed.
+const PULL_SIZE: u64 = 2 << 30;
 const BUCKET: &str = "bench";
 
 /// The Debian guest booted from a lazily pulled version (the e2e suite's ignored test
@@ -37,13 +37,19 @@ fn lazy_boot(env: &Env, rep: &mut Report) {
         .find_map(|l| l.strip_prefix("BENCH lazy-boot-fraction-percent "))
         .and_then(|v| v.trim().parse::<f64>().ok());
     let Some(percent) = figure else {
-        return rep.skip(NAME, "the lazy boot test printed no lazy-boot-fraction-percent");
+        return rep.skip(
+            NAME,
+            "the lazy boot test printed no lazy-boot-fraction-percent",
+        );
     };
     let mut m = Metric::new(
         NAME,
         "%",
         Better::Lower,
-        "ours: bytes fetched from Garage until the agent of a Debian guest (systemd, QEMU) booted          from a `pull --lazy` version answers, per byte of the image; peer: the average share of          an image AWS Lambda's workers ever read (Brooker et al., USENIX ATC '23), a published          figure, not a run",
+        "ours: bytes fetched from Garage until the agent of a Debian guest (systemd, QEMU) booted \
+         from a `pull --lazy` version answers, per byte of the image; peer: the average share of \
+         an image AWS Lambda's workers ever read (Brooker et al., USENIX ATC '23), a published \
+         figure, not a run",
         "report",
     );
     m.ours.push(percent);
@@ -338,8 +344,11 @@ fn full_pull(env: &Env, g: &Garage, dir: &Path) -> Result<Metric> {
         "remote_full_pull_vs_rclone_copyto",
         "MiB/s",
         Better::Higher,
-        "rclone copyto g:bucket/raw/big.img FILE (MiB of a 512 MiB random image per second, \
-         same Garage on loopback)",
+        &format!(
+            "rclone copyto g:bucket/raw/big.img FILE (MiB of a {} MiB random image per second, \
+             same Garage on loopback)",
+            PULL_SIZE >> 20
+        ),
         ">= 0.8x",
     );
     let img = dir.join("big.img");
