@@ -7,7 +7,8 @@
 //! bytes, and a full pull exits 5; with Garage stopped a lazy read is EIO within the remote's
 //! deadline while the daemon and local reads go on, and it succeeds once Garage is back; a
 //! guest (QEMU, `vm start`) boots from a lazily pulled root disk fetching a small fraction of
-//! it, and no flat copy of the lazy base is built behind its back.
+//! it, no flat copy of the lazy base is built behind its back, and a live substitution onto a
+//! lazy v2 fetches exactly its changed block before the guest reads v2.
 
 // Test code: a failed unwrap is a failed test with its reason.
 #![allow(clippy::unwrap_used)]
@@ -487,7 +488,7 @@ impl Drop for Vm<'_> {
 }
 
 #[test]
-fn a_guest_boots_from_a_lazily_pulled_version_fetching_a_fraction_of_it() {
+fn a_guest_boots_from_a_lazy_version_fetching_a_fraction_and_a_live_substitution_only_the_change() {
     if let Some(why) = prerequisites() {
         skip!("{why}");
     }
@@ -566,6 +567,33 @@ fn a_guest_boots_from_a_lazily_pulled_version_fetching_a_fraction_of_it() {
         !copies.contains(&v1),
         "a flat copy of a lazy version: {copies}"
     );
+    // v2 (the version file rewritten in place, in its own block) pushed by A and pulled lazily
+    // by B: substituting the live guest's instance fetches exactly that block, and the guest
+    // reads v2's bytes
+    let block = imagefs_tests::qemu::file_blocks(&img, "/opt/app/version").unwrap()[0];
+    let img2 = tmp.path().join("v2.img");
+    std::fs::copy(&img, &img2).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(&img2)
+        .unwrap()
+        .write_all_at(b"app 2.0\n", block * 4096)
+        .unwrap();
+    ok(&a, &["import", img2.to_str().unwrap(), "app:v2"]);
+    ok(&a, &["push", "app:v2"]);
+    ok(&b, &["pull", "app:v2", "--lazy"]);
+    let sub = result(&ok(&b, &["substitute", "web-1", "app:v2", "--json"]));
+    eprintln!("remote_lazy: live substitution onto lazy v2: {sub}");
+    assert_eq!(sub["blocks_fetched"], 1, "{sub}");
+    assert_eq!(sub["bytes_fetched"], BS as u64, "{sub}");
+    let h = String::from_utf8_lossy(
+        &ok(&b, &["agent", "hash", "--vm", "web-1", "/opt/app/version"]).stdout,
+    )
+    .split_whitespace()
+    .next()
+    .unwrap_or_default()
+    .to_string();
+    assert_eq!(h, blake3::hash(b"app 2.0\n").to_hex().to_string());
     drop(vm);
     assert!(m.alive());
     m.stop();
