@@ -35,7 +35,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     idx_key, integrity, list_tags, map_key, pack_key, parallel_each, MapHeader, Remote,
-    RemoteError, SyncError, DEFAULT_JOBS, MAP_MAGIC, MAX_MAP_HEADER,
+    RemoteError, SyncError, DEFAULT_JOBS,
 };
 use crate::ids::VersionId;
 
@@ -189,19 +189,7 @@ pub(crate) fn settled_state(remote: &dyn Remote) -> Result<Option<GcState>, Sync
 /// keep too much, or delete packs its own version then lacks; it never makes a wrong byte
 /// readable, as every block is checked against its hash).
 fn map_header(key: &str, data: &[u8]) -> Result<MapHeader, SyncError> {
-    let bad = |why: &str| integrity("block map", key, why);
-    let body = data
-        .strip_prefix(MAP_MAGIC.as_slice())
-        .ok_or_else(|| bad("not a block map"))?;
-    let (len, body) = body.split_at_checked(4).ok_or_else(|| bad("truncated"))?;
-    let mut l = [0u8; 4];
-    l.copy_from_slice(len);
-    let hlen = u32::from_le_bytes(l) as usize;
-    if hlen > MAX_MAP_HEADER {
-        return Err(bad("header too large"));
-    }
-    let head = body.get(..hlen).ok_or_else(|| bad("truncated"))?;
-    serde_json::from_slice(head).map_err(|e| bad(&format!("bad header: {e}")))
+    super::split_map(key, data).map(|(header, _)| header)
 }
 
 /// The objects gc manages (packs, pack indexes, maps) with their sizes. Other keys (the format

@@ -281,13 +281,9 @@ pub(crate) fn encode_map(m: &RemoteMap) -> Vec<u8> {
     out
 }
 
-/// Decodes a map and checks it is the version `id` (its id recomputed from its contents).
-pub(crate) fn decode_map(
-    store: &crate::Store,
-    id: &VersionId,
-    key: &str,
-    data: &[u8],
-) -> Result<RemoteMap, SyncError> {
+/// A map object's parsed header and the bytes after it (its hashes, unchecked). The map is
+/// untrusted: its header is bounded before it is read.
+pub(crate) fn split_map<'a>(key: &str, data: &'a [u8]) -> Result<(MapHeader, &'a [u8]), SyncError> {
     let bad = |why: &str| integrity("block map", key, why);
     let body = data
         .strip_prefix(MAP_MAGIC.as_slice())
@@ -299,11 +295,22 @@ pub(crate) fn decode_map(
     if hlen > MAX_MAP_HEADER {
         return Err(bad("header too large"));
     }
-    let (head, hashes) = body
+    let (head, rest) = body
         .split_at_checked(hlen)
         .ok_or_else(|| bad("truncated"))?;
-    let header: MapHeader =
-        serde_json::from_slice(head).map_err(|e| bad(&format!("bad header: {e}")))?;
+    let header = serde_json::from_slice(head).map_err(|e| bad(&format!("bad header: {e}")))?;
+    Ok((header, rest))
+}
+
+/// Decodes a map and checks it is the version `id` (its id recomputed from its contents).
+pub(crate) fn decode_map(
+    store: &crate::Store,
+    id: &VersionId,
+    key: &str,
+    data: &[u8],
+) -> Result<RemoteMap, SyncError> {
+    let bad = |why: &str| integrity("block map", key, why);
+    let (header, hashes) = split_map(key, data)?;
     let bs = crate::store::check_block_size(u64::from(header.block_size))
         .map_err(|_| bad("bad block size"))?;
     if header.size > crate::source::MAX_IMAGE_SIZE {
