@@ -112,16 +112,20 @@ fn main() -> ExitCode {
 /// Whether `command` may run when it came over the fleet transport (TLS, from an operator's
 /// certificate): what `fleet status` and rollouts need, nothing that removes, reads or writes
 /// files of the host by path. Anything not listed is refused.
-fn served_to_the_fleet(command: &Command) -> bool {
+fn served_to_the_fleet(command: &Command, store_dir: &std::path::Path) -> bool {
     use cli::StoreCommand as S;
     use mount::cmd::{InstanceCmd, MountCommand as M};
-    matches!(
-        command,
-        Command::Status
-            | Command::Store(S::Ls(_) | S::Diff(_) | S::Pull(_))
-            | Command::Mount(M::Instance(InstanceCmd::Ls) | M::Substitute(_))
-            | Command::Vm(vm::VmCommand::Ls)
-    )
+    match command {
+        // apply reads a file: only the bundle that came in this request's upload frame
+        Command::Store(S::Apply(a)) => daemon::tls::is_spooled(store_dir, &a.file),
+        c => matches!(
+            c,
+            Command::Status
+                | Command::Store(S::Ls(_) | S::Diff(_) | S::Pull(_))
+                | Command::Mount(M::Instance(InstanceCmd::Ls) | M::Substitute(_))
+                | Command::Vm(vm::VmCommand::Ls | vm::VmCommand::Check(_))
+        ),
+    }
 }
 
 /// The name of the command in `argv` (its words before the first option or argument), for a
@@ -149,9 +153,13 @@ fn daemon_status(
         .unwrap_or_default();
     let version = env!("CARGO_PKG_VERSION");
     let pid = std::process::id();
+    // where this host takes new versions from (a fleet rollout uploads a bundle if none)
+    let remote = imagefs_remote::Remotes::load(ctx.store.dir())
+        .ok()
+        .and_then(|r| r.default);
     if json {
         let v = serde_json::json!({"type": "result", "imagefs": version, "mountpoint": mountpoint,
-            "store": ctx.store.dir().display().to_string(), "pid": pid});
+            "store": ctx.store.dir().display().to_string(), "pid": pid, "remote": remote});
         writeln!(out, "{v}")
     } else {
         writeln!(
@@ -178,11 +186,12 @@ fn run_forwarded(
             return 2;
         }
     };
-    if transport == daemon::Transport::Fleet && !served_to_the_fleet(&args.command) {
+    if transport == daemon::Transport::Fleet && !served_to_the_fleet(&args.command, ctx.store.dir())
+    {
         let _ = writeln!(
             err,
             "imagefs: error: `{}` is not served over the fleet transport (allowed: status, ls, \
-             diff, pull, instance ls, substitute, vm ls)",
+             diff, pull, apply of an uploaded bundle, instance ls, substitute, vm ls, vm check)",
             command_words(&argv)
         );
         return 2;
@@ -219,6 +228,45 @@ fn run_forwarded(
         Ok(()) => 0,
         Err(e) => cli::report(&e, json, out, err),
     }
+}
+
+/// Runs a store command (`args` without the program name) on the store in `dir` as the CLI
+/// would: through the daemon that serves it, else in this process. For a rollout's own
+/// operator-side steps (resolving, diffing, building bundles). Returns (exit, stdout, stderr).
+pub fn run_on_store(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut argv = vec!["imagefs".to_string()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = match daemon::control::connect(dir) {
+        Some(stream) => {
+            daemon::control::forward(stream, argv, &mut out, &mut err).unwrap_or_else(|e| {
+                let _ = writeln!(err, "imagefs: error: {e}");
+                1
+            })
+        }
+        None => match Args::try_parse_from(&argv) {
+            Err(e) => {
+                let _ = write!(err, "{e}");
+                2
+            }
+            Ok(a) => match &a.command {
+                Command::Store(cmd) => match cli::run_dir(dir, cmd, a.global.json, &mut out) {
+                    Ok(()) => 0,
+                    Err(e) => cli::report(&e, a.global.json, &mut out, &mut err),
+                },
+                _ => {
+                    let _ = writeln!(err, "imagefs: error: only store commands run here");
+                    2
+                }
+            },
+        },
+    };
+    (
+        code,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
 }
 
 /// Maps the agent command's outcome to the process exit code (errors as one line on stderr).

@@ -62,6 +62,14 @@ pub enum ControlError {
 pub struct Request {
     /// The command line after the global options, paths already absolute.
     pub argv: Vec<String>,
+    /// Bytes of a file that follow the request line (the fleet transport's upload frame: a
+    /// bundle for `apply @upload`); 0 on the control socket, which takes none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub upload: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One answer line from the daemon.
@@ -104,7 +112,8 @@ pub fn forward(
         path: PathBuf::from("control.sock"),
         source,
     };
-    let mut line = serde_json::to_vec(&Request { argv }).map_err(|_| ControlError::BadAnswer)?;
+    let mut line =
+        serde_json::to_vec(&Request { argv, upload: 0 }).map_err(|_| ControlError::BadAnswer)?;
     line.push(b'\n');
     let mut w = &stream;
     w.write_all(&line).map_err(io_err)?;
@@ -241,15 +250,16 @@ pub fn serve(listener: UnixListener, handler: Handler) {
 }
 
 fn serve_one(stream: UnixStream, handler: Handler) {
-    let req = read_request(&mut &stream);
+    // Uploads are the fleet transport's alone (daemon/tls.rs).
+    let req = read_request(&mut BufReader::new(&stream)).filter(|r| r.upload == 0);
     answer(stream, &handler, req);
 }
 
 /// Reads one request line (at most MAX_REQUEST bytes) and parses it; `None` if it is malformed,
-/// too long or the peer went away.
-pub fn read_request(stream: &mut dyn Read) -> Option<Request> {
+/// too long or the peer went away. Bytes after the line stay in `reader` (an upload's).
+pub fn read_request(reader: &mut dyn BufRead) -> Option<Request> {
     let mut line = Vec::new();
-    BufReader::new(stream)
+    reader
         .take(MAX_REQUEST + 1)
         .read_until(b'\n', &mut line)
         .ok()?;
@@ -304,7 +314,7 @@ mod tests {
             if let Some(r) = parse_request(&bytes) {
                 proptest::prop_assert!(r.argv.len() <= MAX_ARGS);
             }
-            let line = serde_json::to_vec(&Request { argv: argv.clone() }).unwrap_or_default();
+            let line = serde_json::to_vec(&Request { argv: argv.clone(), upload: 0 }).unwrap_or_default();
             let parsed = parse_request(&line).map(|r| r.argv);
             proptest::prop_assert_eq!(parsed, Some(argv));
             let mut noisy = line.clone();
@@ -321,6 +331,7 @@ mod tests {
         assert!(parse_request(br#"{"argv":"ls"}"#).is_none());
         let many = serde_json::to_vec(&Request {
             argv: vec!["x".into(); MAX_ARGS + 1],
+            upload: 0,
         })
         .unwrap();
         assert!(parse_request(&many).is_none());

@@ -242,7 +242,7 @@ pub enum DaemonError {
 /// With `daemonize`, returns in the parent as soon as the mount is up in the child.
 pub fn run(cfg: MountConfig, dispatch: Dispatch) -> Result<(), DaemonError> {
     // Before detaching: a bad TLS file or a taken port is said where the user ran `mount`.
-    let listener = tls::prepare(&cfg.listen)?;
+    let listener = tls::prepare(&cfg.listen, &cfg.store_dir)?;
     let ready = if cfg.daemonize {
         match signals::daemonize(&cfg.store_dir).map_err(DaemonError::Setup)? {
             signals::Forked::Parent(result) => {

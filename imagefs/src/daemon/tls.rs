@@ -7,10 +7,10 @@
 //! MAX_CONNECTIONS are served at once; a connection must finish its handshake and request
 //! within IDLE, and each answer write must go through within IDLE.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +24,22 @@ use crate::fleet::certs::{self, CertError};
 pub const MAX_CONNECTIONS: usize = 32;
 /// Deadline for the handshake plus the request line, and for each answer write.
 pub const IDLE: Duration = Duration::from_secs(60);
+/// Largest upload frame (a bundle) accepted.
+pub const MAX_UPLOAD: u64 = 64 << 30;
+/// Where uploads are spooled, under the store: the only files `apply` may read when it came
+/// over the fleet transport.
+pub const SPOOL_DIR: &str = "fleet-uploads";
+/// The argv word an upload's spooled path replaces.
+pub const UPLOAD_TOKEN: &str = "@upload";
+
+/// Whether `file` is an upload this daemon spooled (so a fleet `apply` may read it).
+pub fn is_spooled(store_dir: &Path, file: &Path) -> bool {
+    file.parent() == Some(store_dir.join(SPOOL_DIR).as_path())
+        && file
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("upload-"))
+}
 
 /// `imagefs mount ... --listen ADDR:PORT --tls-dir DIR`.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -77,11 +93,12 @@ pub enum TlsError {
 pub struct Listener {
     tcp: TcpListener,
     config: Arc<ServerConfig>,
+    spool: PathBuf,
 }
 
 /// Loads the TLS files and binds the address (before the daemon answers that it is up, so a
-/// wrong file or a taken port fails `mount`).
-pub fn prepare(args: &ListenArgs) -> Result<Option<Listener>, TlsError> {
+/// wrong file or a taken port fails `mount`); uploads go to STORE/fleet-uploads.
+pub fn prepare(args: &ListenArgs, store_dir: &Path) -> Result<Option<Listener>, TlsError> {
     let (Some(addr), Some(dir)) = (args.listen, args.tls_dir.as_ref()) else {
         return Ok(None);
     };
@@ -105,10 +122,20 @@ pub fn prepare(args: &ListenArgs) -> Result<Option<Listener>, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
+    let spool = store_dir.join(SPOOL_DIR);
+    std::fs::create_dir_all(&spool)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", spool.display())))?;
+    // Uploads left by a daemon that died mid-command are of no use to anyone.
+    if let Ok(entries) = std::fs::read_dir(&spool) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
     let tcp = TcpListener::bind(addr).map_err(|source| TlsError::Bind { addr, source })?;
     Ok(Some(Listener {
         tcp,
         config: Arc::new(config),
+        spool,
     }))
 }
 
@@ -147,10 +174,11 @@ pub fn serve(listener: Listener, handler: control::Handler) {
             continue;
         }
         let (config, handler) = (listener.config.clone(), handler.clone());
+        let spool = listener.spool.clone();
         let spawned = std::thread::Builder::new()
             .name("fleet-conn".into())
             .spawn(move || {
-                serve_one(tcp, config, &handler, &peer);
+                serve_one(tcp, config, &handler, &peer, &spool);
                 OPEN.fetch_sub(1, Ordering::SeqCst);
             });
         if let Err(e) = spawned {
@@ -189,7 +217,13 @@ impl Write for Deadline {
     }
 }
 
-fn serve_one(tcp: TcpStream, config: Arc<ServerConfig>, handler: &control::Handler, peer: &str) {
+fn serve_one(
+    tcp: TcpStream,
+    config: Arc<ServerConfig>,
+    handler: &control::Handler,
+    peer: &str,
+    spool: &Path,
+) {
     let _ = tcp.set_nodelay(true);
     if let Err(e) = tcp.set_write_timeout(Some(IDLE)) {
         tracing::warn!(%peer, error = %e, "fleet: socket setup failed");
@@ -216,11 +250,29 @@ fn serve_one(tcp: TcpStream, config: Arc<ServerConfig>, handler: &control::Handl
             return;
         }
     }
-    let req = control::read_request(&mut tls);
+    let mut reader = BufReader::new(&mut tls);
+    let mut req = control::read_request(&mut reader);
+    // An upload frame follows its request line: spool it, then name it in argv.
+    let mut spooled = None;
+    let mut refusal = None;
+    if let Some(r) = req.as_mut().filter(|r| r.upload > 0) {
+        match receive_upload(&mut reader, r, spool) {
+            Ok(path) => spooled = Some(path),
+            Err(e) => refusal = Some(e),
+        }
+    }
+    drop(reader);
     // The request is in: the command may take as long as it takes.
     tls.sock.until = None;
     let _ = tls.sock.sock.set_read_timeout(None);
-    if STOPPING.load(Ordering::SeqCst) {
+    if let Some(why) = refusal {
+        tracing::warn!(%peer, "fleet: upload refused: {why}");
+        let refused: control::Handler = Arc::new(move |_, _, err| {
+            let _ = writeln!(err, "imagefs: error: upload: {why}");
+            2
+        });
+        control::answer(&mut tls, &refused, req);
+    } else if STOPPING.load(Ordering::SeqCst) {
         let stopping: control::Handler = Arc::new(|_, _, err| {
             let _ = writeln!(err, "imagefs: error: the daemon is stopping");
             1
@@ -228,10 +280,76 @@ fn serve_one(tcp: TcpStream, config: Arc<ServerConfig>, handler: &control::Handl
         control::answer(&mut tls, &stopping, req);
     } else {
         if let Some(r) = &req {
-            tracing::info!(%peer, argv = ?r.argv, "fleet: command");
+            tracing::info!(%peer, argv = ?r.argv, upload = r.upload, "fleet: command");
         }
         control::answer(&mut tls, handler, req);
     }
+    if let Some(p) = spooled {
+        let _ = std::fs::remove_file(p);
+    }
     tls.conn.send_close_notify();
     let _ = tls.flush();
+}
+
+/// Names of spooled uploads, unique within the daemon.
+static UPLOADS: AtomicU64 = AtomicU64::new(0);
+
+/// Copies the `req.upload` bytes that follow the request line into a new file under `spool`
+/// (each read must make progress within IDLE) and puts its path in place of the one
+/// UPLOAD_TOKEN word of argv. Refused: a size past MAX_UPLOAD or past what the filesystem can
+/// take while keeping a tenth of it free, or an argv without exactly one token.
+fn receive_upload(
+    reader: &mut BufReader<&mut StreamOwned<ServerConnection, Deadline>>,
+    req: &mut control::Request,
+    spool: &Path,
+) -> Result<PathBuf, String> {
+    let n = req.upload;
+    if req.argv.iter().filter(|a| *a == UPLOAD_TOKEN).count() != 1 {
+        return Err(format!(
+            "an upload needs exactly one {UPLOAD_TOKEN} argument"
+        ));
+    }
+    if n > MAX_UPLOAD {
+        return Err(format!("{n} bytes is more than the {MAX_UPLOAD} accepted"));
+    }
+    let (free, total) = imagefs_store::space::fs_space(spool).map_err(|e| e.to_string())?;
+    if free < n.saturating_add(total / 10) {
+        return Err(format!(
+            "{n} bytes would leave less than a tenth of the host's filesystem free ({free} free)"
+        ));
+    }
+    let path = spool.join(format!(
+        "upload-{}-{}.bundle",
+        std::process::id(),
+        UPLOADS.fetch_add(1, Ordering::SeqCst)
+    ));
+    let copied = (|| -> io::Result<()> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        let mut left = n;
+        let mut buf = vec![0u8; 1 << 20];
+        while left > 0 {
+            reader.get_mut().sock.until = Some(Instant::now() + IDLE);
+            let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+            let got = reader.read(&mut buf[..want])?;
+            if got == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            f.write_all(&buf[..got])?;
+            left -= got as u64;
+        }
+        f.sync_all()
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&path);
+        return Err(format!("receiving {n} bytes: {e}"));
+    }
+    for a in req.argv.iter_mut().filter(|a| *a == UPLOAD_TOKEN) {
+        *a = path.display().to_string();
+    }
+    Ok(path)
 }

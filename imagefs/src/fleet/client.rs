@@ -56,6 +56,21 @@ pub enum ClientError {
     /// The host hung up before giving an exit code
     #[error("the host hung up before finishing the command")]
     HungUp,
+    /// The operator's file to upload could not be read
+    #[error("upload {0}: {1}")]
+    Upload(String, #[source] io::Error),
+}
+
+impl ClientError {
+    /// Whether the host may simply be out of reach (a partition, a restart): no answer came,
+    /// so nothing can be said of the command, as opposed to a setup error on the operator's
+    /// side.
+    pub fn is_unreachable(&self) -> bool {
+        !matches!(
+            self,
+            ClientError::Files(_) | ClientError::Config(_) | ClientError::Upload(..)
+        )
+    }
 }
 
 /// What a command printed on the host, and its exit code.
@@ -112,6 +127,40 @@ impl Operator {
         argv: &[&str],
         deadline: Instant,
     ) -> Result<Reply, ClientError> {
+        self.exchange(host, argv, None, deadline)
+    }
+
+    /// Like `call`, sending the bytes of the operator's `file` as the request's upload frame;
+    /// the host puts the path of its spooled copy in place of the `@upload` word of `argv`.
+    pub fn call_with_upload(
+        &self,
+        host: &Host,
+        argv: &[&str],
+        file: &Path,
+        deadline: Instant,
+    ) -> Result<Reply, ClientError> {
+        self.exchange(host, argv, Some(file), deadline)
+    }
+
+    fn exchange(
+        &self,
+        host: &Host,
+        argv: &[&str],
+        upload: Option<&Path>,
+        deadline: Instant,
+    ) -> Result<Reply, ClientError> {
+        let mut file = match upload {
+            Some(p) => {
+                let f = std::fs::File::open(p)
+                    .map_err(|e| ClientError::Upload(p.display().to_string(), e))?;
+                let len = f
+                    .metadata()
+                    .map_err(|e| ClientError::Upload(p.display().to_string(), e))?
+                    .len();
+                Some((f, len))
+            }
+            None => None,
+        };
         let name = ServerName::try_from(host.name.clone())
             .map_err(|_| ClientError::Tls(format!("{:?} is not a host name", host.name)))?;
         let sock = connect(&host.address, deadline)?;
@@ -125,10 +174,22 @@ impl Operator {
         }
         let mut full = vec!["imagefs".to_string()];
         full.extend(argv.iter().map(|s| s.to_string()));
-        let mut line =
-            serde_json::to_vec(&Request { argv: full }).map_err(|_| ClientError::BadAnswer)?;
+        let req = Request {
+            argv: full,
+            upload: file.as_ref().map_or(0, |(_, len)| *len),
+        };
+        let mut line = serde_json::to_vec(&req).map_err(|_| ClientError::BadAnswer)?;
         line.push(b'\n');
         tls.write_all(&line).map_err(|e| classify(e, "request"))?;
+        if let Some((f, len)) = file.as_mut() {
+            let sent = io::copy(&mut f.take(*len), &mut tls).map_err(|e| classify(e, "upload"))?;
+            if sent != *len {
+                return Err(ClientError::Upload(
+                    format!("{:?}", upload),
+                    io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+        }
         tls.flush().map_err(|e| classify(e, "request"))?;
         let mut reply = Reply::default();
         let reader = BufReader::new((&mut tls).take(MAX_ANSWER));

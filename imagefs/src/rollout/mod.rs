@@ -1,11 +1,15 @@
 //! `imagefs rollout`: substitutes a version into running VMs wave by wave, checks health
 //! through each guest's agent, and rolls back per `--on-failure`. It runs in the CLI process
-//! and drives the mount daemon over its control socket (substitute, diff, instance ls), so the
-//! rollout's own record log (state.rs) is the truth about it whichever process dies.
+//! and drives the mount daemon over its control socket, or with `--hosts` each host's daemon
+//! of the fleet over mutual TLS (link.rs; planned in fleet.rs), so the rollout's own record
+//! log in the operator's store (state.rs) is the truth about it whichever process dies.
 //! Invariant: every step is recorded before it is reported; exit codes: 0 done, 1 a wave
-//! failed (or another error), 2 bad input, 3 not found, 4 conflicts skipped.
+//! failed or hosts stayed unreachable (interrupted; --resume goes on), 2 bad input, 3 not
+//! found, 4 conflicts skipped.
 
 mod drive;
+mod fleet;
+mod link;
 mod plan;
 pub use plan::parse_duration;
 mod state;
@@ -33,6 +37,20 @@ pub struct RolloutArgs {
     /// Instances: a glob ('web-*') or a list (a,b,c).
     #[arg(long)]
     pub instances: Option<String>,
+    /// Roll out across these hosts of the fleet inventory (`imagefs fleet add`): a glob
+    /// ('host-*') or a list; without it the rollout is of this store's daemon.
+    #[arg(long)]
+    pub hosts: Option<String>,
+    /// What waves and --max-unavailable count: (host, instance) pairs, or whole hosts.
+    #[arg(long, value_enum, default_value = "pair", requires = "hosts")]
+    pub by: WaveUnit,
+    /// Pending pairs (hosts with --by host) on unreachable hosts tolerated after a wave; with
+    /// more the rollout stops after that wave (interrupted, exit 1) until --resume.
+    #[arg(long, default_value_t = 0, requires = "hosts")]
+    pub max_unavailable: usize,
+    /// Most time one command on a host may take (at most 10 s of it to connect).
+    #[arg(long, default_value = "60s", value_parser = plan::parse_duration)]
+    pub host_timeout: Duration,
     /// Waves as cumulative counts or percentages, e.g. 1,50%,100% [default: one wave].
     #[arg(long)]
     pub waves: Option<String>,
@@ -58,6 +76,15 @@ pub struct RolloutArgs {
     /// Roll back every instance an interrupted or finished rollout changed.
     #[arg(long, value_name = "ID", conflicts_with = "target")]
     pub abort: Option<String>,
+}
+
+/// What a fleet rollout's waves count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WaveUnit {
+    /// (host, instance) pairs.
+    Pair,
+    /// Whole hosts.
+    Host,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -115,8 +142,10 @@ impl Emit {
             }
             writeln!(out, "{v}")
         } else {
-            // event lines quote guests (health output, errors): shown, never obeyed
-            writeln!(out, "{}", agent_proto::text::shown(text))
+            // event lines quote guests (health output, errors): shown, never obeyed; our own
+            // line breaks stay
+            let lines: Vec<_> = text.split('\n').map(agent_proto::text::shown).collect();
+            writeln!(out, "{}", lines.join("\n"))
         };
         let _ = out.flush();
     }
@@ -144,6 +173,26 @@ impl Answer {
             .lines()
             .filter_map(|l| serde_json::from_str(l).ok())
             .collect()
+    }
+}
+
+/// The target as a version of the operator's store names it for `bundle`: NAME:TAG while the
+/// tag still names the planned version (the hosts then get the tag too), else the id.
+pub fn target_spec(dir: &Path, plan: &state::Plan) -> String {
+    let (code, out, _) = crate::run_on_store(dir, &["ls", "--json"]);
+    let a = Answer {
+        code,
+        out,
+        err: String::new(),
+    };
+    match plan.target.split_once(':') {
+        Some((name, tag))
+            if fleet::tag_id(&a.result().unwrap_or(Value::Null), name, tag).as_deref()
+                == Some(plan.target_id.as_str()) =>
+        {
+            plan.target.clone()
+        }
+        _ => plan.target_id.clone(),
     }
 }
 
@@ -226,12 +275,16 @@ fn refuse_if_running(r: &Rollout) -> Result<(), Fail> {
     }
 }
 
-/// Plans a new rollout (resolving everything through the daemon), then runs it.
+/// Plans a new rollout (resolving everything through the daemon, or each host's), then runs it.
 fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, Fail> {
     let spec = a
         .instances
         .as_deref()
         .ok_or_else(|| Fail::new(2, "--instances GLOB|a,b,c is required"))?;
+    if let Some(hosts) = &a.hosts {
+        let (plan, d) = fleet::plan(dir, a, target, hosts, spec)?;
+        return run_plan(dir, plan, &d, a.dry_run, json);
+    }
     // Instances and their current versions.
     let ls = daemon(dir, &["instance", "ls", "--json"])?;
     if ls.code != 0 {
@@ -284,26 +337,51 @@ fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, F
         on_failure: a.on_failure,
         policy,
         expected,
-        created_at: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        created_at: now_secs(),
+        hosts: BTreeMap::new(),
+        bundle_hosts: Default::default(),
+        by_host: false,
+        max_unavailable: 0,
+        host_timeout_ms: u64::try_from(a.host_timeout.as_millis()).unwrap_or(u64::MAX),
     };
+    run_plan(dir, plan, &d, a.dry_run, json)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Records `plan` (or only prints it, `dry_run`) and runs it.
+fn run_plan(dir: &Path, plan: Plan, d: &Value, dry_run: bool, json: bool) -> Result<i32, Fail> {
     let emit = Emit {
         json,
         id: plan.id.clone(),
     };
-    if a.dry_run {
-        return drive::dry_run(dir, &plan, &d, &emit);
+    if dry_run {
+        return drive::dry_run(dir, &plan, d, &emit);
     }
     let mut j = Journal::create(dir, plan)?;
     let p = &j.state.plan;
+    let hosts = if p.hosts.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " on {} host(s) ({})",
+            p.hosts.len(),
+            p.hosts.keys().cloned().collect::<Vec<_>>().join(", ")
+        )
+    };
     emit.event(
         "plan",
         json!({"target": p.target, "target_id": p.target_id, "waves": p.waves,
-               "files": p.expected.keys().collect::<Vec<_>>()}),
+               "files": p.expected.keys().collect::<Vec<_>>(),
+               "hosts": p.hosts.keys().collect::<Vec<_>>(), "bundle_hosts": p.bundle_hosts,
+               "by_host": p.by_host, "max_unavailable": p.max_unavailable}),
         &format!(
-            "rollout {} of {} ({}): {} instance(s) in {} wave(s); changed files: {}",
+            "rollout {} of {} ({}): {} instance(s){hosts} in {} wave(s); changed files: {}",
             p.id,
             p.target,
             p.target_id.get(..12).unwrap_or(""),
@@ -316,8 +394,11 @@ fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, F
 }
 
 fn summary(r: &Rollout) -> Value {
+    let pending = r.pending();
     json!({"id": r.plan.id, "target": r.plan.target, "target_id": r.plan.target_id,
         "state": r.state(), "waves": r.plan.waves, "done": r.done.keys().collect::<Vec<_>>(),
+        "checked": r.checked, "pending": pending, "unreachable": r.unreachable,
+        "hosts": r.plan.hosts.keys().collect::<Vec<_>>(),
         "healthy_waves": r.healthy, "unhealthy": r.unhealthy, "conflicts": r.conflicts,
         "rolled_back": r.rolled_back, "exit": r.finished.map(|f| f.1),
         "created_at": r.plan.created_at})
@@ -360,8 +441,14 @@ fn status(dir: &Path, id: &str, json: bool) -> Result<i32, Fail> {
         };
         println!("  wave {}: {health}", w + 1);
         for i in insts {
-            let s = if r.done.contains_key(i) {
+            let unreachable;
+            let s = if r.checked.contains(i) {
+                "on target, checked"
+            } else if r.done.contains_key(i) {
                 "on target"
+            } else if let Some(e) = r.unreachable.get(i) {
+                unreachable = format!("pending: host unreachable ({e})");
+                unreachable.as_str()
             } else if r.conflicts.contains(i) {
                 "skipped (conflict)"
             } else if r.rolled_back.contains(i) {

@@ -34,18 +34,23 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
 /// The instances `spec` chooses from `all`: a comma-separated list of names or globs, in the
 /// order of `all`. A listed name that does not exist is an error.
 pub fn select(spec: &str, all: &[String]) -> Result<Vec<String>, String> {
+    select_named(spec, all, "instance")
+}
+
+/// `select` for things called `what` (instance, host) in its messages.
+pub fn select_named(spec: &str, all: &[String], what: &str) -> Result<Vec<String>, String> {
     let parts: Vec<&str> = spec
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .collect();
     if parts.is_empty() {
-        return Err("--instances is empty".into());
+        return Err(format!("--{what}s is empty"));
     }
     for p in &parts {
         let glob = p.contains(['*', '?']);
         if !glob && !all.iter().any(|a| a == p) {
-            return Err(format!("no instance named {p:?}"));
+            return Err(format!("no {what} named {p:?}"));
         }
     }
     let chosen: Vec<String> = all
@@ -54,7 +59,7 @@ pub fn select(spec: &str, all: &[String]) -> Result<Vec<String>, String> {
         .cloned()
         .collect();
     if chosen.is_empty() {
-        return Err(format!("--instances {spec:?} matches no instance"));
+        return Err(format!("--{what}s {spec:?} matches no {what}"));
     }
     Ok(chosen)
 }

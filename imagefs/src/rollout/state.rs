@@ -46,6 +46,45 @@ pub struct Plan {
     /// Changed guest files with their blake3 in the target version (the hash check).
     pub expected: BTreeMap<String, String>,
     pub created_at: u64,
+    /// A fleet rollout's hosts: name -> address when planned (empty: this store's daemon).
+    /// Its waves then hold pairs "HOST/INSTANCE".
+    #[serde(default)]
+    pub hosts: BTreeMap<String, String>,
+    /// Hosts with no remote when planned: they get the target as an uploaded bundle.
+    #[serde(default)]
+    pub bundle_hosts: BTreeSet<String>,
+    /// Waves and --max-unavailable count whole hosts.
+    #[serde(default)]
+    pub by_host: bool,
+    /// Pairs (or hosts, by host) that may stay pending after a wave before the rollout stops.
+    #[serde(default)]
+    pub max_unavailable: usize,
+    /// Most time one command on a host may take.
+    #[serde(default = "default_host_timeout_ms")]
+    pub host_timeout_ms: u64,
+}
+
+fn default_host_timeout_ms() -> u64 {
+    60_000
+}
+
+impl Plan {
+    /// The host and instance of a pair ("" for a local rollout's instances).
+    pub fn split_pair<'a>(&self, pair: &'a str) -> (&'a str, &'a str) {
+        if self.hosts.is_empty() {
+            return ("", pair);
+        }
+        pair.split_once('/').unwrap_or(("", pair))
+    }
+}
+
+/// A fleet rollout's name of `instance` on `host`.
+pub fn pair(host: &str, instance: &str) -> String {
+    if host.is_empty() {
+        instance.to_string()
+    } else {
+        format!("{host}/{instance}")
+    }
 }
 
 /// How a rollout ended.
@@ -84,6 +123,23 @@ pub enum Rec {
     RolledBack {
         instance: String,
     },
+    /// The pair's guest passed its health check on the target.
+    Checked {
+        instance: String,
+    },
+    /// The pairs' host did not answer (a partition, a restart): they stay pending.
+    Unreachable {
+        wave: usize,
+        host: String,
+        pairs: Vec<String>,
+        error: String,
+    },
+    /// More were pending than --max-unavailable allows after `wave`: the driver stopped;
+    /// `--resume` goes on.
+    Interrupted {
+        wave: usize,
+        pending: Vec<String>,
+    },
     Finished {
         outcome: Outcome,
         exit: i32,
@@ -101,6 +157,12 @@ pub struct Rollout {
     pub healthy: BTreeSet<usize>,
     pub unhealthy: BTreeMap<usize, Vec<String>>,
     pub rolled_back: BTreeSet<String>,
+    /// Pairs whose guest passed its health check on the target.
+    pub checked: BTreeSet<String>,
+    /// Pairs whose host did not answer, with the last error.
+    pub unreachable: BTreeMap<String, String>,
+    /// The wave after which the last driver stopped for unavailable hosts.
+    pub interrupted: Option<usize>,
     pub finished: Option<(Outcome, i32)>,
 }
 
@@ -137,6 +199,9 @@ impl Rollout {
             healthy: BTreeSet::new(),
             unhealthy: BTreeMap::new(),
             rolled_back: BTreeSet::new(),
+            checked: BTreeSet::new(),
+            unreachable: BTreeMap::new(),
+            interrupted: None,
             finished: None,
         }
     }
@@ -145,11 +210,25 @@ impl Rollout {
     pub fn apply(&mut self, r: &Rec) {
         match r {
             Rec::Plan(p) => self.plan = p.clone(),
-            Rec::Driver { pid } => self.driver = Some(*pid),
+            Rec::Driver { pid } => {
+                self.driver = Some(*pid);
+                self.interrupted = None;
+            }
             Rec::Substituted { wave, instance } => {
                 self.done.insert(instance.clone(), *wave);
                 self.rolled_back.remove(instance);
+                self.unreachable.remove(instance);
             }
+            Rec::Checked { instance } => {
+                self.checked.insert(instance.clone());
+                self.unreachable.remove(instance);
+            }
+            Rec::Unreachable { pairs, error, .. } => {
+                for p in pairs {
+                    self.unreachable.insert(p.clone(), error.clone());
+                }
+            }
+            Rec::Interrupted { wave, .. } => self.interrupted = Some(*wave),
             Rec::Conflict { instance, .. } => {
                 self.conflicts.insert(instance.clone());
             }
@@ -161,9 +240,50 @@ impl Rollout {
             }
             Rec::RolledBack { instance } => {
                 self.done.remove(instance);
+                self.checked.remove(instance);
                 self.rolled_back.insert(instance.clone());
             }
             Rec::Finished { outcome, exit } => self.finished = Some((*outcome, *exit)),
+        }
+    }
+
+    /// Pairs of waves up to `wave` not yet on the target and checked (conflicts aside).
+    pub fn pending_through(&self, wave: usize) -> Vec<String> {
+        self.plan
+            .waves
+            .iter()
+            .take(wave + 1)
+            .enumerate()
+            // a healthy wave's pairs were all checked (older logs record no Checked)
+            .filter(|(w, _)| !self.healthy.contains(w))
+            .flat_map(|(_, pairs)| pairs)
+            .filter(|p| !self.checked.contains(*p) && !self.conflicts.contains(*p))
+            .cloned()
+            .collect()
+    }
+
+    /// Pairs tried and not finished: their host did not answer, or they are on the target and
+    /// not yet checked (in wave order).
+    pub fn pending(&self) -> Vec<String> {
+        self.plan
+            .waves
+            .iter()
+            .enumerate()
+            .filter(|(w, _)| !self.healthy.contains(w))
+            .flat_map(|(_, pairs)| pairs)
+            .filter(|p| !self.checked.contains(*p) && !self.conflicts.contains(*p))
+            .filter(|p| self.unreachable.contains_key(*p) || self.done.contains_key(*p))
+            .cloned()
+            .collect()
+    }
+
+    /// How many `pending` count against --max-unavailable: pairs, or hosts with --by host.
+    pub fn unavailable(&self, pending: &[String]) -> usize {
+        if self.plan.by_host {
+            let hosts: BTreeSet<&str> = pending.iter().map(|p| self.plan.split_pair(p).0).collect();
+            hosts.len()
+        } else {
+            pending.len()
         }
     }
 
@@ -193,6 +313,11 @@ pub fn alive(pid: u32) -> bool {
 
 fn dir(store: &Path) -> PathBuf {
     store.join("rollouts")
+}
+
+/// Where a fleet rollout keeps the bundles it uploads until it finishes.
+pub fn bundle_dir(store: &Path, id: &str) -> PathBuf {
+    dir(store).join(format!("{id}.bundles"))
 }
 
 fn path(store: &Path, id: &str) -> PathBuf {
@@ -321,6 +446,11 @@ mod tests {
             policy: None,
             expected: BTreeMap::new(),
             created_at: 1,
+            hosts: BTreeMap::new(),
+            bundle_hosts: BTreeSet::new(),
+            by_host: false,
+            max_unavailable: 0,
+            host_timeout_ms: 60_000,
         }
     }
 

@@ -3,6 +3,7 @@
 //! about a substitution (notify.rs). Invariant: `start` runs only inside the daemon (the VM must
 //! read its disk through the live mount); the rest also works from the registry alone.
 
+pub mod health;
 pub mod launch;
 mod logs;
 pub mod notify;
@@ -49,6 +50,24 @@ pub enum VmCommand {
         /// VM name.
         name: String,
     },
+    /// Check the guest of the live VM on INSTANCE through its agent: the health command exits
+    /// 0 in time and each --expect file hashes as given (exit 1 if not; no live VM: "not
+    /// checked", exit 0)
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// The instance whose live VM to check.
+    pub instance: String,
+    /// Run in the guest under /bin/sh -c; exit 0 in time passes.
+    #[arg(long)]
+    pub health_cmd: Option<String>,
+    #[arg(long, default_value = "30s", value_parser = crate::rollout::parse_duration)]
+    pub health_timeout: Duration,
+    /// A guest file and the blake3 it must read as: PATH=BLAKE3 (repeatable).
+    #[arg(long = "expect", value_parser = health::parse_expect)]
+    pub expect: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -194,6 +213,7 @@ pub fn run(ctx: &Ctx, cmd: &VmCommand, json: bool, out: &mut dyn Write) -> Resul
             Ok(())
         }
         VmCommand::Ls => ls(ctx, &store, json, out),
+        VmCommand::Check(a) => check(&store, a, json, out),
         VmCommand::Logs { name, tail, follow } => {
             let rec = registry::load(&store, name)?;
             logs::stream(&rec.console_log, *tail, *follow, out).map_err(io_err)
@@ -221,6 +241,38 @@ pub fn run(ctx: &Ctx, cmd: &VmCommand, json: bool, out: &mut dyn Write) -> Resul
                 &format!("removed VM {name}"),
             )
         }
+    }
+}
+
+/// `vm check`: the health verdict of the live VM on the instance (agent calls time out after
+/// the health timeout plus 15 s, so a hung guest cannot hold the command).
+fn check(store: &Path, a: &CheckArgs, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let Some(vm) = registry::live_on_instance(store, &a.instance) else {
+        return line(
+            out,
+            json,
+            json!({"type": "result", "instance": a.instance, "ok": true, "checked": false,
+                   "detail": "no live VM: not checked"}),
+            &format!("{}: no live VM: not checked", a.instance),
+        );
+    };
+    let spec = health::HealthSpec {
+        cmd: a.health_cmd.clone(),
+        timeout_ms: u64::try_from(a.health_timeout.as_millis()).unwrap_or(u64::MAX),
+        expected: a.expect.iter().cloned().collect(),
+    };
+    let agent =
+        AgentClient::new(&vm.agent_socket).with_timeout(a.health_timeout + Duration::from_secs(15));
+    match health::check(&agent, &spec, &a.instance) {
+        Ok(detail) => line(
+            out,
+            json,
+            json!({"type": "result", "instance": a.instance, "vm": vm.name, "ok": true,
+                   "checked": true, "detail": detail}),
+            &format!("{}: {detail}", a.instance),
+        ),
+        // the reason quotes the guest: shown to the operator, never obeyed
+        Err(why) => Err(CliError::new(1, why)),
     }
 }
 
