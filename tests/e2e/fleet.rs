@@ -283,6 +283,18 @@ fn raw_call(
     identity: Option<(&Path, &Path)>,
     argv: &[&str],
 ) -> Raw {
+    raw_call_upload(addr, name, ca, identity, argv, None)
+}
+
+/// `raw_call` with `upload` sent as the request's upload frame after its line.
+fn raw_call_upload(
+    addr: &str,
+    name: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    argv: &[&str],
+    upload: Option<&[u8]>,
+) -> Raw {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).unwrap() {
@@ -314,8 +326,15 @@ fn raw_call(
     let mut tls = rustls::StreamOwned::new(conn, sock);
     let mut full = vec!["imagefs"];
     full.extend_from_slice(argv);
-    let line = serde_json::json!({ "argv": full }).to_string() + "\n";
+    let mut req = serde_json::json!({ "argv": full });
+    if let Some(u) = upload {
+        req["upload"] = serde_json::json!(u.len());
+    }
+    let line = req.to_string() + "\n";
     tls.write_all(line.as_bytes()).map_err(|e| e.to_string())?;
+    if let Some(u) = upload {
+        tls.write_all(u).map_err(|e| e.to_string())?;
+    }
     tls.flush().map_err(|e| e.to_string())?;
     let mut text = String::new();
     for l in BufReader::new((&mut tls).take(1 << 20)).lines() {
@@ -528,6 +547,9 @@ fn the_fleet_transport_refuses_strangers_hosts_and_unlisted_commands() {
         vec!["rm", "app:v1"],
         vec!["--json", "instance", "rm", "web-a"],
         vec!["export", "app:v1", "/tmp/imagefs-fleet-export.raw"],
+        // apply reads only a bundle that came in the request's own upload frame
+        vec!["apply", "/etc/passwd"],
+        vec!["apply", "fleet-uploads/upload-1-1.bundle"],
     ] {
         let got = call(Some(&operator), &argv);
         match &got {
@@ -541,6 +563,29 @@ fn the_fleet_transport_refuses_strangers_hosts_and_unlisted_commands() {
     assert_eq!(h.version("app:v1"), v1);
     assert_eq!(h.bases().len(), 4);
     assert!(!Path::new("/tmp/imagefs-fleet-export.raw").exists());
+    // An upload frame: refused unless argv names it exactly once; spooled only for the
+    // command, and what it holds is parsed as a bundle (garbage is an error, nothing applied).
+    let upload = |argv: &[&str], bytes: &[u8]| {
+        let (c, k) = &operator;
+        raw_call_upload(&addr, "host-1", &ca, Some((c, k)), argv, Some(bytes))
+    };
+    let got = upload(&["--json", "ls"], b"junk");
+    assert!(
+        matches!(&got, Ok((t, 2)) if t.contains("exactly one @upload")),
+        "{got:?}"
+    );
+    let got = upload(&["apply", "@upload"], b"not a bundle at all");
+    assert!(
+        matches!(&got, Ok((t, c)) if *c != 0 && !t.contains("not served")),
+        "{got:?}"
+    );
+    let spool = h.store.join("fleet-uploads");
+    assert_eq!(
+        std::fs::read_dir(&spool).unwrap().count(),
+        0,
+        "upload left in {spool:?}"
+    );
+    assert_eq!(h.version("app:v1"), v1);
     // And one on the list answers.
     let got = call(Some(&operator), &["--json", "ls"]);
     assert!(matches!(&got, Ok((t, 0)) if t.contains(&v1)), "{got:?}");

@@ -282,7 +282,16 @@ fn serve_one(
         if let Some(r) = &req {
             tracing::info!(%peer, argv = ?r.argv, upload = r.upload, "fleet: command");
         }
-        control::answer(&mut tls, handler, req);
+        // The upload is gone before the exit code is sent: nothing outlives its command.
+        let (inner, upload) = (handler.clone(), spooled.clone());
+        let then_unspool: control::Handler = Arc::new(move |argv, out, err| {
+            let code = inner(argv, out, err);
+            if let Some(p) = &upload {
+                let _ = std::fs::remove_file(p);
+            }
+            code
+        });
+        control::answer(&mut tls, &then_unspool, req);
     }
     if let Some(p) = spooled {
         let _ = std::fs::remove_file(p);

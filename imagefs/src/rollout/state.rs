@@ -487,6 +487,106 @@ mod tests {
         ));
     }
 
+    fn fleet_plan(id: &str, by_host: bool) -> Plan {
+        Plan {
+            hosts: [("h1", "a:1"), ("h2", "b:1")]
+                .iter()
+                .map(|(h, a)| (h.to_string(), a.to_string()))
+                .collect(),
+            waves: vec![
+                vec!["h1/web-1".into(), "h1/web-2".into()],
+                vec!["h2/web-1".into(), "h2/web-2".into()],
+            ],
+            by_host,
+            ..plan(id)
+        }
+    }
+
+    #[test]
+    fn unreachable_pairs_stay_pending_until_checked_and_count_by_host_or_pair() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = Journal::create(d.path(), fleet_plan("r3-1", true)).unwrap();
+        assert_eq!(j.state.plan.split_pair("h1/web-1"), ("h1", "web-1"));
+        for p in ["h1/web-1", "h1/web-2"] {
+            j.append(Rec::Substituted {
+                wave: 0,
+                instance: p.into(),
+            })
+            .unwrap();
+        }
+        j.append(Rec::Checked {
+            instance: "h1/web-1".into(),
+        })
+        .unwrap();
+        j.append(Rec::Unreachable {
+            wave: 0,
+            host: "h1".into(),
+            pairs: vec!["h1/web-2".into()],
+            error: "cut".into(),
+        })
+        .unwrap();
+        j.append(Rec::Unreachable {
+            wave: 1,
+            host: "h2".into(),
+            pairs: vec!["h2/web-1".into(), "h2/web-2".into()],
+            error: "cut".into(),
+        })
+        .unwrap();
+        let pending = j.state.pending_through(1);
+        assert_eq!(pending, ["h1/web-2", "h2/web-1", "h2/web-2"]);
+        // by host: two hosts; by pair: three pairs
+        assert_eq!(j.state.unavailable(&pending), 2);
+        let mut by_pair = j.state.clone();
+        by_pair.plan.by_host = false;
+        assert_eq!(by_pair.unavailable(&pending), 3);
+        j.append(Rec::Interrupted {
+            wave: 1,
+            pending: pending.clone(),
+        })
+        .unwrap();
+        drop(j);
+        let mut j = Journal::open(d.path(), "r3-1").unwrap();
+        assert_eq!(j.state.interrupted, Some(1));
+        assert_eq!(j.state.state(), "interrupted");
+        assert_eq!(j.state.pending(), pending);
+        // A resume: the host answers again; checked pairs leave the pending list.
+        j.append(Rec::Driver { pid: 1 }).unwrap();
+        assert_eq!(j.state.interrupted, None);
+        j.append(Rec::Checked {
+            instance: "h1/web-2".into(),
+        })
+        .unwrap();
+        assert_eq!(j.state.pending_through(0), Vec::<String>::new());
+        assert!(!j.state.unreachable.contains_key("h1/web-2"));
+        // A rolled-back pair is no longer checked on the target.
+        j.append(Rec::RolledBack {
+            instance: "h1/web-2".into(),
+        })
+        .unwrap();
+        assert_eq!(j.state.pending_through(0), ["h1/web-2"]);
+    }
+
+    #[test]
+    fn a_plan_written_before_fleets_reads_as_local() {
+        let mut v = serde_json::to_value(Rec::Plan(plan("r4-1"))).unwrap();
+        let o = v.as_object_mut().unwrap();
+        for k in [
+            "hosts",
+            "bundle_hosts",
+            "by_host",
+            "max_unavailable",
+            "host_timeout_ms",
+        ] {
+            o.remove(k);
+        }
+        let Rec::Plan(p) = serde_json::from_value(v).unwrap() else {
+            panic!("not a plan")
+        };
+        assert!(p.hosts.is_empty());
+        assert_eq!(p.host_timeout_ms, 60_000);
+        assert_eq!(p.split_pair("web/1"), ("", "web/1"));
+    }
+
     #[test]
     fn a_torn_last_record_is_dropped_not_fatal() {
         let d = tempfile::tempdir().unwrap();
