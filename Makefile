@@ -4,7 +4,7 @@ CARGO ?= cargo
 AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/guest-agent
 
-.PHONY: all setup build agent guest fullguest test lint demo bench clean-guest fuzz crashtest garage demo-fleet
+.PHONY: all setup build agent guest fullguest test lint demo bench clean-guest fuzz crashtest garage demo-fleet demo-tier
 
 all: build
 
@@ -55,11 +55,15 @@ garage:
 demo: guest build
 	bash scripts/demo.sh
 
-# The fleet's block tier on this machine (issue 12): a single-node Garage, two stores as two
-# hosts; push v1 and a one-file patch v2 from one, pull both into the other, verify byte for
-# byte, print the bytes moved; then untag v1 and run remote gc twice.
-demo-fleet: build garage
+# A fleet rollout on this machine (root): three hosts as network namespaces, each with its own
+# store, daemon (--listen, mutual TLS) and live VM; one patch rolled across them; one host cut
+# off mid-rollout and brought back; the rollout resumed to completion.
+demo-fleet: guest build garage
 	bash scripts/demo-fleet.sh
+
+# The block tier alone: two stores push and pull through a loopback Garage, then remote gc.
+demo-tier: build garage
+	bash scripts/demo-tier.sh
 
 clean-guest:
 	rm -rf target/guest

@@ -1,47 +1,92 @@
 #!/usr/bin/env bash
-# The fleet's block tier on one machine: a single-node Garage on loopback as the bucket, two
-# stores as two "hosts". Host A imports an app image (v1) and a one-file patch of it (v2) and
-# pushes both; host B pulls v1, then v2, and checks that each exports byte for byte what A
-# imported. Prints the bytes each step moved. Then v1 is untagged and two `remote gc` passes
-# delete what only v1 needed, and B pulls v2 again into a third store to show it is whole.
-# Invariant: every check that fails exits non-zero, and the trap leaves nothing behind (Garage
-# stopped, temp dir removed) however the script ends.
-# Usage: bash scripts/demo-fleet.sh   (make demo-fleet builds the binaries and installs Garage)
+# A fleet rollout on one machine: three hosts, each a network namespace with its own store,
+# mount daemon (serving the fleet over mutual TLS) and one live VM on app:v1; a single-node
+# Garage as the fleet's block tier; the operator in a fourth namespace. The operator rolls
+# app:v2 (one changed block) across the hosts in two waves, host by host; host 3's link is cut
+# mid-rollout, so the rollout stops as interrupted with host 3 pending and the others kept on
+# v2; the link comes back and `rollout --resume` finishes it. Every guest then reads v2 without
+# a reboot, and each host fetched only the changed block from the bucket.
+# Invariant: every check that fails exits non-zero, and the trap leaves nothing behind (VMs
+# stopped, mounts gone, Garage stopped, namespaces and bridge deleted, temp dir removed).
+# Usage: bash scripts/demo-fleet.sh   (make demo-fleet builds what it needs; run as root)
 # Binaries: $DEMO_BIN_DIR, else ${CARGO_TARGET_DIR:-target}/debug (what `make build` writes).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BIN_DIR=${DEMO_BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/debug}
 GARAGE=$(command -v garage || echo /usr/local/bin/garage)
+KERNEL=$ROOT/target/guest/kernel/vmlinuz
+INITRD=$ROOT/target/guest/initramfs.cpio.gz
+HOSTS=(h1 h2 h3)
 
 if [ -t 1 ]; then B=$'\033[1m' RED=$'\033[1;31m' GREEN=$'\033[1;32m' N=$'\033[0m'; else B='' RED='' GREEN='' N=''; fi
 say() { printf '\n%s==> %s%s\n' "$B" "$*" "$N"; }
 note() { printf '    %s\n' "$*"; }
 fail() { printf '\n%sDEMO FAILED: %s%s\n' "$RED" "$*" "$N" >&2; exit 1; }
-imagefs() { "$BIN_DIR/imagefs" "$@"; }
-shown() { printf '$ imagefs %s\n' "$*" >&2; }
-# imagefs STORE ARGS --json, shown; prints the result line (the last JSON line)
-json() { local s=$1; shift; shown "--store $(basename "$s") $*"; imagefs --store "$s" "$@" --json | tail -n1; }
-field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2"; }
-mib() { python3 -c 'import sys; print(f"{int(sys.argv[1])/1048576:.2f} MiB")' "$1"; }
+shown() { printf '$ %s\n' "$*" >&2; }
+run() { shown "$@"; "$@"; }
 
-[ -x "$BIN_DIR/imagefs" ] || fail "$BIN_DIR/imagefs missing: run make build (or make demo-fleet)"
+[ "$(id -u)" = 0 ] || fail "run as root (network namespaces, FUSE mounts, VMs)"
+for f in "$BIN_DIR/imagefs" "$BIN_DIR/vmm" "$KERNEL" "$INITRD"; do
+    [ -e "$f" ] || fail "$f missing: run make demo-fleet (it builds them)"
+done
 [ -x "$GARAGE" ] || fail "garage missing: run make garage"
-command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || fail "needs e2fsprogs"
+for c in ip nsenter mkfs.ext4 debugfs /bin/busybox; do
+    command -v "$c" >/dev/null || fail "$c missing: run make setup"
+done
 
 WORK=$(mktemp -d /tmp/imagefs-demo-fleet.XXXXXX)
+TAG=ifd$(($$ % 100000))
+NET=10.$((100 + $$ % 100)).$((($$ / 100) % 250)).0
+PFX=${NET%.0}
+BR=${TAG}br
 GPID=
+ns() { echo "${TAG}$1"; }
+# runs a command in namespace $1's network only (FUSE mounts stay visible machine-wide)
+in_ns() { local n=$1; shift; nsenter --net="/var/run/netns/$(ns "$n")" -- "$@"; }
+imagefs() { "$BIN_DIR/imagefs" "$@"; }
+# imagefs on a store, from inside that store's namespace
+on() { local n=$1; shift; shown "[$n] imagefs $*"; in_ns "$n" "$BIN_DIR/imagefs" --store "$WORK/$n" "$@"; }
+quiet() { local n=$1; shift; in_ns "$n" "$BIN_DIR/imagefs" --store "$WORK/$n" "$@"; }
+
 cleanup() {
+    local rc=$? h
+    trap - EXIT INT TERM
+    set +e
+    for h in "${HOSTS[@]}"; do
+        ip link set "${TAG}v$h" up 2>/dev/null
+        if [ -d "$WORK/$h/vms" ]; then quiet "$h" vm stop --timeout 3 web-1 >/dev/null 2>&1; fi
+        if mountpoint -q "$WORK/mnt-$h" 2>/dev/null; then
+            imagefs --store "$WORK/$h" umount "$WORK/mnt-$h" >/dev/null 2>&1 || umount -l "$WORK/mnt-$h"
+        fi
+    done
     [ -n "$GPID" ] && kill "$GPID" 2>/dev/null && wait "$GPID" 2>/dev/null
-    rm -rf "$WORK"
+    for h in op "${HOSTS[@]}"; do ip netns del "$(ns "$h")" 2>/dev/null; ip link del "${TAG}v$h" 2>/dev/null; done
+    ip link del "$BR" 2>/dev/null
+    rm -rf --one-file-system "$WORK"
+    exit "$rc"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+say "A private network: bridge $BR (no address of its own), one namespace per machine on $NET/24"
+ip link add "$BR" type bridge
+ip link set "$BR" up
+i=1
+for h in op "${HOSTS[@]}"; do
+    ip netns add "$(ns "$h")"
+    ip link add "${TAG}v$h" type veth peer name eth0 netns "$(ns "$h")"
+    ip link set "${TAG}v$h" master "$BR" up
+    in_ns "$h" ip addr add "$PFX.$i/24" dev eth0
+    in_ns "$h" ip link set eth0 up
+    in_ns "$h" ip link set lo up
+    eval "IP_$h=$PFX.$i"
+    note "$h: $PFX.$i"
+    i=$((i + 1))
+done
+
+say "Garage, one node, in the operator's namespace: the fleet's block tier (bucket 'images')"
 hex() { head -c "$1" /dev/urandom | od -An -tx1 | tr -d ' \n'; }
-
-say "Garage 2.5.0, one node on loopback, bucket 'images'"
-S3=$(port) RPC=$(port) ADMIN=$(port)
 KEY="GK$(hex 12)" SECRET=$(hex 32)
 mkdir -p "$WORK/garage"
 cat >"$WORK/garage/garage.toml" <<EOF
@@ -50,80 +95,99 @@ data_dir = "$WORK/garage/data"
 db_engine = "sqlite"
 replication_factor = 1
 compression_level = "none"
-rpc_bind_addr = "127.0.0.1:$RPC"
-rpc_public_addr = "127.0.0.1:$RPC"
+rpc_bind_addr = "$IP_op:3901"
+rpc_public_addr = "$IP_op:3901"
 rpc_secret = "$(hex 32)"
 [s3_api]
 s3_region = "garage"
-api_bind_addr = "127.0.0.1:$S3"
+api_bind_addr = "$IP_op:3900"
 root_domain = ".s3.garage.localhost"
 [admin]
-api_bind_addr = "127.0.0.1:$ADMIN"
+api_bind_addr = "127.0.0.1:3903"
 EOF
 GARAGE_DEFAULT_ACCESS_KEY=$KEY GARAGE_DEFAULT_SECRET_KEY=$SECRET GARAGE_DEFAULT_BUCKET=images \
-    RUST_LOG=garage=warn "$GARAGE" -c "$WORK/garage/garage.toml" server --single-node --default-bucket \
-    >"$WORK/garage/log" 2>&1 &
+    RUST_LOG=garage=warn in_ns op "$GARAGE" -c "$WORK/garage/garage.toml" server --single-node \
+    --default-bucket >"$WORK/garage/log" 2>&1 &
 GPID=$!
 printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$KEY" "$SECRET" >"$WORK/creds"
 chmod 600 "$WORK/creds"
-
-host() {  # a store with the remote 'fleet'
-    imagefs --store "$WORK/$1" init >/dev/null
-    shown "--store $1 remote add fleet s3://images/prod --endpoint http://127.0.0.1:$S3 --region garage --credentials creds"
-    imagefs --store "$WORK/$1" remote add fleet s3://images/prod --endpoint "http://127.0.0.1:$S3" \
-        --region garage --credentials "$WORK/creds" --timeout 10s
+remote_add() {
+    on "$1" remote add fleet s3://images/prod --endpoint "http://$IP_op:3900" --region garage \
+        --credentials "$WORK/creds" --timeout 10s
 }
-host host-a; host host-b
-for _ in $(seq 100); do
-    imagefs --store "$WORK/host-a" remote ls >/dev/null 2>&1 && break
-    sleep 0.1
+
+say "The operator's store: app:v1 and app:v2, pushed to the bucket; the fleet's CA"
+mkdir -p "$WORK/images"
+# shellcheck source=scripts/app-image.sh
+. "$ROOT/scripts/app-image.sh"
+build_app_images "$WORK/images"
+on op init >/dev/null
+on op import "$WORK/images/app-v1.img" app:v1 --block-size 4096 >/dev/null
+on op import "$WORK/images/app-v2.img" app:v2 --block-size 4096 >/dev/null
+remote_add op
+for _ in $(seq 100); do quiet op remote ls >/dev/null 2>&1 && break; sleep 0.1; done
+on op push app:v1 | tail -n1
+on op push app:v2 | tail -n1
+on op fleet ca init
+
+say "Three hosts: each pulls app:v1, mounts with --listen (mutual TLS), boots one VM"
+for h in "${HOSTS[@]}"; do
+    on op fleet cert "$h" --out "$WORK/tls-$h" >/dev/null
+    quiet "$h" init >/dev/null
+    remote_add "$h"
+    on "$h" pull app:v1 | tail -n1
+    mkdir -p "$WORK/mnt-$h"
+    on "$h" mount "$WORK/mnt-$h" --daemon --listen "$(eval echo "\$IP_$h"):7443" --tls-dir "$WORK/tls-$h"
+    quiet "$h" vm config --kernel "$KERNEL" --initrd "$INITRD" >/dev/null
+    on op fleet add "$h" "$(eval echo "\$IP_$h"):7443"
 done
-imagefs --store "$WORK/host-a" remote ls >/dev/null || fail "garage did not come up: $(tail -5 "$WORK/garage/log")"
-
-say "Host A: an ext4 app image (v1, 256 MiB) and v2 = v1 with one file rewritten"
-mkdir -p "$WORK/tree/app"
-for i in $(seq 1 40); do head -c $((1 << 20)) /dev/urandom >"$WORK/tree/app/lib$i.so"; done
-echo "version 1" >"$WORK/tree/app/VERSION"
-mkfs.ext4 -q -F -d "$WORK/tree" "$WORK/v1.img" 256M >/dev/null
-cp --sparse=always "$WORK/v1.img" "$WORK/v2.img"
-head -c $((1 << 20)) /dev/urandom >"$WORK/lib7.new"
-printf 'rm /app/lib7.so\nwrite %s /app/lib7.so\n' "$WORK/lib7.new" >"$WORK/patch.cmds"
-debugfs -w -f "$WORK/patch.cmds" "$WORK/v2.img" >/dev/null 2>&1
-cmp -s "$WORK/v1.img" "$WORK/v2.img" && fail "the patch changed nothing"
-imagefs --store "$WORK/host-a" import "$WORK/v1.img" app:v1 >/dev/null
-imagefs --store "$WORK/host-a" import "$WORK/v2.img" app:v2 >/dev/null
-note "imported app:v1 and app:v2"
-
-say "Host A pushes v1, then v2 (only v2's new blocks go)"
-R1=$(json "$WORK/host-a" push app:v1)
-R2=$(json "$WORK/host-a" push app:v2)
-note "push v1: $(mib "$(field "$R1" bytes_uploaded)") uploaded ($(field "$R1" new_blocks) blocks)"
-note "push v2: $(mib "$(field "$R2" bytes_uploaded)") uploaded ($(field "$R2" new_blocks) new blocks) of a $(mib "$(stat -c %s "$WORK/v2.img")") image"
-
-say "Host B pulls v1, then v2 (only the blocks it lacks), each block verified"
-P1=$(json "$WORK/host-b" pull app:v1)
-P2=$(json "$WORK/host-b" pull app:v2)
-note "pull v1: $(mib "$(field "$P1" bytes_fetched)") fetched in $(field "$P1" requests) requests"
-note "pull v2: $(mib "$(field "$P2" bytes_fetched)") fetched in $(field "$P2" requests) requests"
-for v in v1 v2; do
-    imagefs --store "$WORK/host-b" export "app:$v" "$WORK/b-$v.img" >/dev/null
-    cmp "$WORK/$v.img" "$WORK/b-$v.img" || fail "host B's app:$v differs from host A's"
-    note "host B's app:$v is byte for byte host A's"
+T=$(date +%s)
+pids=()
+for h in "${HOSTS[@]}"; do
+    quiet "$h" vm start app:v1 web-1 --hypervisor auto --wait 180 >"$WORK/start-$h" 2>&1 &
+    pids+=($!)
 done
+for p in "${pids[@]}"; do wait "$p" || fail "a VM did not start: $(cat "$WORK"/start-*)"; done
+note "3 VMs up (one per host) in $(($(date +%s) - T)) s"
+boot_id() { quiet "$1" agent exec --vm web-1 -- cat /proc/sys/kernel/random/boot_id | tr -d '\r'; }
+for h in "${HOSTS[@]}"; do eval "BOOT_$h=$(boot_id "$h")"; done
+on op fleet status --timeout 10s
 
-say "Untag v1 in the remote; two gc passes delete what only v1 needed"
-shown "--store host-a remote untag app:v1"
-imagefs --store "$WORK/host-a" remote untag app:v1
-G1=$(json "$WORK/host-a" remote gc --grace 0s)
-G2=$(json "$WORK/host-a" remote gc --grace 0s)
-note "first pass: $(field "$G1" action), $(field "$G1" candidates) objects marked"
-note "second pass: $(field "$G2" action) $(field "$G2" deleted) objects ($(mib "$(field "$G2" deleted_bytes)"))"
-host host-c
-json "$WORK/host-c" pull app:v2 >/dev/null
-imagefs --store "$WORK/host-c" export app:v2 "$WORK/c-v2.img" >/dev/null
-cmp "$WORK/v2.img" "$WORK/c-v2.img" || fail "app:v2 pulled after gc differs"
-note "a third host pulls app:v2 whole after the gc"
+say "Roll app:v2 across the fleet: h1 first, then h2 and h3; host 3's link is cut mid-rollout"
+ROLL=(rollout app:v2 --hosts 'h*' --instances 'web-*' --waves 1,100% --by host
+    --health-cmd /opt/app/bin/check --host-timeout 5s)
+shown "[op] imagefs ${ROLL[*]}"
+quiet op "${ROLL[@]}" >"$WORK/rollout.out" 2>&1 &
+RPID=$!
+for _ in $(seq 600); do grep -q '^wave 1 healthy' "$WORK/rollout.out" && break; sleep 0.1; done
+grep -q '^wave 1 healthy' "$WORK/rollout.out" || fail "wave 1 did not finish: $(cat "$WORK/rollout.out")"
+run ip link set "${TAG}vh3" down
+set +e
+wait "$RPID"
+RC=$?
+set -e
+cat "$WORK/rollout.out"
+[ "$RC" = 1 ] || fail "the rollout with h3 cut off exited $RC, expected 1 (interrupted)"
+ID=$(quiet op rollout ls | tail -n1 | cut -f1)
+on op rollout status "$ID"
+on op fleet status --timeout 3s
 
-printf '\n%sDEMO OK%s: v2 cost %s to push and %s to pull after v1 (image %s)\n' "$GREEN" "$N" \
-    "$(mib "$(field "$R2" bytes_uploaded)")" "$(mib "$(field "$P2" bytes_fetched)")" \
-    "$(mib "$(stat -c %s "$WORK/v2.img")")"
+say "Host 3 comes back; the rollout resumes where its journal says"
+run ip link set "${TAG}vh3" up
+shown "[op] imagefs rollout --resume $ID"
+quiet op rollout --resume "$ID" | tee "$WORK/resume.out" || fail "the resumed rollout failed"
+
+say "Every guest reads v2, without a reboot; each host fetched only what changed"
+V2=$(quiet op rollout status "$ID" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_id"])')
+for h in "${HOSTS[@]}"; do
+    got=$(quiet "$h" agent exec --vm web-1 -- cat /opt/app/version | tr -d '\r')
+    [ "$got" = v2 ] || fail "$h's guest reads '$got', expected v2"
+    now=$(boot_id "$h")
+    [ "$now" = "$(eval echo "\$BOOT_$h")" ] || fail "$h's guest rebooted"
+    fetched=$(quiet "$h" remote stats --json | tail -n1 | python3 -c \
+        'import json,sys; print(json.load(sys.stdin)["versions"].get(sys.argv[1], {}).get("bytes_fetched", 0))' "$V2")
+    [ "$fetched" -gt 0 ] || fail "$h did not fetch app:v2's blocks from the bucket"
+    [ "$fetched" -le 65536 ] || fail "$h fetched $fetched bytes for a one-block patch"
+    note "$h: reads $got, same boot id; fetched $fetched bytes for app:v2 from the bucket (the image is $(stat -c %s "$WORK/images/app-v2.img") bytes)"
+done
+printf '\n%sDEMO OK%s: app:v2 rolled across 3 hosts live; h3 was cut off, resumed, and caught up\n' "$GREEN" "$N"

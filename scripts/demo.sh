@@ -97,33 +97,9 @@ boot_state() {
 
 # ---------------------------------------------------------------------------------------------
 say "1. Build app:v1: a 32 MiB ext4 root (static busybox, /opt/app/version = v1, a health check)"
-TREE=$WORK/rootfs
-mkdir -p "$TREE"/{bin,dev,proc,sys,tmp,mnt,etc} "$TREE/opt/app/bin"
-cp /bin/busybox "$TREE/bin/busybox"
-for a in sh sleep cat echo ls true false mount umount sync head ps grep; do
-    ln -s busybox "$TREE/bin/$a"
-done
-printf 'v1\n' >"$TREE/opt/app/version"
-cat >"$TREE/opt/app/bin/check" <<'EOF'
-#!/bin/sh
-# Healthy when the app's version file reads as a version.
-read -r v </opt/app/version && case "$v" in v[0-9]*) exit 0 ;; esac
-exit 1
-EOF
-chmod 0755 "$TREE/opt/app/bin/check"
-run mkfs.ext4 -q -F -b 4096 -E root_owner=0:0 -d "$TREE" "$WORK/app-v1.img" 32M
-
-say "   Patch /opt/app/version in place for app:v2 (same length, written at the file's own block)"
-run debugfs -R 'blocks /opt/app/version' "$WORK/app-v1.img" | tee "$WORK/blocks"
-BLOCK=$(awk '{print $1; exit}' "$WORK/blocks")
-[ -n "$BLOCK" ] || fail "debugfs found no block for /opt/app/version"
-cp --sparse=always "$WORK/app-v1.img" "$WORK/app-v2.img"
-printf 'v2\n' >"$WORK/v2-content"
-run dd if="$WORK/v2-content" of="$WORK/app-v2.img" bs=4096 seek="$BLOCK" conv=notrunc status=none
-cmp -l "$WORK/app-v1.img" "$WORK/app-v2.img" >"$WORK/cmp" || true
-awk -v b="$BLOCK" 'int(($1 - 1) / 4096) != b { bad = 1 } END { exit bad || NR == 0 }' "$WORK/cmp" ||
-    fail "app-v2.img differs from app-v1.img outside block $BLOCK"
-note "v2 differs from v1 in $(wc -l <"$WORK/cmp") byte(s), all in block $BLOCK; everything else is identical"
+# shellcheck source=scripts/app-image.sh
+. "$ROOT/scripts/app-image.sh"
+build_app_images "$WORK"
 
 say "   Import both into a fresh store ($IMAGEFS_STORE)"
 run imagefs init
