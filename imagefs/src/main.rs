@@ -3,6 +3,7 @@
 
 mod agent_cmd;
 mod cli;
+mod commands;
 mod daemon;
 mod fleet;
 mod mount;
@@ -11,38 +12,9 @@ mod vm;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
-/// Content-addressed, versioned store of VM disk images.
-#[derive(Debug, Parser)]
-#[command(name = "imagefs", version, about)]
-struct Args {
-    #[command(flatten)]
-    global: cli::Global,
-    #[command(subcommand)]
-    command: Command,
-}
-
-/// Every subcommand. Mount, instance, substitute, agent, vm and rollout join as variants here.
-#[derive(Debug, Subcommand)]
-enum Command {
-    #[command(flatten)]
-    Store(cli::StoreCommand),
-    #[command(flatten)]
-    Mount(mount::cmd::MountCommand),
-    /// Talk to a guest's agent: ping, hash a file, run a command, send a notice
-    Agent(agent_cmd::AgentArgs),
-    /// VMs on instances of the mount, run by the mount daemon
-    #[command(subcommand)]
-    Vm(vm::VmCommand),
-    /// Substitute a version into running VMs wave by wave, with health checks
-    Rollout(rollout::RolloutArgs),
-    /// The fleet: its CA and certificates, the hosts in the inventory, their status
-    #[command(subcommand)]
-    Fleet(fleet::FleetCommand),
-    /// Show the daemon serving this store: imagefs version, mountpoint, pid (exit 3 if none)
-    Status,
-}
+use commands::{Args, Command};
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -88,7 +60,9 @@ fn main() -> ExitCode {
     let mut out = stdout.lock();
     let result = match &args.command {
         Command::Store(cmd) => cli::run_dir(&dir, cmd, json, &mut out),
-        Command::Mount(cmd) => mount::cmd::run_dir(&dir, cmd, json, &mut out, run_forwarded),
+        Command::Mount(cmd) => {
+            mount::cmd::run_dir(&dir, cmd, json, &mut out, commands::run_forwarded)
+        }
         Command::Vm(cmd) => imagefs_store::Store::open(&dir)
             .map_err(cli::CliError::from)
             .inspect(|s| cli::remote::attach(s, false))
@@ -107,166 +81,6 @@ fn main() -> ExitCode {
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
     }
-}
-
-/// Whether `command` may run when it came over the fleet transport (TLS, from an operator's
-/// certificate): what `fleet status` and rollouts need, nothing that removes, reads or writes
-/// files of the host by path. Anything not listed is refused.
-fn served_to_the_fleet(command: &Command, store_dir: &std::path::Path) -> bool {
-    use cli::StoreCommand as S;
-    use mount::cmd::{InstanceCmd, MountCommand as M};
-    match command {
-        // apply reads a file: only the bundle that came in this request's upload frame
-        Command::Store(S::Apply(a)) => daemon::tls::is_spooled(store_dir, &a.file),
-        c => matches!(
-            c,
-            Command::Status
-                | Command::Store(S::Ls(_) | S::Diff(_) | S::Pull(_))
-                | Command::Mount(M::Instance(InstanceCmd::Ls) | M::Substitute(_))
-                | Command::Vm(vm::VmCommand::Ls | vm::VmCommand::Check(_))
-        ),
-    }
-}
-
-/// The name of the command in `argv` (its words before the first option or argument), for a
-/// refusal message.
-fn command_words(argv: &[String]) -> String {
-    argv.iter()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .take(2)
-        .cloned()
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// `imagefs status` inside the daemon.
-fn daemon_status(
-    ctx: &mount::Ctx,
-    json: bool,
-    out: &mut dyn std::io::Write,
-) -> std::io::Result<()> {
-    let mountpoint = ctx
-        .live
-        .as_ref()
-        .map(|l| l.life.mountpoint().display().to_string())
-        .unwrap_or_default();
-    let version = env!("CARGO_PKG_VERSION");
-    let pid = std::process::id();
-    // where this host takes new versions from (a fleet rollout uploads a bundle if none)
-    let remote = imagefs_remote::Remotes::load(ctx.store.dir())
-        .ok()
-        .and_then(|r| r.default);
-    if json {
-        let v = serde_json::json!({"type": "result", "imagefs": version, "mountpoint": mountpoint,
-            "store": ctx.store.dir().display().to_string(), "pid": pid, "remote": remote});
-        writeln!(out, "{v}")
-    } else {
-        writeln!(
-            out,
-            "imagefs {version}: daemon {pid} serves {} at {mountpoint}",
-            ctx.store.dir().display()
-        )
-    }
-}
-
-/// Runs a command forwarded to the daemon (control socket or fleet transport) on its store;
-/// returns the exit code.
-fn run_forwarded(
-    argv: Vec<String>,
-    ctx: &mount::Ctx,
-    transport: daemon::Transport,
-    out: &mut dyn std::io::Write,
-    err: &mut dyn std::io::Write,
-) -> i32 {
-    let args = match Args::try_parse_from(&argv) {
-        Ok(a) => a,
-        Err(e) => {
-            let _ = write!(err, "{e}");
-            return 2;
-        }
-    };
-    if transport == daemon::Transport::Fleet && !served_to_the_fleet(&args.command, ctx.store.dir())
-    {
-        let _ = writeln!(
-            err,
-            "imagefs: error: `{}` is not served over the fleet transport (allowed: status, ls, \
-             diff, pull, apply of an uploaded bundle, instance ls, substitute, vm ls, vm check)",
-            command_words(&argv)
-        );
-        return 2;
-    }
-    let json = args.global.json;
-    let result = match &args.command {
-        Command::Status => {
-            return match daemon_status(ctx, json, out) {
-                Ok(()) => 0,
-                Err(_) => 1,
-            }
-        }
-        Command::Store(cmd) => {
-            let result = cli::run(&ctx.store, &ctx.instances, cmd, json, out);
-            if matches!(cmd, cli::StoreCommand::Gc) {
-                mount::cmd::prune_flat(ctx);
-            }
-            result
-        }
-        Command::Mount(cmd) => mount::cmd::run(ctx, cmd, json, out),
-        Command::Vm(cmd) => vm::run(ctx, cmd, json, out),
-        Command::Agent(_) | Command::Rollout(_) | Command::Fleet(_) => {
-            let _ = writeln!(
-                err,
-                "the agent, rollout and fleet commands are not run by the daemon"
-            );
-            return 2;
-        }
-    };
-    // A command may have moved or removed tags (import, tag, rm, commit, gc): the kernel must
-    // look those names up afresh before the CLI returns.
-    mount::cmd::refresh_tags(ctx);
-    match result {
-        Ok(()) => 0,
-        Err(e) => cli::report(&e, json, out, err),
-    }
-}
-
-/// Runs a store command (`args` without the program name) on the store in `dir` as the CLI
-/// would: through the daemon that serves it, else in this process. For a rollout's own
-/// operator-side steps (resolving, diffing, building bundles). Returns (exit, stdout, stderr).
-pub fn run_on_store(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
-    use std::io::Write as _;
-    let mut argv = vec!["imagefs".to_string()];
-    argv.extend(args.iter().map(|s| s.to_string()));
-    let (mut out, mut err) = (Vec::new(), Vec::new());
-    let code = match daemon::control::connect(dir) {
-        Some(stream) => {
-            daemon::control::forward(stream, argv, &mut out, &mut err).unwrap_or_else(|e| {
-                let _ = writeln!(err, "imagefs: error: {e}");
-                1
-            })
-        }
-        None => match Args::try_parse_from(&argv) {
-            Err(e) => {
-                let _ = write!(err, "{e}");
-                2
-            }
-            Ok(a) => match &a.command {
-                Command::Store(cmd) => match cli::run_dir(dir, cmd, a.global.json, &mut out) {
-                    Ok(()) => 0,
-                    Err(e) => cli::report(&e, a.global.json, &mut out, &mut err),
-                },
-                _ => {
-                    let _ = writeln!(err, "imagefs: error: only store commands run here");
-                    2
-                }
-            },
-        },
-    };
-    (
-        code,
-        String::from_utf8_lossy(&out).into_owned(),
-        String::from_utf8_lossy(&err).into_owned(),
-    )
 }
 
 /// Maps the agent command's outcome to the process exit code (errors as one line on stderr).
