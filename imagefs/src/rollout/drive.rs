@@ -89,7 +89,10 @@ fn health(link: &Link, plan: &Plan, instance: &str) -> Result<Result<String, Str
         args.extend(["--expect".to_string(), format!("{path}={hash}")]);
     }
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let a = link.call(&argv)?;
+    // the check may use its whole timeout (plus the agent's margin) before the host answers
+    let takes = std::time::Duration::from_millis(plan.health_timeout_ms)
+        + std::time::Duration::from_secs(15);
+    let a = link.call_taking(&argv, takes)?;
     if a.code == 0 {
         let r = a.result().unwrap_or(Value::Null);
         return Ok(Ok(r["detail"].as_str().unwrap_or("healthy").to_string()));

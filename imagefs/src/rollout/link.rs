@@ -32,16 +32,27 @@ pub enum Link {
 impl Link {
     /// Runs `args` (without the program name) there.
     pub fn call(&self, args: &[&str]) -> Result<Answer, Unreached> {
-        self.exchange(args, None)
+        self.exchange(args, None, Duration::ZERO)
+    }
+
+    /// Like `call`, for a command that may itself take up to `takes` (a health check's own
+    /// timeout): the host gets that much on top of its per-command deadline.
+    pub fn call_taking(&self, args: &[&str], takes: Duration) -> Result<Answer, Unreached> {
+        self.exchange(args, None, takes)
     }
 
     /// Runs `args` there with the bytes of `file` as the request's upload frame (its spooled
     /// copy replaces the `@upload` word). A local daemon reads the file itself.
     pub fn call_with_upload(&self, args: &[&str], file: &Path) -> Result<Answer, Unreached> {
-        self.exchange(args, Some(file))
+        self.exchange(args, Some(file), Duration::ZERO)
     }
 
-    fn exchange(&self, args: &[&str], upload: Option<&Path>) -> Result<Answer, Unreached> {
+    fn exchange(
+        &self,
+        args: &[&str],
+        upload: Option<&Path>,
+        takes: Duration,
+    ) -> Result<Answer, Unreached> {
         match self {
             Link::Local(dir) => {
                 let stream = control::connect(dir)
@@ -63,7 +74,7 @@ impl Link {
                 })
             }
             Link::Fleet { op, host, timeout } => {
-                let deadline = Instant::now() + *timeout;
+                let deadline = Instant::now() + *timeout + takes;
                 let r = match upload {
                     Some(f) => op.call_with_upload(host, args, f, deadline),
                     None => op.call(host, args, deadline),
