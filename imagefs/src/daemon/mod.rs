@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod control;
+pub mod metrics;
 mod signals;
 pub mod tls;
 
@@ -192,6 +193,8 @@ pub struct MountConfig {
     pub scrub_rate: u64,
     /// Also serve commands over TCP with mutual TLS (the fleet transport).
     pub listen: tls::ListenArgs,
+    /// Serve Prometheus metrics here (--metrics).
+    pub metrics: Option<metrics::Addr>,
 }
 
 /// Where a command reached the daemon from.
@@ -236,6 +239,9 @@ pub enum DaemonError {
     /// The fleet listener (--listen, --tls-dir) could not be set up
     #[error(transparent)]
     Listen(#[from] tls::TlsError),
+    /// The metrics endpoint (--metrics) could not be set up
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 /// Mounts the store and serves until unmounted (by a signal, `imagefs umount` or umount(8)).
@@ -243,6 +249,10 @@ pub enum DaemonError {
 pub fn run(cfg: MountConfig, dispatch: Dispatch) -> Result<(), DaemonError> {
     // Before detaching: a bad TLS file or a taken port is said where the user ran `mount`.
     let listener = tls::prepare(&cfg.listen, &cfg.store_dir)?;
+    let scrapes = match &cfg.metrics {
+        Some(a) => Some(metrics::bind(a, &cfg.store_dir)?),
+        None => None,
+    };
     let ready = if cfg.daemonize {
         match signals::daemonize(&cfg.store_dir).map_err(DaemonError::Setup)? {
             signals::Forked::Parent(result) => {
@@ -253,7 +263,7 @@ pub fn run(cfg: MountConfig, dispatch: Dispatch) -> Result<(), DaemonError> {
     } else {
         None
     };
-    let result = serve(&cfg, dispatch, listener, ready.as_ref());
+    let result = serve(&cfg, dispatch, listener, scrapes, ready.as_ref());
     if let (Err(e), Some(r)) = (&result, ready) {
         r.fail(&e.to_string());
     }
@@ -264,6 +274,7 @@ fn serve(
     cfg: &MountConfig,
     dispatch: Dispatch,
     listener_tls: Option<tls::Listener>,
+    scrapes: Option<metrics::Listener>,
     ready: Option<&signals::Ready>,
 ) -> Result<(), DaemonError> {
     // Before any thread starts, so every thread inherits the blocked set.
@@ -344,6 +355,10 @@ fn serve(
             .spawn(move || tls::serve(l, fleet))
             .map_err(DaemonError::Setup)?;
     }
+    if let Some(l) = scrapes {
+        tracing::info!(addr = ?l.local_addr(), "serving metrics");
+        metrics::serve(l, store.clone())?;
+    }
     signals::spawn_stop_thread(signals, life.clone()).map_err(DaemonError::Setup)?;
     spawn_reclaimer(Arc::downgrade(&instances)).map_err(DaemonError::Setup)?;
     if let (Some(flat), true) = (flat_for_scrub, cfg.scrub_rate > 0) {
@@ -373,6 +388,9 @@ fn serve(
     let flushed = instances.flush_all(&store);
     store.flush_remote_stats();
     let _ = std::fs::remove_file(control::socket_path(&cfg.store_dir));
+    if let Some(metrics::Addr::Unix(p)) = &cfg.metrics {
+        let _ = std::fs::remove_file(p);
+    }
     life.on(Event::Closed);
     tracing::info!("unmounted; store closed");
     // Let a waiting `umount` answer before the process goes.

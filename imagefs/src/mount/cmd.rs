@@ -82,6 +82,7 @@ pub fn run_dir(
                 reserve: a.reserve,
                 scrub_rate: a.scrub_rate,
                 listen: a.listen.clone(),
+                metrics: a.metrics.clone(),
             };
             crate::daemon::run(cfg, dispatch).map_err(|e| {
                 use crate::daemon::DaemonError;
@@ -435,6 +436,11 @@ pub struct MountArgs {
     pub scrub_rate: u64,
     #[command(flatten)]
     pub listen: crate::daemon::tls::ListenArgs,
+    /// Serve Prometheus metrics (GET /metrics) at ADDR: a loopback IP:PORT, readable by every
+    /// local user, or a Unix socket path (a path holds a '/'), which only the store's owner and
+    /// group may connect to.
+    #[arg(long, value_name = "ADDR", value_parser = crate::daemon::metrics::parse_addr)]
+    pub metrics: Option<crate::daemon::metrics::Addr>,
 }
 
 /// `imagefs umount MOUNTPOINT`.
@@ -690,6 +696,7 @@ pub fn substitute(
     let outcome: SubstituteOutcome = match inst.substitute(store, &req) {
         Ok(o) => o,
         Err(InstanceError::Conflicts(ranges)) => {
+            crate::daemon::metrics::substitution_conflict();
             // The refusal lists every conflict: as the result object, or one line each.
             let msg = InstanceError::Conflicts(ranges.clone()).to_string();
             let mut e = CliError::new(4, msg.clone());
@@ -728,6 +735,23 @@ pub fn substitute(
     };
     let guest_us = tg.elapsed().as_micros() as u64;
     let total_us = t.elapsed().as_micros() as u64;
+    if !a.dry_run {
+        let (tm, g) = (&outcome.times, |k: &str| {
+            guest.get(k).and_then(|v| v.as_u64()).unwrap_or(0)
+        });
+        crate::daemon::metrics::substitution(&[
+            ("prepare", prepare_us),
+            ("diff", tm.diff_us),
+            ("plan", tm.plan_us),
+            ("persist", tm.persist_us),
+            ("swap", tm.swap_us),
+            ("invalidate", invalidate_us),
+            ("files", g("files_us")),
+            ("notify", g("notify_us")),
+            ("guest", guest_us),
+            ("total", total_us),
+        ]);
+    }
     if json {
         let mut v = serde_json::to_value(&outcome).map_err(|e| io_err(e.into()))?;
         if let Some(obj) = v.as_object_mut() {

@@ -19,6 +19,7 @@ use fuser::{
 use imagefs_store::VersionId;
 
 use super::model::{Attr, Errno, Kind, Model, OpenMode};
+use crate::daemon::metrics;
 
 /// Largest read and write the kernel is asked to send in one request.
 pub const MAX_IO: u32 = 1 << 20;
@@ -325,7 +326,7 @@ impl Filesystem for FuseFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -339,22 +340,35 @@ impl Filesystem for FuseFs {
             Ok(h) => h,
             Err(e) => return reply.error(errno(e)),
         };
-        READ_BUF.with_borrow_mut(|buf| {
+        let t = metrics::start();
+        let n = READ_BUF.with_borrow_mut(|buf| {
             let want = (size as usize).min(MAX_IO as usize);
             if buf.len() < want {
                 buf.resize(want, 0);
             }
             match self.model.read_into(&h, offset, &mut buf[..want]) {
-                Ok(n) => reply.data(&buf[..n]),
-                Err(e) => reply.error(errno(e)),
+                Ok(n) => {
+                    reply.data(&buf[..n]);
+                    Some(n)
+                }
+                Err(e) => {
+                    reply.error(errno(e));
+                    None
+                }
             }
         });
+        metrics::read(
+            t,
+            fh.0,
+            || metrics::file_label(self.model.node_of(ino.0), &h),
+            n,
+        );
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -369,10 +383,21 @@ impl Filesystem for FuseFs {
             Ok(h) => h,
             Err(e) => return reply.error(errno(e)),
         };
-        match self.model.write(&h, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(e) => reply.error(errno(e)),
-        }
+        let n = match self.model.write(&h, offset, data) {
+            Ok(n) => {
+                reply.written(n);
+                Some(n as usize)
+            }
+            Err(e) => {
+                reply.error(errno(e));
+                None
+            }
+        };
+        metrics::write(
+            fh.0,
+            || metrics::file_label(self.model.node_of(ino.0), &h),
+            n,
+        );
     }
 
     fn flush(

@@ -39,6 +39,7 @@ impl From<StoreError> for Errno {
     fn from(e: StoreError) -> Errno {
         if e.kind() == ErrorKind::Corrupt {
             tracing::error!(error = %e, "corrupt data: answering EIO");
+            crate::daemon::metrics::integrity_error();
         }
         Errno::from_kind(e.kind())
     }
@@ -53,6 +54,9 @@ impl From<InstanceError> for Errno {
             e => {
                 if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::Io) {
                     tracing::error!(error = %e, "instance I/O failed: answering EIO");
+                }
+                if e.kind() == ErrorKind::Corrupt {
+                    crate::daemon::metrics::integrity_error();
                 }
                 Errno::from_kind(e.kind())
             }
@@ -319,6 +323,11 @@ impl Model {
             .by_node
             .get(&Node::Instance(id.clone()))
             .copied()
+    }
+
+    /// The node of `ino`, if known (metrics label files as the mount shows them).
+    pub fn node_of(&self, ino: u64) -> Option<Node> {
+        self.node(ino).ok()
     }
 
     fn node(&self, ino: u64) -> Result<Node, Errno> {
