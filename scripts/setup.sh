@@ -2,7 +2,8 @@
 # Installs, idempotently, every system package the project needs beyond a fresh machine:
 # QEMU (one matching version of qemu-system-x86/-common/-data and qemu-utils, which gives
 # qemu-img), busybox-static, cpio, fuse3 tools, e2fsprogs (mkfs.ext4, debugfs), binutils (as,
-# objcopy), file, debootstrap (the full guest's root filesystem), and (with --bench) the bench
+# objcopy), file, debootstrap (the full guest's root filesystem), iproute2 (`ip`: the fleet tests'
+# network namespaces; nsenter is util-linux's), and (with --bench) the bench
 # peers (rclone is the remote group's S3 client). Every tool a test runs is here (tests/lib.rs
 # TOOLS), so under IMAGEFS_STRICT no test skips. Safe to run again: it installs only what is
 # missing.
@@ -12,7 +13,7 @@ bench=0
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
-for p in binutils busybox-static cpio debootstrap e2fsprogs file fuse3 util-linux xz-utils zstd; do have "$p" || need+=("$p"); done
+for p in binutils busybox-static cpio debootstrap e2fsprogs file fuse3 iproute2 util-linux xz-utils zstd; do have "$p" || need+=("$p"); done
 if [ "$bench" = 1 ]; then
   for p in casync fio b3sum time rclone; do have "$p" || need+=("$p"); done
 fi

@@ -1,6 +1,7 @@
 //! A single-node Garage (the fleet tier's S3 engine, `make garage`) for one test: loopback
 //! only, free ports, everything in a temp dir, one bucket and one key; killed on drop.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,6 +25,8 @@ pub struct Garage {
     pub bucket: String,
     pub key_id: String,
     pub secret: String,
+    /// Words put before the garage command (empty: run directly), e.g. `nsenter --net=NS --`.
+    prefix: Vec<OsString>,
 }
 
 fn free_port() -> u16 {
@@ -44,16 +47,25 @@ fn hex(seed: &str, n: usize) -> String {
 impl Garage {
     /// Starts a single node with bucket `bucket` and waits until it answers S3 requests.
     pub fn start(bucket: &str) -> Garage {
+        Garage::start_at(bucket, "127.0.0.1", Vec::new())
+    }
+
+    /// Starts a single node whose listeners bind `addr` (an address of the place it runs in),
+    /// spawned (as are its CLI calls) behind `prefix`, e.g. `nsenter --net=/var/run/netns/NS --`
+    /// to run it in a network namespace. With a prefix, readiness is its log saying the S3 API
+    /// listens and its CLI (through the prefix) seeing the bucket and key, not an S3 request
+    /// from here; `client` then works only from a thread in that place.
+    pub fn start_at(bucket: &str, addr: &str, prefix: Vec<OsString>) -> Garage {
         let dir = tempfile::tempdir().expect("temp dir");
         let (s3, rpc, admin) = (free_port(), free_port(), free_port());
         let seed = format!("{}-{s3}", std::process::id());
         let conf = format!(
             "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\n\
              replication_factor = 1\ncompression_level = \"none\"\n\
-             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\n\
+             rpc_bind_addr = \"{addr}:{rpc}\"\nrpc_public_addr = \"{addr}:{rpc}\"\n\
              rpc_secret = \"{secret}\"\n\n[s3_api]\ns3_region = \"garage\"\n\
-             api_bind_addr = \"127.0.0.1:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\n\
-             [admin]\napi_bind_addr = \"127.0.0.1:{admin}\"\n",
+             api_bind_addr = \"{addr}:{s3}\"\nroot_domain = \".s3.garage.localhost\"\n\n\
+             [admin]\napi_bind_addr = \"{addr}:{admin}\"\n",
             d = dir.path().display(),
             secret = hex(&format!("rpc{seed}"), 64),
         );
@@ -64,10 +76,11 @@ impl Garage {
         let mut g = Garage {
             child: None,
             dir,
-            endpoint: format!("http://127.0.0.1:{s3}"),
+            endpoint: format!("http://{addr}:{s3}"),
             bucket: bucket.to_string(),
             key_id,
             secret,
+            prefix,
         };
         g.spawn();
         g.wait_ready();
@@ -82,7 +95,8 @@ impl Garage {
             .append(true)
             .open(self.dir.path().join("garage.log"))
             .expect("log");
-        let child = Command::new(&bin)
+        let child = self
+            .command(&bin)
             .arg("-c")
             .arg(self.dir.path().join("garage.toml"))
             .args(["server", "--single-node", "--default-bucket"])
@@ -105,7 +119,22 @@ impl Garage {
         self.wait_ready();
     }
 
+    /// `program` behind the prefix.
+    fn command(&self, program: &Path) -> Command {
+        match self.prefix.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     fn wait_ready(&self) {
+        if !self.prefix.is_empty() {
+            return self.wait_ready_by_cli();
+        }
         let client = self.client("", Duration::from_secs(2));
         let start = Instant::now();
         loop {
@@ -115,6 +144,36 @@ impl Garage {
             assert!(
                 start.elapsed() < Duration::from_secs(30),
                 "garage did not answer within 30 s; its log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Readiness seen from where the node runs: its log says the S3 API listens, and its CLI
+    /// (through the prefix, over RPC) finds the default bucket and key.
+    fn wait_ready_by_cli(&self) {
+        let bin = binary().expect("garage binary (make garage)");
+        let conf = self.dir.path().join("garage.toml");
+        let cli_ok = |args: &[&str]| {
+            self.command(&bin)
+                .arg("-c")
+                .arg(&conf)
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let start = Instant::now();
+        while !(self.log().contains("S3 API server listening")
+            && cli_ok(&["bucket", "info", &self.bucket])
+            && cli_ok(&["key", "info", &self.key_id]))
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "garage did not come up within 30 s; its log:\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(100));

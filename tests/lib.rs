@@ -3,6 +3,7 @@
 
 pub mod garage;
 pub mod nested;
+pub mod netns;
 pub mod qemu;
 
 use std::path::{Path, PathBuf};
