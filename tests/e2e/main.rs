@@ -5,6 +5,7 @@ mod crash;
 mod ext4;
 mod fleet;
 mod fullguest;
+mod metrics;
 mod mount;
 mod powercut;
 mod remote;

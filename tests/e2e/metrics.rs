@@ -1,0 +1,468 @@
+//! Scenario module: metrics (issue 13). A real store, a real FUSE mount (root needed) with
+//! `--metrics`: reads of an instance file and of a version file through the mount show up as
+//! exactly the bytes read, per file, with a read latency histogram whose counts match; a write,
+//! a substitution (with its step times) and a corrupt block (an integrity error, EIO) are
+//! counted; the same is served on a Unix socket (owner-only), and a client that sends nothing
+//! holds the endpoint no longer than its deadline. A non-loopback address is refused at
+//! argument parsing (exit 2), a taken port fails `mount` (exit 1).
+
+// Test code: a failed unwrap is a failed test with its reason.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use imagefs_tests::{bin, is_root, noise, skip, wait_until};
+
+const BS: usize = 4096;
+
+fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = path.to_string_lossy();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_ref()))
+}
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A store and a mountpoint, and the daemon serving them (a foreground child).
+struct Mounted {
+    dir: tempfile::TempDir,
+    store: PathBuf,
+    mnt: PathBuf,
+    daemon: Option<Child>,
+}
+
+impl Mounted {
+    fn new() -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let m = Mounted {
+            dir,
+            store,
+            mnt,
+            daemon: None,
+        };
+        m.ok(&["init"]);
+        m
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(bin("imagefs"))
+            .arg("--store")
+            .arg(&self.store)
+            .args(args)
+            .env_remove("IMAGEFS_FAULT")
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "imagefs {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn import(&self, name: &str, bytes: &[u8], spec: &str) {
+        std::fs::write(self.dir.path().join(name), bytes).unwrap();
+        self.ok(&["import", name, spec, "--block-size", "4096"]);
+    }
+
+    /// `mount ARGS...` as it exits when it cannot start (no mount comes up).
+    fn mount_fails(&self, extra: &[&str]) -> Output {
+        let mut child = Command::new(bin("imagefs"))
+            .arg("--store")
+            .arg(&self.store)
+            .arg("mount")
+            .arg(&self.mnt)
+            .args(extra)
+            .env_remove("IMAGEFS_FAULT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // A mount that came up would serve until stopped: it must exit by itself, at once.
+        let exited = wait_until(Duration::from_secs(20), || {
+            child.try_wait().unwrap().is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            exited && !is_mounted(&self.mnt),
+            "mount {extra:?} came up: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    fn start(&mut self, extra: &[&str]) {
+        let log = File::create(self.dir.path().join("daemon.stderr")).unwrap();
+        let child = Command::new(bin("imagefs"))
+            .arg("--store")
+            .arg(&self.store)
+            .arg("mount")
+            .arg(&self.mnt)
+            .args(extra)
+            .env_remove("IMAGEFS_FAULT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.daemon = Some(child);
+        let mnt = self.mnt.clone();
+        assert!(
+            wait_until(Duration::from_secs(10), || is_mounted(&mnt)
+                && mnt.join("images").exists()),
+            "mount did not come up: {}",
+            std::fs::read_to_string(self.dir.path().join("daemon.stderr")).unwrap_or_default()
+        );
+    }
+
+    fn stop(&mut self) {
+        let mnt = self.mnt.to_string_lossy().into_owned();
+        self.ok(&["umount", &mnt]);
+        let status = self.daemon.take().unwrap().wait().unwrap();
+        assert!(status.success(), "daemon exit status {status}");
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if is_mounted(&self.mnt) {
+            let c = std::ffi::CString::new(self.mnt.to_string_lossy().as_bytes()).unwrap();
+            // SAFETY: a valid NUL-terminated path; umount2 has no other preconditions.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// One HTTP exchange: sends `GET /metrics`, returns the status line, headers and body.
+fn get(stream: &mut (impl Read + Write)) -> (String, String, String) {
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nAccept: text/plain\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    let (status, headers) = head.split_once("\r\n").unwrap();
+    (status.to_string(), headers.to_string(), body.to_string())
+}
+
+fn scrape_tcp(port: u16) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (status, headers, body) = get(&mut s);
+    assert_eq!(status, "HTTP/1.1 200 OK", "{headers}\n{body}");
+    assert!(
+        headers
+            .lines()
+            .any(|h| h.eq_ignore_ascii_case("content-type: text/plain; version=0.0.4")),
+        "{headers}"
+    );
+    body
+}
+
+/// The samples of a text exposition: (name, labels sorted) -> value. Panics on a line that is
+/// neither a comment nor a sample.
+fn parse(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.strip_suffix('}').unwrap()),
+            None => (series, ""),
+        };
+        let mut map = BTreeMap::new();
+        for pair in labels.split("\",").filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once("=\"").unwrap();
+            map.insert(k.to_string(), v.trim_end_matches('"').to_string());
+        }
+        out.insert((name.to_string(), map), value);
+    }
+    out
+}
+
+type Samples = BTreeMap<(String, BTreeMap<String, String>), f64>;
+
+/// The value of `name{labels}` (0 when absent, as Prometheus reads a series not yet made).
+fn value(s: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    s.get(&(name.to_string(), want)).copied().unwrap_or(0.0)
+}
+
+/// A histogram's buckets for `labels` are cumulative and end at its count.
+fn assert_histogram(s: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let count = value(s, &format!("{name}_count"), labels);
+    let mut buckets: Vec<(f64, f64)> = s
+        .iter()
+        .filter(|((n, l), _)| {
+            n == &format!("{name}_bucket")
+                && labels
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(v))
+        })
+        .map(|((_, l), v)| {
+            let le = l["le"].as_str();
+            (
+                if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap()
+                },
+                *v,
+            )
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    assert!(buckets.len() > 2, "{name}{labels:?}: no buckets");
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{name}{labels:?}: buckets not cumulative: {buckets:?}"
+    );
+    assert_eq!(
+        buckets.last().unwrap(),
+        &(f64::INFINITY, count),
+        "{name}{labels:?}"
+    );
+    count
+}
+
+#[test]
+fn reads_writes_substitutions_and_integrity_errors_are_counted_per_file() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let mut m = Mounted::new();
+    // 300 blocks and a tail: the file's size is what a whole read returns, however the
+    // kernel splits it into requests.
+    let a = noise("metrics a", 300 * BS + 123);
+    let mut b = a.clone();
+    b[10 * BS..13 * BS].copy_from_slice(&noise("metrics b", 3 * BS));
+    let bad = noise("metrics bad", 16 * BS);
+    m.import("a.img", &a, "web:v1");
+    m.import("b.img", &b, "web:v2");
+    m.import("bad.img", &bad, "bad:v1");
+    // Flip a bit of block 5 of bad:v1 where it lies in a pack.
+    let block = &bad[5 * BS..6 * BS];
+    let mut hit = false;
+    for e in std::fs::read_dir(m.store.join("packs")).unwrap() {
+        let p = e.unwrap().path();
+        let mut bytes = std::fs::read(&p).unwrap();
+        if let Some(at) = bytes.windows(BS).position(|w| w == block) {
+            bytes[at + 100] ^= 1;
+            std::fs::write(&p, &bytes).unwrap();
+            hit = true;
+        }
+    }
+    assert!(hit, "block 5 of bad:v1 is in no pack");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    // No flat copies: every read of a version file reaches the daemon.
+    m.start(&["--metrics", &addr, "--flat-cache", "0"]);
+    let before = parse(&scrape_tcp(port));
+    assert_eq!(
+        value(&before, "imagefs_substitutions_total", &[]),
+        0.0,
+        "a fresh daemon has done nothing"
+    );
+
+    m.ok(&["instance", "create", "web:v1", "vm1"]);
+    let inst = m.mnt.join("instances/vm1.raw");
+    assert_eq!(std::fs::read(&inst).unwrap(), a);
+    assert_eq!(std::fs::read(m.mnt.join("images/web/v1.raw")).unwrap(), a);
+    let f = OpenOptions::new().write(true).open(&inst).unwrap();
+    f.write_all_at(&noise("w", 3 * BS), 200 * BS as u64)
+        .unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let out = m.ok(&["substitute", "vm1", "web:v2", "--json"]);
+    assert!(out.contains("\"changed_blocks\":3"), "{out}");
+    let f = File::open(m.mnt.join("images/bad/v1.raw")).unwrap();
+    let mut buf = vec![0u8; BS];
+    let err = f.read_exact_at(&mut buf, 5 * BS as u64).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    drop(f);
+
+    let s = parse(&scrape_tcp(port));
+    let vm1 = [("kind", "instance"), ("file", "vm1")];
+    let v1 = [("kind", "version"), ("file", "web:v1")];
+    let len = a.len() as f64;
+    assert_eq!(
+        value(&s, "imagefs_read_bytes_total", &vm1),
+        len,
+        "instance bytes"
+    );
+    assert_eq!(
+        value(&s, "imagefs_read_bytes_total", &v1),
+        len,
+        "version bytes"
+    );
+    let reads = value(&s, "imagefs_reads_total", &vm1);
+    assert!(reads >= 1.0, "instance reads: {reads}");
+    assert_eq!(
+        value(&s, "imagefs_written_bytes_total", &vm1),
+        (3 * BS) as f64,
+        "instance writes"
+    );
+    // Every read of the instance was timed, and nothing else of its kind was read.
+    let timed = assert_histogram(&s, "imagefs_read_duration_seconds", &[("kind", "instance")]);
+    assert_eq!(timed, reads, "instance reads timed");
+    let version_reads = value(&s, "imagefs_reads_total", &v1)
+        + value(
+            &s,
+            "imagefs_reads_total",
+            &[("kind", "version"), ("file", "bad:v1")],
+        )
+        + value(&s, "imagefs_read_errors_total", &[("kind", "version")]);
+    assert_eq!(
+        assert_histogram(&s, "imagefs_read_duration_seconds", &[("kind", "version")]),
+        version_reads,
+        "version reads timed"
+    );
+    assert_eq!(value(&s, "imagefs_substitutions_total", &[]), 1.0);
+    for step in ["prepare", "diff", "persist", "swap", "invalidate", "total"] {
+        assert_eq!(
+            assert_histogram(&s, "imagefs_substitution_step_seconds", &[("step", step)]),
+            1.0,
+            "substitution step {step}"
+        );
+    }
+    assert!(
+        value(
+            &s,
+            "imagefs_substitution_step_seconds_sum",
+            &[("step", "total")]
+        ) > 0.0,
+        "a substitution takes time"
+    );
+    assert!(
+        value(&s, "imagefs_integrity_errors_total", &[]) >= 1.0,
+        "the corrupt block was not counted"
+    );
+    assert!(value(&s, "imagefs_read_errors_total", &[("kind", "version")]) >= 1.0);
+    // Nothing else answers: the endpoint serves /metrics only.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.write_all(b"GET /secrets HTTP/1.1\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    c.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    m.stop();
+}
+
+#[test]
+fn a_unix_socket_serves_the_same_to_its_owner_and_a_silent_client_holds_it_only_briefly() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let mut m = Mounted::new();
+    let a = noise("metrics unix", 40 * BS);
+    m.import("a.img", &a, "app:v1");
+    let sock = m.dir.path().join("run/metrics.sock");
+    std::fs::create_dir(sock.parent().unwrap()).unwrap();
+    let sock_arg = sock.to_string_lossy().into_owned();
+    m.start(&["--metrics", &sock_arg]);
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the socket grants only the store's owner");
+    m.ok(&["instance", "create", "app:v1", "db"]);
+    assert_eq!(std::fs::read(m.mnt.join("instances/db.raw")).unwrap(), a);
+
+    // A client that connects and says nothing: the next scrape waits at most its deadline.
+    let _silent = UnixStream::connect(&sock).unwrap();
+    let t = Instant::now();
+    let mut s = UnixStream::connect(&sock).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let (status, headers, body) = get(&mut s);
+    let waited = t.elapsed();
+    assert_eq!(status, "HTTP/1.1 200 OK", "{headers}");
+    assert!(
+        waited < Duration::from_secs(8),
+        "a silent client held the endpoint {waited:?}"
+    );
+    let samples = parse(&body);
+    assert_eq!(
+        value(
+            &samples,
+            "imagefs_read_bytes_total",
+            &[("kind", "instance"), ("file", "db")]
+        ),
+        a.len() as f64
+    );
+    m.stop();
+    assert!(!sock.exists(), "the socket outlived the daemon");
+}
+
+#[test]
+fn a_non_loopback_address_is_refused_and_a_taken_port_fails_the_mount() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let m = Mounted::new();
+    for addr in [
+        "0.0.0.0:9464",
+        "192.0.2.10:9464",
+        "[::]:9464",
+        "localhost:9464",
+    ] {
+        let out = m.mount_fails(&["--metrics", addr]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--metrics {addr}: {err}");
+        assert!(err.contains("--metrics"), "--metrics {addr}: {err}");
+    }
+    let out = m.mount_fails(&["--metrics", "0.0.0.0:9464"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a loopback address"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = m.mount_fails(&["--metrics", &addr]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&format!("--metrics {addr}")), "{err}");
+    // Something that is not a socket is never removed to make room.
+    let file = m.dir.path().join("not-a-socket");
+    std::fs::write(&file, b"keep").unwrap();
+    let out = m.mount_fails(&["--metrics", &file.to_string_lossy()]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+}
