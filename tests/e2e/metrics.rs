@@ -358,6 +358,12 @@ fn reads_writes_substitutions_and_integrity_errors_are_counted_per_file() {
         version_reads,
         "version reads timed"
     );
+    // Without flat copies no open is passed through (whose reads the daemon would not see).
+    assert!(value(&s, "imagefs_opens_total", &[("mode", "cached")]) >= 4.0);
+    assert_eq!(
+        value(&s, "imagefs_opens_total", &[("mode", "passthrough")]),
+        0.0
+    );
     assert_eq!(value(&s, "imagefs_substitutions_total", &[]), 1.0);
     for step in ["prepare", "diff", "persist", "swap", "invalidate", "total"] {
         assert_eq!(

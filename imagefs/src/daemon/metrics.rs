@@ -216,6 +216,8 @@ struct Metrics {
     /// Per kind.
     read_errors: [IntCounter; 2],
     read_seconds: [Histogram; 2],
+    /// Opens served by the daemon, opens passed through to a flat copy.
+    opens: [IntCounter; 2],
     integrity_errors: IntCounter,
     substitutions: IntCounter,
     substitution_conflicts: IntCounter,
@@ -277,6 +279,13 @@ impl Metrics {
             &["kind"],
             read_buckets(),
         )?;
+        let opens = counter_vec(
+            &r,
+            "imagefs_opens_total",
+            "Opens of mount files: mode cached (read through the daemon, counted here) or \
+             passthrough (the kernel reads a flat copy; the daemon sees no reads).",
+            &["mode"],
+        )?;
         let per_kind_err = |k: Kind| read_errors.with_label_values(&[k.label()]);
         let per_kind_hist = |k: Kind| read_seconds.with_label_values(&[k.label()]);
         let m = Metrics {
@@ -306,6 +315,10 @@ impl Metrics {
             )?,
             read_errors: [per_kind_err(Kind::Instance), per_kind_err(Kind::Version)],
             read_seconds: [per_kind_hist(Kind::Instance), per_kind_hist(Kind::Version)],
+            opens: [
+                opens.with_label_values(&["cached"]),
+                opens.with_label_values(&["passthrough"]),
+            ],
             integrity_errors: counter(
                 &r,
                 "imagefs_integrity_errors_total",
@@ -516,6 +529,13 @@ pub fn write(fh: u64, label: impl FnOnce() -> (Kind, String), bytes: Option<usiz
         c.writes.inc();
         c.written_bytes.inc_by(n as u64);
     });
+}
+
+/// A mount file opened, served by the daemon or passed through to a flat copy.
+pub fn opened(passthrough: bool) {
+    if let Some(m) = get() {
+        m.opens[usize::from(passthrough)].inc();
+    }
 }
 
 /// Local data failed its hash on a read of the mount.

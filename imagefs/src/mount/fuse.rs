@@ -308,6 +308,7 @@ impl Filesystem for FuseFs {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno(e)),
         };
+        metrics::opened(matches!(mode, OpenMode::Passthrough { .. }));
         match mode {
             OpenMode::Cached => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             OpenMode::Passthrough { version, file } => {
