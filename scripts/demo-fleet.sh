@@ -105,9 +105,10 @@ root_domain = ".s3.garage.localhost"
 [admin]
 api_bind_addr = "127.0.0.1:3903"
 EOF
+# nsenter (not the in_ns function, which would leave a subshell's pid) execs garage: GPID is it
 GARAGE_DEFAULT_ACCESS_KEY=$KEY GARAGE_DEFAULT_SECRET_KEY=$SECRET GARAGE_DEFAULT_BUCKET=images \
-    RUST_LOG=garage=warn in_ns op "$GARAGE" -c "$WORK/garage/garage.toml" server --single-node \
-    --default-bucket >"$WORK/garage/log" 2>&1 &
+    RUST_LOG=garage=warn nsenter --net="/var/run/netns/$(ns op)" -- "$GARAGE" \
+    -c "$WORK/garage/garage.toml" server --single-node --default-bucket >"$WORK/garage/log" 2>&1 &
 GPID=$!
 printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n' "$KEY" "$SECRET" >"$WORK/creds"
 chmod 600 "$WORK/creds"
