@@ -4,6 +4,7 @@ mod agent;
 mod crash;
 mod ext4;
 mod fleet;
+mod fleet_rollout;
 mod fullguest;
 mod metrics;
 mod mount;
