@@ -3,7 +3,9 @@
 //! exactly the bytes read, per file, with a read latency histogram whose counts match; a write,
 //! a substitution (with its step times) and a corrupt block (an integrity error, EIO) are
 //! counted; the same is served on a Unix socket (owner-only), and a client that sends nothing
-//! holds the endpoint no longer than its deadline. A non-loopback address is refused at
+//! holds the endpoint no longer than its deadline. With a real Garage, the remote fetches,
+//! bytes, blocks and cache hits of lazy reads are exactly the store's own counters
+//! (`remote stats`). A non-loopback address is refused at
 //! argument parsing (exit 2), a taken port fails `mount` (exit 1).
 
 // Test code: a failed unwrap is a failed test with its reason.
@@ -19,7 +21,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use imagefs_tests::garage::{self, Garage};
 use imagefs_tests::{bin, is_root, noise, skip, wait_until};
+use serde_json::Value;
+
+use crate::remote_cli::{result, store_with_remote};
+use crate::remote_lazy::read_direct;
 
 const BS: usize = 4096;
 
@@ -51,16 +58,21 @@ impl Mounted {
     fn new() -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         let store = dir.path().join("store");
+        let m = Mounted::of(dir, store);
+        m.ok(&["init"]);
+        m
+    }
+
+    /// The existing `store`, mounted on DIR/mnt.
+    fn of(dir: tempfile::TempDir, store: PathBuf) -> Mounted {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let m = Mounted {
+        Mounted {
             dir,
             store,
             mnt,
             daemon: None,
-        };
-        m.ok(&["init"]);
-        m
+        }
     }
 
     fn cli(&self, args: &[&str]) -> Output {
@@ -471,4 +483,89 @@ fn a_non_loopback_address_is_refused_and_a_taken_port_fails_the_mount() {
     let out = m.mount_fails(&["--metrics", &file.to_string_lossy()]);
     assert_eq!(out.status.code(), Some(1));
     assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+}
+
+/// The store's own fetch counters, through the daemon.
+fn remote_stats(m: &Mounted) -> Value {
+    let out = m.cli(&["remote", "stats", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    result(&out)["total"].clone()
+}
+
+#[test]
+fn remote_fetches_and_cache_hits_of_lazy_reads_are_the_stores_counters() {
+    if garage::binary().is_none() {
+        skip!("needs garage 2.5.0 (make garage)");
+    }
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let g = Garage::start("images");
+    let a = store_with_remote(tmp.path(), "a", &g, "10s");
+    let img = noise("metrics remote", 256 * BS);
+    let f = tmp.path().join("v1.img");
+    std::fs::write(&f, &img).unwrap();
+    let run = |store: &Path, args: &[&str]| {
+        let out = Command::new(bin("imagefs"))
+            .arg("--store")
+            .arg(store)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "imagefs {args:?}: {out:?}");
+    };
+    run(&a, &["import", f.to_str().unwrap(), "app:v1"]);
+    run(&a, &["push", "app:v1"]);
+    let b = store_with_remote(tmp.path(), "b", &g, "10s");
+    run(&b, &["pull", "app:v1", "--lazy"]);
+    let mut m = Mounted::of(tmp, b);
+    let port = free_port();
+    m.start(&[
+        "--metrics",
+        &format!("127.0.0.1:{port}"),
+        "--flat-cache",
+        "0",
+    ]);
+    let g_ = [("remote", "g")];
+    let counters = |s: &Samples| {
+        [
+            "imagefs_remote_requests_total",
+            "imagefs_remote_fetched_bytes_total",
+            "imagefs_remote_fetched_blocks_total",
+            "imagefs_cache_hits_total",
+            "imagefs_remote_integrity_errors_total",
+        ]
+        .map(|n| value(s, n, &g_))
+    };
+    let of_store = |t: &Value| {
+        [
+            "requests",
+            "bytes_fetched",
+            "blocks_fetched",
+            "cache_hits",
+            "integrity_errors",
+        ]
+        .map(|k| t[k].as_f64().unwrap_or(0.0))
+    };
+    let file = m.mnt.join("images/app/v1.raw");
+    let head = read_direct(&file, 0, 256 << 10).unwrap();
+    assert!(
+        head == img[..256 << 10],
+        "the first 256 KiB differ from A's"
+    );
+    let first = counters(&parse(&scrape_tcp(port)));
+    assert_eq!(first, of_store(&remote_stats(&m)), "after the first read");
+    assert!(first[1] >= (256 << 10) as f64, "fetched {first:?}");
+    // Read again: served from the blocks fetched, each a cache hit, nothing fetched.
+    assert!(read_direct(&file, 0, 256 << 10).unwrap() == img[..256 << 10]);
+    let again = counters(&parse(&scrape_tcp(port)));
+    assert_eq!(again, of_store(&remote_stats(&m)), "after the second read");
+    eprintln!(
+        "metrics: remote counters [requests, bytes, blocks, cache hits, integrity errors] \
+         after a first 256 KiB read {first:?}, after the same read again {again:?}"
+    );
+    assert_eq!(again[..3], first[..3], "a second read fetched");
+    assert!(again[3] > first[3], "no cache hits counted: {again:?}");
+    m.stop();
 }
