@@ -6,8 +6,9 @@
 //! /opt/app/version patched, so a rollout changes one 4 KiB block per host.
 //!
 //! - With a remote (Garage in its own namespace; the operator pushed app:v2; the hosts pull):
-//!   `rollout --hosts 'h*' --waves 1,100% --by host`, h3's link cut when wave 1 is healthy: h3
-//!   is reported unreachable, h1 and h2 stay on v2, exit 1, state interrupted, h3/web-1 pending;
+//!   `rollout --hosts 'h*' --waves 1,100% --by host`, h3's link cut mid wave 1 (when h1 has
+//!   substituted, before its 1 s health check ends), so wave 2 finds h3 cut: h3 is reported
+//!   unreachable, h1 and h2 stay on v2, exit 1, state interrupted, h3/web-1 pending;
 //!   `fleet status --timeout 3s` meanwhile answers in time and marks h3; with the link back,
 //!   `--resume` exits 0 and every guest reads v2 without a reboot, each host having fetched
 //!   exactly the changed block.
@@ -687,10 +688,12 @@ fn with_remote(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
     let booted = fleet.boot_ids()?;
     let h3 = fleet.host("h3");
 
-    // The rollout, h3's link cut as soon as wave 1 (h1) is healthy.
+    // The rollout, h3's link cut mid wave 1: once h1 has substituted, while its health check
+    // (1 s) runs. h3 is not contacted in wave 1, so wave 2 is the first to find it cut (cut at
+    // wave 1's end instead, the cut raced h3's pull: a pull cut midway fetched its block twice).
     let t = Instant::now();
     let mut args = ROLLOUT.to_vec();
-    args.extend(["--health-cmd", "/opt/app/bin/check"]);
+    args.extend(["--health-cmd", "sleep 1; /opt/app/bin/check"]);
     let mut d = fleet.driver(&args)?;
     let plan = d.until("the plan", |e| e["event"] == "plan")?;
     ensure!(
@@ -698,8 +701,8 @@ fn with_remote(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
         "{plan}"
     );
     ensure!(plan["target_id"] == v2.as_str(), "{plan}");
-    d.until("wave 1 healthy", |e| {
-        e["event"] == "wave_healthy" && e["wave"] == 1
+    d.until("h1's substitution", |e| {
+        e["event"] == "substituted" && e["pair"] == "h1/web-1"
     })?;
     fleet.net.cut(&h3.ns);
     let cut_at = t.elapsed();
@@ -711,7 +714,7 @@ fn with_remote(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
         .collect::<Vec<_>>()
         .join("\n");
     eprintln!(
-        "fleet_rollout: rollout with h3 cut after wave 1 ({:.1} s in): exit {code} after {:.1} s",
+        "fleet_rollout: rollout with h3 cut mid wave 1 ({:.1} s in): exit {code} after {:.1} s",
         cut_at.as_secs_f64(),
         took.as_secs_f64()
     );
@@ -728,6 +731,10 @@ fn with_remote(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
         unreachable[0]["pairs"] == json!(["h3/web-1"]),
         "{}",
         unreachable[0]
+    );
+    ensure!(
+        events(&ev, "wave_healthy").any(|e| e["wave"] == 1),
+        "wave 1 (h1) must be healthy:\n{all}"
     );
     ensure!(
         events(&ev, "rolled_back").next().is_none() && events(&ev, "wave_failed").next().is_none(),
