@@ -5,7 +5,8 @@
 //! counted; the same is served on a Unix socket (owner-only), and a client that sends nothing
 //! holds the endpoint no longer than its deadline. With a real Garage, the remote fetches,
 //! bytes, blocks and cache hits of lazy reads are exactly the store's own counters
-//! (`remote stats`). A non-loopback address is refused at
+//! (`remote stats`). With a live QEMU guest (`vm start`), a substitution counts the agent's
+//! notice round trip and the guest steps' times. A non-loopback address is refused at
 //! argument parsing (exit 2), a taken port fails `mount` (exit 1).
 
 // Test code: a failed unwrap is a failed test with its reason.
@@ -567,5 +568,76 @@ fn remote_fetches_and_cache_hits_of_lazy_reads_are_the_stores_counters() {
     );
     assert_eq!(again[..3], first[..3], "a second read fetched");
     assert!(again[3] > first[3], "no cache hits counted: {again:?}");
+    m.stop();
+}
+
+/// Stops the VM (and with it the guest's hold on the mount) before the mount goes.
+struct VmGuard<'a>(&'a Mounted, &'a str);
+
+impl Drop for VmGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.cli(&["vm", "stop", "--timeout", "3", self.1]);
+    }
+}
+
+#[test]
+fn a_substitution_under_a_live_guest_counts_the_agent_round_trip_and_its_steps() {
+    if !is_root() {
+        skip!("FUSE mounts need root here");
+    }
+    let (kernel, initrd) = match imagefs_tests::qemu::guest_artifacts() {
+        Ok(a) => a,
+        Err(why) => skip!("{why}"),
+    };
+    let mut m = Mounted::new();
+    let v1 =
+        imagefs_tests::qemu::build_rootfs(m.dir.path(), 32, &[("/opt/app/version", b"app 1.0\n")])
+            .unwrap();
+    let block = imagefs_tests::qemu::file_blocks(&v1, "/opt/app/version").unwrap()[0];
+    let v2 = m.dir.path().join("v2.img");
+    std::fs::copy(&v1, &v2).unwrap();
+    let f = OpenOptions::new().write(true).open(&v2).unwrap();
+    f.write_all_at(b"app 2.0\n", block * BS as u64).unwrap();
+    drop(f);
+    for (img, tag) in [(&v1, "app:v1"), (&v2, "app:v2")] {
+        m.ok(&["import", img.to_str().unwrap(), tag, "--block-size", "4096"]);
+    }
+    let port = free_port();
+    m.start(&["--metrics", &format!("127.0.0.1:{port}")]);
+    let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+    let _vm = VmGuard(&m, "web-1");
+    m.ok(&[
+        "vm",
+        "start",
+        "app:v1",
+        "web-1",
+        "--hypervisor",
+        "auto",
+        "--wait",
+        "90",
+        "--kernel",
+        &k,
+        "--initrd",
+        &i,
+    ]);
+    let out = m.ok(&["substitute", "web-1", "app:v2", "--json"]);
+    assert!(out.contains("\"guest\":\"told\""), "{out}");
+    let s = parse(&scrape_tcp(port));
+    let notice = [("op", "notice")];
+    assert_eq!(
+        assert_histogram(&s, "imagefs_agent_round_trip_seconds", &notice),
+        1.0,
+        "the notice's round trip"
+    );
+    assert!(value(&s, "imagefs_agent_round_trip_seconds_sum", &notice) > 0.0);
+    assert_eq!(value(&s, "imagefs_agent_failures_total", &notice), 0.0);
+    for step in ["files", "notify", "guest"] {
+        assert_eq!(
+            assert_histogram(&s, "imagefs_substitution_step_seconds", &[("step", step)]),
+            1.0,
+            "substitution step {step}"
+        );
+    }
+    drop(_vm);
     m.stop();
 }
