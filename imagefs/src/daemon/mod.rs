@@ -264,6 +264,10 @@ pub fn run(cfg: MountConfig, dispatch: Dispatch) -> Result<(), DaemonError> {
         None
     };
     let result = serve(&cfg, dispatch, listener, scrapes, ready.as_ref());
+    if let (Err(_), Some(metrics::Addr::Unix(p))) = (&result, &cfg.metrics) {
+        // Ours (bound above): a daemon that never came up leaves no socket behind.
+        let _ = std::fs::remove_file(p);
+    }
     if let (Err(e), Some(r)) = (&result, ready) {
         r.fail(&e.to_string());
     }
