@@ -686,6 +686,9 @@ fn with_remote(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
         ensure!(h.base()? == v1, "{}", h.ns.name);
     }
     let booted = fleet.boot_ids()?;
+    // Boot ids are per boot (random), not a constant that would make the no-reboot check pass.
+    let distinct: std::collections::BTreeSet<&String> = booted.values().collect();
+    ensure!(distinct.len() == HOSTS.len(), "{booted:?}");
     let h3 = fleet.host("h3");
 
     // The rollout, h3's link cut mid wave 1: once h1 has substituted, while its health check
