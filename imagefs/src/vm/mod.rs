@@ -263,7 +263,16 @@ fn check(store: &Path, a: &CheckArgs, json: bool, out: &mut dyn Write) -> Result
     };
     let agent =
         AgentClient::new(&vm.agent_socket).with_timeout(a.health_timeout + Duration::from_secs(15));
-    match health::check(&agent, &spec, &a.instance) {
+    let t = std::time::Instant::now();
+    let verdict = health::check(&agent, &spec, &a.instance);
+    // a verdict is an answer (even "unhealthy"); an agent that did not answer is a failure
+    match &verdict {
+        Err(why) if why.contains(": health check: ") || why.contains(": hash of ") => {
+            crate::daemon::metrics::agent_failure("check")
+        }
+        _ => crate::daemon::metrics::agent_round_trip("check", t.elapsed()),
+    }
+    match verdict {
         Ok(detail) => line(
             out,
             json,
