@@ -17,8 +17,24 @@ pub struct HealthSpec {
     pub expected: BTreeMap<String, String>,
 }
 
-/// The verdict through `agent`: Ok(detail) when healthy, Err(reason) when not.
-pub fn check(agent: &dyn AgentLink, spec: &HealthSpec, instance: &str) -> Result<String, String> {
+/// Why a guest is not healthy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unhealthy {
+    /// The agent answered: the check failed (the reason quotes the guest)
+    #[error("{0}")]
+    Verdict(String),
+    /// The agent did not answer
+    #[error("{0}")]
+    NoAnswer(String),
+}
+
+/// The verdict through `agent`: Ok(detail) when healthy.
+pub fn check(
+    agent: &dyn AgentLink,
+    spec: &HealthSpec,
+    instance: &str,
+) -> Result<String, Unhealthy> {
+    use Unhealthy::{NoAnswer, Verdict};
     let t = Instant::now();
     if let Some(cmd) = &spec.cmd {
         let r = agent
@@ -26,15 +42,15 @@ pub fn check(agent: &dyn AgentLink, spec: &HealthSpec, instance: &str) -> Result
                 command: Command::Shell(cmd.clone()),
                 timeout_ms: spec.timeout_ms,
             })
-            .map_err(|e| format!("{instance}: health check: {e}"))?;
+            .map_err(|e| NoAnswer(format!("{instance}: health check: {e}")))?;
         if r.timed_out {
-            return Err(format!(
+            return Err(Verdict(format!(
                 "{instance}: health check timed out after {} ms",
                 spec.timeout_ms
-            ));
+            )));
         }
         if r.exit_code != Some(0) {
-            return Err(format!(
+            return Err(Verdict(format!(
                 "{instance}: health check exited {:?}: {}",
                 r.exit_code,
                 String::from_utf8_lossy(&r.stderr_bytes())
@@ -42,19 +58,19 @@ pub fn check(agent: &dyn AgentLink, spec: &HealthSpec, instance: &str) -> Result
                     .chars()
                     .take(200)
                     .collect::<String>()
-            ));
+            )));
         }
     }
     for (path, want) in &spec.expected {
         let h = agent
             .hash(path)
-            .map_err(|e| format!("{instance}: hash of {path}: {e}"))?;
+            .map_err(|e| NoAnswer(format!("{instance}: hash of {path}: {e}")))?;
         if &h.blake3 != want {
-            return Err(format!(
+            return Err(Verdict(format!(
                 "{instance}: {path} reads {} in the guest, the target has {}",
                 short(&h.blake3),
                 short(want)
-            ));
+            )));
         }
     }
     Ok(format!(
@@ -152,6 +168,7 @@ mod tests {
         };
         assert!(check(&failing, &spec(), "web-1")
             .unwrap_err()
+            .to_string()
             .contains("exited Some(1)"));
         let slow = Canned {
             exit: None,
@@ -160,6 +177,7 @@ mod tests {
         };
         assert!(check(&slow, &spec(), "web-1")
             .unwrap_err()
+            .to_string()
             .contains("timed out"));
         let stale = Canned {
             exit: Some(0),
@@ -167,7 +185,10 @@ mod tests {
             hash: "c".repeat(64),
         };
         let e = check(&stale, &spec(), "web-1").unwrap_err();
-        assert!(e.contains("/opt/app/version"), "{e}");
+        assert!(
+            matches!(&e, Unhealthy::Verdict(w) if w.contains("/opt/app/version")),
+            "{e}"
+        );
     }
 
     #[test]

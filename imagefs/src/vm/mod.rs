@@ -267,9 +267,7 @@ fn check(store: &Path, a: &CheckArgs, json: bool, out: &mut dyn Write) -> Result
     let verdict = health::check(&agent, &spec, &a.instance);
     // a verdict is an answer (even "unhealthy"); an agent that did not answer is a failure
     match &verdict {
-        Err(why) if why.contains(": health check: ") || why.contains(": hash of ") => {
-            crate::daemon::metrics::agent_failure("check")
-        }
+        Err(health::Unhealthy::NoAnswer(_)) => crate::daemon::metrics::agent_failure("check"),
         _ => crate::daemon::metrics::agent_round_trip("check", t.elapsed()),
     }
     match verdict {
@@ -281,7 +279,7 @@ fn check(store: &Path, a: &CheckArgs, json: bool, out: &mut dyn Write) -> Result
             &format!("{}: {detail}", a.instance),
         ),
         // the reason quotes the guest: shown to the operator, never obeyed
-        Err(why) => Err(CliError::new(1, why)),
+        Err(why) => Err(CliError::new(1, why.to_string())),
     }
 }
 
