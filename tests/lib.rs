@@ -75,6 +75,8 @@ pub const TOOLS: &[(&str, &str)] = &[
     ("file", "file"),
     ("fincore", "util-linux"),
     ("cpio", "cpio"),
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
 ];
 
 /// Where `name` is: the first match on PATH, then /usr/sbin and /sbin (a non-root PATH often

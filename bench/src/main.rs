@@ -4,11 +4,12 @@
 //! the cached fixture image and the results stay under OUT.
 //!
 //! Usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only GROUP,...] [--cargo-target DIR]
-//! Groups, in priority order: import, chain, mount, disk, remote, vm, vm-live.
+//! Groups, in priority order: import, chain, mount, disk, remote, vm, vm-live, fleet.
 
 mod chain;
 mod disk;
 mod fixture;
+mod fleet;
 mod import;
 mod mount;
 mod remote;
@@ -52,8 +53,8 @@ struct Opts {
     cargo_target: PathBuf,
 }
 
-const GROUPS: [&str; 7] = [
-    "import", "chain", "mount", "disk", "remote", "vm", "vm-live",
+const GROUPS: [&str; 8] = [
+    "import", "chain", "mount", "disk", "remote", "vm", "vm-live", "fleet",
 ];
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -74,7 +75,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             "--cargo-target" => o.cargo_target = PathBuf::from(val()?),
             "--only" => o.only = val()?.split(',').map(str::to_string).collect(),
             "-h" | "--help" => {
-                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,disk,remote,vm,vm-live] [--cargo-target DIR]");
+                println!("usage: imagefs-bench [--imagefs BIN] [--out DIR] [--runs N] [--only import,chain,mount,disk,remote,vm,vm-live,fleet] [--cargo-target DIR]");
                 std::process::exit(0);
             }
             _ => bail!("unknown argument {a:?} (try --help)"),
@@ -132,6 +133,7 @@ fn main() -> anyhow::Result<()> {
             "disk" => disk::run(&env, &mut rep),
             "remote" => remote::run(&env, &mut rep),
             "vm" => vm::run(&env, &mut rep),
+            "fleet" => fleet::run(&env, &mut rep),
             _ => vm_live::run(&env, &mut rep),
         }
     }

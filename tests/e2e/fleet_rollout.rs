@@ -1071,3 +1071,182 @@ fn netns_hosts_talk_over_the_bridge_and_a_cut_link_stops_them() {
         assert!(!left.contains(&n), "{n} is still there:\n{left}");
     }
 }
+
+/// `make bench` (group fleet): one patch rolled out across the 3 hosts (one live guest each,
+/// Garage as their remote) against copying the full patched image from the same Garage to each
+/// host with rclone and booting a guest on each copy, both side by side over the hosts, in the
+/// same run. Prints `BENCH fleet-rollout|fleet-copy seconds S` and `... host-bytes B HOST`
+/// lines (bench/src/fleet.rs reads them). Run N rolls out app:rN, the previous version with
+/// /opt/app/version's one block rewritten, so each run's hosts fetch one new block.
+#[test]
+#[ignore = "benchmark: cargo test -p imagefs-tests --test e2e -- --ignored fleet_rollout::bench_fleet_rollout_vs_copy_and_reboot --nocapture"]
+fn bench_fleet_rollout_vs_copy_and_reboot() {
+    let (kernel, initrd) = match prerequisites() {
+        Ok(a) => a,
+        Err(why) => skip!("{why}"),
+    };
+    if garage::binary().is_none() {
+        skip!("needs garage 2.5.0 (make garage)");
+    }
+    if !imagefs_tests::qemu::has_program("rclone") {
+        skip!("needs rclone, the peer (scripts/setup.sh --bench)");
+    }
+    bench(kernel, initrd).unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// rclone with the remote `g:` on `garage` from environment variables, in `ns`'s network.
+fn rclone(ns: &NsHost, g: &Garage, args: &[&str]) -> Command {
+    let mut c = ns.command("rclone");
+    c.args(args)
+        .env_remove("AWS_CA_BUNDLE")
+        .env("RCLONE_CONFIG", "/dev/null")
+        .env("RCLONE_CONFIG_G_TYPE", "s3")
+        .env("RCLONE_CONFIG_G_PROVIDER", "Other")
+        .env("RCLONE_CONFIG_G_ENDPOINT", &g.endpoint)
+        .env("RCLONE_CONFIG_G_REGION", "garage")
+        .env("RCLONE_CONFIG_G_FORCE_PATH_STYLE", "true")
+        .env("RCLONE_CONFIG_G_ACCESS_KEY_ID", &g.key_id)
+        .env("RCLONE_CONFIG_G_SECRET_ACCESS_KEY", &g.secret);
+    c
+}
+
+/// Bytes each host's remote stats say it fetched for version `id`.
+fn fetched_for(fleet: &Fleet, id: &str) -> anyhow::Result<BTreeMap<String, u64>> {
+    fleet
+        .hosts
+        .iter()
+        .map(|h| {
+            let s = json_lines(&ok(h.local(&["remote", "stats", "--json"]))?)
+                .pop()
+                .context("no stats")?;
+            Ok((
+                h.ns.name.clone(),
+                s["versions"][id]["bytes_fetched"].as_u64().unwrap_or(0),
+            ))
+        })
+        .collect()
+}
+
+fn bench(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
+    use agent_proto::AgentLink as _;
+    use imagefs_tests::qemu::{Disk, Qemu};
+    let runs: usize = std::env::var("IMAGEFS_BENCH_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let fleet = Fleet::up(
+        kernel.clone(),
+        initrd.clone(),
+        Setup {
+            remote: true,
+            operator_has_v1: true,
+        },
+    )?;
+    let g = fleet.garage.as_ref().context("no garage")?;
+    let block = *file_blocks(&fleet.img.v1, "/opt/app/version")?
+        .first()
+        .context("no block")?;
+    let bench_dir = fleet.dir.path().join("bench");
+    std::fs::create_dir_all(&bench_dir)?;
+    for run in 1..=runs {
+        // this run's target: one block new to every host, pushed to the bucket as versions are,
+        // and as a raw image for the peer
+        let contents = format!("app 9.{}\n", run % 10);
+        let img = bench_dir.join(format!("r{run}.img"));
+        {
+            use std::os::unix::fs::FileExt;
+            std::fs::copy(&fleet.img.v1, &img)?;
+            let f = std::fs::OpenOptions::new().write(true).open(&img)?;
+            f.write_all_at(contents.as_bytes(), block * 4096)?;
+        }
+        let tag = format!("app:r{run}");
+        ok(imagefs_in(
+            &[],
+            &fleet.op.store,
+            &["import", &path(&img)?, &tag, "--block-size", "4096"],
+        ))?;
+        ok(fleet.op.cmd(&["push", &tag]))?;
+        let id = fleet.version_id(&tag)?;
+        let raw = format!("g:{}/raw/r{run}.img", g.bucket);
+        let out = rclone(&fleet.op.ns, g, &["copyto", &path(&img)?, &raw]).output()?;
+        ensure!(
+            out.status.success(),
+            "rclone upload: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want = hash(contents.as_bytes());
+        // ours: the rollout, from the operator's namespace
+        let mut args: Vec<&str> = ROLLOUT.to_vec();
+        args[1] = &tag;
+        args.extend(["--health-cmd", "/opt/app/bin/check", "--json"]);
+        let t = Instant::now();
+        let o = output(fleet.op.cmd(&args))?;
+        let secs = t.elapsed().as_secs_f64();
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        ensure!(
+            o.status.success(),
+            "rollout run {run}: {text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let ev = json_lines(&text);
+        ensure!(
+            events(&ev, "fetched").count() == HOSTS.len()
+                && events(&ev, "fetched").all(|e| e["how"] == "pull"),
+            "run {run}: every host must pull the target: {text}"
+        );
+        println!("BENCH fleet-rollout seconds {secs:.3}");
+        for (h, b) in fetched_for(&fleet, &id)? {
+            println!("BENCH fleet-rollout host-bytes {b} {h}");
+        }
+        for h in &fleet.hosts {
+            ensure!(h.guest_hash()? == want, "{} not on {tag}", h.ns.name);
+        }
+        // the peer: the full image from the same Garage to each host, a guest booted on each copy
+        let (fleet_ref, dir) = (&fleet, fleet.dir.path());
+        let t = Instant::now();
+        let results: Vec<anyhow::Result<u64>> = std::thread::scope(|s| {
+            let hs: Vec<_> = fleet_ref
+                .hosts
+                .iter()
+                .map(|h| {
+                    let (raw, kernel, initrd, want) = (&raw, &kernel, &initrd, &want);
+                    s.spawn(move || -> anyhow::Result<u64> {
+                        let copy = dir.join(&h.ns.name).join("copy.img");
+                        let o = rclone(&h.ns, g, &["copyto", raw, &path(&copy)?]).output()?;
+                        ensure!(
+                            o.status.success(),
+                            "rclone to {}: {}",
+                            h.ns.name,
+                            String::from_utf8_lossy(&o.stderr)
+                        );
+                        let bytes = std::fs::metadata(&copy)?.len();
+                        let sock = dir.join(&h.ns.name).join("copy.agent");
+                        let mut vm = Qemu::start(kernel, initrd, &[Disk::rw(&copy)], &sock, "")?;
+                        vm.wait_agent(STEP)?;
+                        let r = vm.agent(Duration::from_secs(30)).hash("/opt/app/version")?;
+                        ensure!(
+                            r.blake3 == *want,
+                            "{}'s copy boots a guest not on the target",
+                            h.ns.name
+                        );
+                        drop(vm);
+                        std::fs::remove_file(&copy)?;
+                        Ok(bytes)
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("peer thread panicked")))
+                })
+                .collect()
+        });
+        let secs = t.elapsed().as_secs_f64();
+        println!("BENCH fleet-copy seconds {secs:.3}");
+        for (h, r) in fleet.hosts.iter().zip(results) {
+            println!("BENCH fleet-copy host-bytes {} {}", r?, h.ns.name);
+        }
+    }
+    Ok(())
+}
