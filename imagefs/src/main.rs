@@ -9,6 +9,7 @@ mod fleet;
 mod mount;
 mod rollout;
 mod vm;
+mod wire;
 
 use std::process::ExitCode;
 

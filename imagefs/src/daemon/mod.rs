@@ -342,7 +342,7 @@ fn serve(
             life: life.clone(),
         }),
     });
-    let handler = |transport: Transport| -> control::Handler {
+    let handler = |transport: Transport| -> crate::wire::Handler {
         let ctx = ctx.clone();
         Arc::new(move |argv, out, err| dispatch(argv, &ctx, transport, out, err))
     };

@@ -1,6 +1,6 @@
 //! The fleet transport: the daemon's commands over TCP with mutual TLS (rustls, ring provider),
 //! for an operator driving many hosts (`imagefs fleet ...`). Wire format as on the control
-//! socket (control.rs: one JSON request line, answer lines, one exit); the same handler runs
+//! socket (wire.rs: one JSON request line, answer lines, one exit); the same handler runs
 //! the command, told it came over the fleet transport, so only the commands allowed there run.
 //! Invariants: a client certificate must chain to the fleet CA (--tls-dir/ca.pem) and carry
 //! clientAuth, else the handshake fails and nothing is read from the connection; at most
@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ServerConfig, ServerConnection, StreamOwned};
 
-use super::control;
 use crate::fleet::certs::{self, CertError};
+use crate::wire;
 
 /// Connections served at once; more are closed at once (each holds a thread).
 pub const MAX_CONNECTIONS: usize = 32;
@@ -158,7 +158,7 @@ pub fn stop() {
 }
 
 /// Serves connections until the listener fails; each on its own thread.
-pub fn serve(listener: Listener, handler: control::Handler) {
+pub fn serve(listener: Listener, handler: wire::Handler) {
     for conn in listener.tcp.incoming() {
         let Ok(tcp) = conn else { continue };
         if STOPPING.load(Ordering::SeqCst) {
@@ -220,7 +220,7 @@ impl Write for Deadline {
 fn serve_one(
     tcp: TcpStream,
     config: Arc<ServerConfig>,
-    handler: &control::Handler,
+    handler: &wire::Handler,
     peer: &str,
     spool: &Path,
 ) {
@@ -251,7 +251,7 @@ fn serve_one(
         }
     }
     let mut reader = BufReader::new(&mut tls);
-    let mut req = control::read_request(&mut reader);
+    let mut req = wire::read_request(&mut reader);
     // An upload frame follows its request line: spool it, then name it in argv.
     let mut spooled = None;
     let mut refusal = None;
@@ -267,31 +267,31 @@ fn serve_one(
     let _ = tls.sock.sock.set_read_timeout(None);
     if let Some(why) = refusal {
         tracing::warn!(%peer, "fleet: upload refused: {why}");
-        let refused: control::Handler = Arc::new(move |_, _, err| {
+        let refused: wire::Handler = Arc::new(move |_, _, err| {
             let _ = writeln!(err, "imagefs: error: upload: {why}");
             2
         });
-        control::answer(&mut tls, &refused, req);
+        wire::answer(&mut tls, &refused, req);
     } else if STOPPING.load(Ordering::SeqCst) {
-        let stopping: control::Handler = Arc::new(|_, _, err| {
+        let stopping: wire::Handler = Arc::new(|_, _, err| {
             let _ = writeln!(err, "imagefs: error: the daemon is stopping");
             1
         });
-        control::answer(&mut tls, &stopping, req);
+        wire::answer(&mut tls, &stopping, req);
     } else {
         if let Some(r) = &req {
             tracing::info!(%peer, argv = ?r.argv, upload = r.upload, "fleet: command");
         }
         // The upload is gone before the exit code is sent: nothing outlives its command.
         let (inner, upload) = (handler.clone(), spooled.clone());
-        let then_unspool: control::Handler = Arc::new(move |argv, out, err| {
+        let then_unspool: wire::Handler = Arc::new(move |argv, out, err| {
             let code = inner(argv, out, err);
             if let Some(p) = &upload {
                 let _ = std::fs::remove_file(p);
             }
             code
         });
-        control::answer(&mut tls, &then_unspool, req);
+        wire::answer(&mut tls, &then_unspool, req);
     }
     if let Some(p) = spooled {
         let _ = std::fs::remove_file(p);
@@ -309,7 +309,7 @@ static UPLOADS: AtomicU64 = AtomicU64::new(0);
 /// take while keeping a tenth of it free, or an argv without exactly one token.
 fn receive_upload(
     reader: &mut BufReader<&mut StreamOwned<ServerConnection, Deadline>>,
-    req: &mut control::Request,
+    req: &mut wire::Request,
     spool: &Path,
 ) -> Result<PathBuf, String> {
     let n = req.upload;

@@ -1,5 +1,5 @@
 //! The operator's side of the fleet transport: runs one command on one host's daemon over
-//! mutual TLS (wire format of daemon/control.rs). The host must present a certificate of the
+//! mutual TLS (the wire format of wire.rs). The host must present a certificate of the
 //! fleet CA for the NAME it was added under (ServerName = NAME, never the address, which may be
 //! an IP); the operator presents STORE/fleet/operator.pem. Every step is bounded: at most
 //! CONNECT_TIMEOUT to connect, and the whole call by the caller's deadline.
@@ -15,7 +15,7 @@ use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 use super::certs::{self, CertError};
 use super::inventory::Host;
-use crate::daemon::control::{Answer, Request};
+use crate::wire::{Answer, Request};
 
 /// Most time spent connecting to one host.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
