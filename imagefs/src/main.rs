@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod fleet;
+mod metrics;
 mod mount;
 mod rollout;
 mod vm;

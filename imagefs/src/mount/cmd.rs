@@ -696,7 +696,7 @@ pub fn substitute(
     let outcome: SubstituteOutcome = match inst.substitute(store, &req) {
         Ok(o) => o,
         Err(InstanceError::Conflicts(ranges)) => {
-            crate::daemon::metrics::substitution_conflict();
+            crate::metrics::substitution_conflict();
             // The refusal lists every conflict: as the result object, or one line each.
             let msg = InstanceError::Conflicts(ranges.clone()).to_string();
             let mut e = CliError::new(4, msg.clone());
@@ -739,7 +739,7 @@ pub fn substitute(
         let (tm, g) = (&outcome.times, |k: &str| {
             guest.get(k).and_then(|v| v.as_u64()).unwrap_or(0)
         });
-        crate::daemon::metrics::substitution(&[
+        crate::metrics::substitution(&[
             ("prepare", prepare_us),
             ("diff", tm.diff_us),
             ("plan", tm.plan_us),

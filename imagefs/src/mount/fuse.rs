@@ -18,8 +18,8 @@ use fuser::{
 };
 use imagefs_store::VersionId;
 
-use super::model::{Attr, Errno, Kind, Model, OpenMode};
-use crate::daemon::metrics;
+use super::model::{Attr, Errno, Handle, Kind, Model, Node, OpenMode};
+use crate::metrics;
 
 /// Largest read and write the kernel is asked to send in one request.
 pub const MAX_IO: u32 = 1 << 20;
@@ -358,12 +358,7 @@ impl Filesystem for FuseFs {
                 }
             }
         });
-        metrics::read(
-            t,
-            fh.0,
-            || metrics::file_label(self.model.node_of(ino.0), &h),
-            n,
-        );
+        metrics::read(t, fh.0, || file_label(self.model.node_of(ino.0), &h), n);
     }
 
     fn write(
@@ -394,11 +389,7 @@ impl Filesystem for FuseFs {
                 None
             }
         };
-        metrics::write(
-            fh.0,
-            || metrics::file_label(self.model.node_of(ino.0), &h),
-            n,
-        );
+        metrics::write(fh.0, || file_label(self.model.node_of(ino.0), &h), n);
     }
 
     fn flush(
@@ -504,5 +495,17 @@ impl Filesystem for FuseFs {
                 Ok(()) => reply.ok(),
                 Err(e) => reply.error(errno(e)),
             });
+    }
+}
+
+/// The `kind` and `file` labels of an open file: the instance's name; a version as the mount
+/// shows it (NAME:TAG through images/, its id through versions/). Made once per open file and
+/// session thread (metrics.rs caches its counters), never per read.
+fn file_label(node: Option<Node>, h: &Handle) -> (metrics::Kind, String) {
+    match (node, h) {
+        (Some(Node::Tagged(name, tag, _)), _) => (metrics::Kind::Version, format!("{name}:{tag}")),
+        (Some(Node::Instance(id)), _) => (metrics::Kind::Instance, id.to_string()),
+        (_, Handle::Instance(i)) => (metrics::Kind::Instance, i.id().to_string()),
+        (_, Handle::Version(v)) => (metrics::Kind::Version, v.id().to_hex()),
     }
 }

@@ -39,7 +39,7 @@ impl From<StoreError> for Errno {
     fn from(e: StoreError) -> Errno {
         if e.kind() == ErrorKind::Corrupt {
             tracing::error!(error = %e, "corrupt data: answering EIO");
-            crate::daemon::metrics::integrity_error();
+            crate::metrics::integrity_error();
         }
         Errno::from_kind(e.kind())
     }
@@ -56,7 +56,7 @@ impl From<InstanceError> for Errno {
                     tracing::error!(error = %e, "instance I/O failed: answering EIO");
                 }
                 if e.kind() == ErrorKind::Corrupt {
-                    crate::daemon::metrics::integrity_error();
+                    crate::metrics::integrity_error();
                 }
                 Errno::from_kind(e.kind())
             }

@@ -267,8 +267,8 @@ fn check(store: &Path, a: &CheckArgs, json: bool, out: &mut dyn Write) -> Result
     let verdict = health::check(&agent, &spec, &a.instance);
     // a verdict is an answer (even "unhealthy"); an agent that did not answer is a failure
     match &verdict {
-        Err(health::Unhealthy::NoAnswer(_)) => crate::daemon::metrics::agent_failure("check"),
-        _ => crate::daemon::metrics::agent_round_trip("check", t.elapsed()),
+        Err(health::Unhealthy::NoAnswer(_)) => crate::metrics::agent_failure("check"),
+        _ => crate::metrics::agent_round_trip("check", t.elapsed()),
     }
     match verdict {
         Ok(detail) => line(

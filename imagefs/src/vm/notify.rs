@@ -118,8 +118,8 @@ pub fn tell_guest(store: &Store, outcome: &SubstituteOutcome) -> Value {
         .notice(&notice);
     let notify_us = t.elapsed().as_micros() as u64;
     match &ack {
-        Ok(_) => crate::daemon::metrics::agent_round_trip("notice", t.elapsed()),
-        Err(_) => crate::daemon::metrics::agent_failure("notice"),
+        Ok(_) => crate::metrics::agent_round_trip("notice", t.elapsed()),
+        Err(_) => crate::metrics::agent_failure("notice"),
     }
     match ack {
         Ok(ack) => json!({"guest": "told", "vm": vm.name, "files": notice.files,
