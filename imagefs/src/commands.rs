@@ -23,6 +23,8 @@ pub enum Command {
     #[command(flatten)]
     Store(cli::StoreCommand),
     #[command(flatten)]
+    Daemon(daemon::cmd::DaemonCommand),
+    #[command(flatten)]
     Mount(mount::cmd::MountCommand),
     /// Talk to a guest's agent: ping, hash a file, run a command, send a notice
     Agent(agent_cmd::AgentArgs),
@@ -140,6 +142,7 @@ pub fn run_forwarded(
             }
             result
         }
+        Command::Daemon(cmd) => daemon::cmd::run(ctx, cmd, out),
         Command::Mount(cmd) => mount::cmd::run(ctx, cmd, json, out),
         Command::Vm(cmd) => vm::run(ctx, cmd, json, out),
         Command::Agent(_) | Command::Rollout(_) | Command::Fleet(_) => {

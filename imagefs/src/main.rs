@@ -62,9 +62,8 @@ fn main() -> ExitCode {
     let mut out = stdout.lock();
     let result = match &args.command {
         Command::Store(cmd) => cli::run_dir(&dir, cmd, json, &mut out),
-        Command::Mount(cmd) => {
-            mount::cmd::run_dir(&dir, cmd, json, &mut out, commands::run_forwarded)
-        }
+        Command::Daemon(cmd) => daemon::cmd::run_dir(&dir, cmd, &mut out, commands::run_forwarded),
+        Command::Mount(cmd) => mount::cmd::run_dir(&dir, cmd, json, &mut out),
         Command::Vm(cmd) => imagefs_store::Store::open(&dir)
             .map_err(cli::CliError::from)
             .inspect(|s| cli::remote::attach(s, false))

@@ -1,18 +1,20 @@
 //! The mount daemon: owns the store while mounted, serves FUSE, the control socket, signals and,
 //! with --listen, the fleet's TLS transport (tls.rs).
-//! Invariants: the lifecycle moves only through `Lifecycle::on` (one `match` holds every
-//! transition); the store is released (instances flushed, socket removed) only after the kernel
-//! has dropped the mount, so no request can arrive at a closed store.
+//! Its commands (`mount`, `umount`) are in cmd.rs; its state machine is the mount's
+//! (mount/lifecycle.rs). Invariants: the lifecycle moves only through `Lifecycle::on`; the
+//! store is released (instances flushed, socket removed) only after the kernel has dropped the
+//! mount, so no request can arrive at a closed store.
 
 pub mod client;
+pub mod cmd;
 pub mod control;
 pub mod metrics;
 mod signals;
 pub mod tls;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use imagefs_store::flat::FlatCache;
@@ -21,103 +23,15 @@ use imagefs_store::Store;
 
 use crate::mount::fuse::{FuseFs, Pool, MAX_IO};
 use crate::mount::inval::Invalidator;
+use crate::mount::lifecycle::{Event, Lifecycle};
 use crate::mount::model::Model;
 use crate::mount::{Ctx, Live};
 
-/// Where the daemon is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    /// Opening the store and mounting.
-    Starting,
-    /// Mounted and serving requests.
-    Serving,
-    /// Unmount requested; waiting for the kernel to let go.
-    Stopping,
-    /// The kernel dropped the mount; the store is flushed and closed.
-    Stopped,
-}
-
-/// What happens to the daemon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Event {
-    /// The mount is up.
-    Mounted,
-    /// A signal or `imagefs umount` asked to stop.
-    StopRequested,
-    /// The FUSE session ended (the kernel unmounted).
-    SessionEnded,
-    /// Instances flushed and the control socket removed.
-    Closed,
-}
-
-impl State {
-    /// The state after `event`, or `None` if the event is meaningless now (ignored).
-    pub fn on(self, event: Event) -> Option<State> {
-        use Event::*;
-        use State::*;
-        match (self, event) {
-            (Starting, Mounted) => Some(Serving),
-            (Starting | Serving, StopRequested) => Some(Stopping),
-            (Starting | Serving | Stopping, SessionEnded) => Some(Stopping),
-            (Stopping, Closed) => Some(Stopped),
-            (Stopping, StopRequested) => None,
-            (Serving, Mounted)
-            | (Stopping, Mounted)
-            | (Starting | Serving, Closed)
-            | (Stopped, _) => None,
-        }
-    }
-}
-
-/// The shared lifecycle: state plus a condition variable to wait on it.
-#[derive(Debug)]
-pub struct Lifecycle {
-    state: Mutex<State>,
-    changed: Condvar,
-    mountpoint: PathBuf,
-}
-
-impl Lifecycle {
-    fn new(mountpoint: PathBuf) -> Lifecycle {
-        Lifecycle {
-            state: Mutex::new(State::Starting),
-            changed: Condvar::new(),
-            mountpoint,
-        }
-    }
-
-    /// Applies `event`; returns the state after it.
-    pub fn on(&self, event: Event) -> State {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(next) = s.on(event) {
-            tracing::info!(from = ?*s, to = ?next, ?event, "daemon state");
-            *s = next;
-            self.changed.notify_all();
-        }
-        *s
-    }
-
-    /// Waits until the daemon reaches `want` (or `timeout` passes); true if reached.
-    pub fn wait_for(&self, want: State, timeout: Duration) -> bool {
-        let s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (s, _) = self
-            .changed
-            .wait_timeout_while(s, timeout, |s| *s != want)
-            .unwrap_or_else(|p| p.into_inner());
-        *s == want
-    }
-
-    /// Asks the kernel to unmount. `lazy` detaches even while files are open.
-    pub fn request_unmount(&self, lazy: bool) -> std::io::Result<()> {
-        crate::mount::cmd::unmount_path(&self.mountpoint, lazy)?;
-        self.on(Event::StopRequested);
-        Ok(())
-    }
-
-    /// The mountpoint served.
-    pub fn mountpoint(&self) -> &Path {
-        &self.mountpoint
-    }
+/// Asks the kernel to unmount the mount of `life`. `lazy` detaches even while files are open.
+pub fn request_unmount(life: &Lifecycle, lazy: bool) -> std::io::Result<()> {
+    cmd::unmount_path(life.mountpoint(), lazy)?;
+    life.on(Event::StopRequested);
+    Ok(())
 }
 
 /// How often the daemon gives instances' replaced data back to the filesystem.
@@ -405,30 +319,4 @@ fn serve(
     })?;
     flushed?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lifecycle_follows_its_transitions_and_ignores_the_rest() {
-        use Event::*;
-        let mut s = State::Starting;
-        for (e, want) in [
-            (Closed, State::Starting),
-            (Mounted, State::Serving),
-            (Mounted, State::Serving),
-            (StopRequested, State::Stopping),
-            (StopRequested, State::Stopping),
-            (SessionEnded, State::Stopping),
-            (Closed, State::Stopped),
-            (Mounted, State::Stopped),
-        ] {
-            s = s.on(e).unwrap_or(s);
-            assert_eq!(s, want, "after {e:?}");
-        }
-        // The kernel can drop the mount without anyone asking (umount(8)).
-        assert_eq!(State::Serving.on(SessionEnded), Some(State::Stopping));
-    }
 }

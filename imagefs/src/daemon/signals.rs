@@ -8,7 +8,7 @@ use std::os::fd::FromRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
-use super::Lifecycle;
+use crate::mount::lifecycle::Lifecycle;
 
 /// The blocked stop signals, to be waited for by one thread.
 #[derive(Debug)]
@@ -46,9 +46,9 @@ pub fn spawn_stop_thread(signals: StopSignals, life: Arc<Lifecycle>) -> std::io:
             tracing::info!(signal = sig, "stop signal: unmounting");
             // A plain unmount first; files still open (a VM) force a lazy detach, since the
             // operator asked the daemon to go.
-            if let Err(e) = life.request_unmount(false) {
+            if let Err(e) = super::request_unmount(&life, false) {
                 tracing::warn!(error = %e, "unmount refused; detaching lazily");
-                if let Err(e) = life.request_unmount(true) {
+                if let Err(e) = super::request_unmount(&life, true) {
                     tracing::error!(error = %e, "lazy unmount failed");
                 }
             }

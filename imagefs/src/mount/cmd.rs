@@ -1,10 +1,11 @@
-//! The mount-side commands: `mount`, `umount`, `instance create|commit|rm|ls`, `substitute`,
-//! `log`. Each runs against a `Ctx` (the CLI's own store, or the daemon's with its live mount),
-//! so a command behaves the same with or without a daemon. Invariant: output goes to the given
+//! The mount-side commands: `instance create|commit|rm|ls`, `substitute`, `log`, `prefetch`,
+//! `scrub` (the daemon's own, `mount` and `umount`, are in daemon/cmd.rs). Each runs against a
+//! `Ctx` (the CLI's own store, or the daemon's with its live mount), so a command behaves the
+//! same with or without a daemon. Invariant: output goes to the given
 //! writers only (the daemon streams them back), and every failure maps to one exit code.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
@@ -24,10 +25,6 @@ use crate::cli::{exit_code, CliError};
 /// The mount-side subcommands (flattened into the CLI's command enum).
 #[derive(Debug, Clone, Subcommand)]
 pub enum MountCommand {
-    /// Serve the store as files: images/NAME/TAG.raw, versions/ID.raw, instances/ID.raw
-    Mount(MountArgs),
-    /// Unmount a mount (a daemon serving it flushes and stops cleanly)
-    Umount(UmountArgs),
     /// Copy-on-write VM disks
     #[command(subcommand)]
     Instance(InstanceCmd),
@@ -68,69 +65,16 @@ pub fn run_dir(
     cmd: &MountCommand,
     json: bool,
     out: &mut dyn Write,
-    dispatch: crate::daemon::Dispatch,
 ) -> Result<(), CliError> {
-    match cmd {
-        MountCommand::Mount(a) => {
-            let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
-            let cfg = crate::daemon::MountConfig {
-                store_dir: abs(dir),
-                mountpoint: abs(&a.mountpoint),
-                threads: a.threads,
-                daemonize: a.daemon,
-                flat_budget: a.flat_cache,
-                reserve: a.reserve,
-                scrub_rate: a.scrub_rate,
-                listen: a.listen.clone(),
-                metrics: a.metrics.clone(),
-            };
-            crate::daemon::run(cfg, dispatch).map_err(|e| {
-                use crate::daemon::DaemonError;
-                let code = match &e {
-                    DaemonError::Store(s) => exit_code(s.kind()),
-                    DaemonError::Control(_) => 4,
-                    DaemonError::Mount { source, .. } => match source.raw_os_error() {
-                        Some(libc::ENOENT) => 3,
-                        Some(libc::ENOTDIR) | Some(libc::EINVAL) => 2,
-                        Some(libc::EBUSY) => 4,
-                        _ => 1,
-                    },
-                    _ => 1,
-                };
-                CliError::new(code, e.to_string())
-            })
-        }
-        MountCommand::Umount(a) => {
-            let target =
-                std::fs::canonicalize(&a.mountpoint).unwrap_or_else(|_| a.mountpoint.clone());
-            unmount_path(&target, a.lazy).map_err(|e| busy(&target, e))?;
-            writeln!(out, "unmounted {}", target.display()).map_err(io_err)?;
-            Ok(())
-        }
-        _ => {
-            let store = open_waiting(dir)?;
-            crate::cli::remote::attach(&store, false);
-            let ctx = Ctx::offline(store);
-            run(&ctx, cmd, json, out)
-        }
-    }
+    let store = open_waiting(dir)?;
+    crate::cli::remote::attach(&store, false);
+    let ctx = Ctx::offline(store);
+    run(&ctx, cmd, json, out)
 }
 
 /// Runs `cmd` against an open store (the CLI's own, or the daemon's for a forwarded command).
 pub fn run(ctx: &Ctx, cmd: &MountCommand, json: bool, out: &mut dyn Write) -> Result<(), CliError> {
     match cmd {
-        MountCommand::Mount(_) => {
-            let at = ctx
-                .live
-                .as_ref()
-                .map(|l| l.life.mountpoint().display().to_string())
-                .unwrap_or_default();
-            Err(CliError::new(
-                4,
-                format!("a daemon already serves this store (mounted at {at})"),
-            ))
-        }
-        MountCommand::Umount(a) => umount(ctx, a, out),
         MountCommand::Instance(c) => instance(ctx, c, json, out),
         MountCommand::Substitute(a) => substitute(ctx, a, json, out),
         MountCommand::Log(a) => log(ctx, a, json, out),
@@ -407,50 +351,6 @@ fn prefetch_background(
         )
     }
     .map_err(io_err)
-}
-
-/// `imagefs mount MOUNTPOINT`.
-#[derive(Debug, Clone, Args)]
-pub struct MountArgs {
-    /// Directory to mount on.
-    pub mountpoint: PathBuf,
-    /// Detach into the background once mounted (logs to STORE/daemon.log).
-    #[arg(long)]
-    pub daemon: bool,
-    /// Threads reading and answering requests, each on its own /dev/fuse clone.
-    #[arg(long, default_value_t = 8)]
-    pub threads: usize,
-    /// Disk kept for flat copies of opened versions (STORE/flat), which the kernel reads
-    /// directly (FUSE passthrough) at local-disk speed; least recently used go first. 0 turns
-    /// them off: every read is then served, and verified, by the daemon.
-    #[arg(long, default_value = "8G", value_parser = crate::cli::parse_size)]
-    pub flat_cache: u64,
-    /// Free space kept on the store's filesystem (SIZE or PCT of it; default the smaller of
-    /// 1G and 5%; 0 turns it off): below it, instance writes and imports fail with ENOSPC,
-    /// while metadata commits, substitutions and rollbacks go on.
-    #[arg(long, value_parser = crate::cli::parse_reserve)]
-    pub reserve: Option<crate::cli::Reserve>,
-    /// Bytes per second the daemon spends re-verifying flat copies in the background (a bad
-    /// copy is removed; its file is then served, and verified, by the daemon); 0 turns it off.
-    #[arg(long, default_value = "50M", value_parser = crate::cli::parse_size)]
-    pub scrub_rate: u64,
-    #[command(flatten)]
-    pub listen: crate::daemon::tls::ListenArgs,
-    /// Serve Prometheus metrics (GET /metrics) at ADDR: a loopback IP:PORT, readable by every
-    /// local user, or a Unix socket path (a path holds a '/'), which only the store's owner and
-    /// group may connect to.
-    #[arg(long, value_name = "ADDR", value_parser = crate::daemon::metrics::parse_addr)]
-    pub metrics: Option<crate::daemon::metrics::Addr>,
-}
-
-/// `imagefs umount MOUNTPOINT`.
-#[derive(Debug, Clone, Args)]
-pub struct UmountArgs {
-    /// The mountpoint to release.
-    pub mountpoint: PathBuf,
-    /// Detach even while files are open (they keep working until closed).
-    #[arg(long)]
-    pub lazy: bool,
 }
 
 /// `imagefs instance ...`.
@@ -872,56 +772,6 @@ fn utc(secs: u64) -> String {
 
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
-}
-
-/// `umount MOUNTPOINT`: inside the daemon serving it, a clean stop (the reply comes once the
-/// store is flushed and closed); otherwise a plain unmount of the path.
-pub fn umount(ctx: &Ctx, a: &UmountArgs, out: &mut dyn Write) -> Result<(), CliError> {
-    let target = std::fs::canonicalize(&a.mountpoint).unwrap_or_else(|_| a.mountpoint.clone());
-    if let Some(live) = &ctx.live {
-        let mine = std::fs::canonicalize(live.life.mountpoint())
-            .unwrap_or_else(|_| live.life.mountpoint().to_path_buf());
-        if mine == target {
-            live.life
-                .request_unmount(a.lazy)
-                .map_err(|e| busy(&target, e))?;
-            if !live
-                .life
-                .wait_for(crate::daemon::State::Stopped, Duration::from_secs(30))
-            {
-                return Err(CliError::new(
-                    1,
-                    "the daemon did not finish stopping within 30 s",
-                ));
-            }
-            writeln!(out, "unmounted {}", target.display()).map_err(io_err)?;
-            return Ok(());
-        }
-    }
-    unmount_path(&target, a.lazy).map_err(|e| busy(&target, e))?;
-    writeln!(out, "unmounted {}", target.display()).map_err(io_err)?;
-    Ok(())
-}
-
-fn busy(path: &std::path::Path, e: std::io::Error) -> CliError {
-    let (code, hint) = match e.raw_os_error() {
-        Some(libc::EBUSY) => (4, " (files are open; close them or use --lazy)"),
-        Some(libc::EINVAL) | Some(libc::ENOENT) => (3, " (not a mountpoint)"),
-        _ => (1, ""),
-    };
-    CliError::new(code, format!("unmounting {}: {e}{hint}", path.display()))
-}
-
-/// umount2(2) on `path`.
-pub fn unmount_path(path: &std::path::Path, lazy: bool) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
-    let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
-    if unsafe { libc::umount2(c.as_ptr(), flags) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! The FUSE mount: the namespace model (model.rs), the thin fuser adapter (fuse.rs), page-cache
-//! invalidation (inval.rs) and the mount-side commands (cmd.rs). Invariant: all storage logic
+//! invalidation (inval.rs), the daemon's lifecycle state machine (lifecycle.rs) and the
+//! mount-side commands (cmd.rs). Invariant: all storage logic
 //! lives in the store library; this module translates.
 
 pub mod cmd;
 pub mod fuse;
 pub mod inval;
+pub mod lifecycle;
 pub mod model;
 
 use std::sync::Arc;
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use imagefs_store::instance::Instances;
 use imagefs_store::Store;
 
-use crate::daemon::Lifecycle;
+use lifecycle::Lifecycle;
 
 /// What a command runs against: the store, its instances and, inside the daemon, the live mount.
 #[derive(Debug)]
