@@ -225,6 +225,10 @@ pub(crate) struct Lazy {
     stats: Mutex<StatsState>,
     /// Per remote: is it failing, and how many fetches are inside it.
     gates: Mutex<HashMap<String, Arc<Gate>>>,
+    /// Per version being pulled: one pull of a version at a time, so a pull retried while the
+    /// first still runs (a driver that gave up on a cut-off host) fetches only what the first
+    /// did not.
+    pulls: Mutex<HashMap<VersionId, Arc<Mutex<()>>>>,
 }
 
 /// While a remote fails, at most [`MAX_WAITING`] reads wait out its deadline; the others fail
@@ -297,6 +301,7 @@ impl Lazy {
             source: RwLock::new(None),
             inflight: Mutex::new(HashSet::new()),
             gates: Mutex::new(HashMap::new()),
+            pulls: Mutex::new(HashMap::new()),
             landed: Condvar::new(),
             stats: Mutex::new(StatsState {
                 loaded: false,
@@ -1003,6 +1008,14 @@ impl Store {
     /// Writes the fetch counters out now (the daemon at exit; they also go every second).
     pub fn flush_remote_stats(&self) {
         self.inner.lazy.flush_stats();
+    }
+
+    /// The lock a full pull of `id` holds while it runs (one pull per version at a time).
+    pub(crate) fn pull_lock(&self, id: &VersionId) -> Arc<Mutex<()>> {
+        let mut m = lock(&self.inner.lazy.pulls);
+        // forget locks no pull holds any more
+        m.retain(|_, l| Arc::strong_count(l) > 1);
+        m.entry(*id).or_default().clone()
     }
 
     /// Adds counters for `remote` and `version` (a full pull counts what it fetched).

@@ -229,6 +229,9 @@ impl Store {
         on_event: &mut dyn FnMut(&PullEvent),
     ) -> Result<PullReport, SyncError> {
         let (id, map, meta_bytes) = self.fetch_map(remote, image, tag, pinned)?;
+        // before looking at what is local: a pull of the same version still running lands first
+        let one = self.pull_lock(&id);
+        let _pulling = one.lock().unwrap_or_else(|p| p.into_inner());
         let key = map_key(&id);
         let bs = map.header.block_size;
         let mut distinct = HashSet::new();

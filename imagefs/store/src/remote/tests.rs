@@ -452,3 +452,59 @@ fn lazy_read_ahead_grows_on_sequential_reads_and_scattered_reads_fetch_what_they
         "the bytes are the image's"
     );
 }
+
+/// A remote whose block reads take a while (a slow link), so two pulls overlap.
+struct SlowRemote(DirRemote);
+
+impl Remote for SlowRemote {
+    fn head(&self, key: &str) -> Result<Option<u64>, RemoteError> {
+        self.0.head(key)
+    }
+    fn get(&self, key: &str) -> Result<Vec<u8>, RemoteError> {
+        self.0.get(key)
+    }
+    fn get_range(&self, key: &str, range: Range<u64>) -> Result<Vec<u8>, RemoteError> {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        self.0.get_range(key, range)
+    }
+    fn put(&self, key: &str, data: Vec<u8>) -> Result<(), RemoteError> {
+        self.0.put(key, data)
+    }
+    fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, RemoteError> {
+        self.0.list(prefix)
+    }
+    fn delete(&self, key: &str) -> Result<(), RemoteError> {
+        self.0.delete(key)
+    }
+}
+
+#[test]
+fn two_pulls_of_one_version_at_once_fetch_its_blocks_once() {
+    let s = setup();
+    s.a.push(&s.remote, &s.v1, &tag("v1"), &opts(), &mut |_| {})
+        .unwrap();
+    let slow = SlowRemote(DirRemote(s.remote.0.clone()));
+    let app = ImageName::new("app").unwrap();
+    let reports: Vec<PullReport> = std::thread::scope(|sc| {
+        let pulls: Vec<_> = (0..2)
+            .map(|_| {
+                sc.spawn(|| {
+                    s.b.pull(
+                        &slow,
+                        &app,
+                        &tag("v1"),
+                        None,
+                        &PullOptions::default(),
+                        &mut |_| {},
+                    )
+                    .unwrap()
+                })
+            })
+            .collect();
+        pulls.into_iter().map(|p| p.join().unwrap()).collect()
+    });
+    // the second waited for the first, then found every block here
+    let fetched: u64 = reports.iter().map(|r| r.blocks_fetched).sum();
+    assert_eq!(fetched, 86, "{reports:?}");
+    assert_eq!(read_all(&s.b, &s.v1), image(0, 100, &[]));
+}
