@@ -44,10 +44,11 @@ fn metrics(out: &str) -> Result<Vec<Metric>, String> {
         TIME,
         "s",
         Better::Lower,
-        "rclone copy of the full v2 image from the same Garage to each of the 3 hosts (side by \
-         side), then each guest stopped and booted on its copy (side by side) until its agent \
-         answers; ours: `imagefs rollout app:v2 --hosts 'h*' --by host --waves 1,100% \
-         --health-cmd` from the operator's namespace, each host pulling v2's changed blocks",
+        "rclone copyto of the full new image (32 MiB ext4) from the same Garage to each of \
+         the 3 hosts, then a QEMU guest booted on each copy until its agent hashes the new file \
+         (hosts side by side; stopping the old guest not counted); ours: `imagefs rollout NEW \
+         --hosts 'h*' --by host --waves 1,100% --health-cmd` from the operator's namespace to \
+         the 3 live guests, each host pulling the new version's one changed block",
         "report",
     );
     time.ours = ours;
@@ -56,8 +57,8 @@ fn metrics(out: &str) -> Result<Vec<Metric>, String> {
         BYTES,
         "bytes",
         Better::Lower,
-        "bytes rclone received per host (the full image); ours: bytes each host fetched for v2 \
-         (`remote stats`, per version)",
+        "bytes rclone received per host (the full image); ours: bytes each host fetched for the \
+         new version (`remote stats`, per version)",
         "report",
     );
     bytes.ours = ours_b;
