@@ -254,6 +254,7 @@ fn serve(
             model,
             inval,
             life: life.clone(),
+            tell_guest: crate::vm::notify::tell_guest,
         }),
     });
     let handler = |transport: Transport| -> crate::wire::Handler {

@@ -16,7 +16,7 @@ use imagefs_store::instance::{
 };
 use imagefs_store::instance_log::Record;
 use imagefs_store::{ImageName, Tag};
-use serde_json::json;
+use serde_json::{json, Value};
 
 use super::Ctx;
 use crate::cli::output::human_bytes;
@@ -630,7 +630,7 @@ pub fn substitute(
     // Then the guest of a live VM on this instance drops what it cached (vm/notify.rs).
     let tg = Instant::now();
     let guest = match (&ctx.live, a.dry_run) {
-        (Some(_), false) => crate::vm::notify::tell_guest(store, &outcome),
+        (Some(live), false) => (live.tell_guest)(store, &outcome),
         _ => json!({"guest": "not told"}),
     };
     let guest_us = tg.elapsed().as_micros() as u64;
@@ -702,8 +702,41 @@ pub fn substitute(
             )
             .map_err(io_err)?;
         }
-        crate::vm::notify::describe(&guest, &mut text).map_err(io_err)?;
+        describe_guest(&guest, &mut text).map_err(io_err)?;
         out.write_all(&text).map_err(io_err)?;
+    }
+    Ok(())
+}
+
+/// The human lines for a report of `Live::tell_guest` (vm/notify.rs).
+fn describe_guest(guest: &Value, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    if let Some(w) = guest.get("warning").and_then(Value::as_str) {
+        return writeln!(out, "warning: {w}");
+    }
+    let Some(vm) = guest.get("vm").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let ms = |k: &str| guest.get(k).and_then(Value::as_u64).unwrap_or(0) as f64 / 1000.0;
+    writeln!(
+        out,
+        "  guest {vm} told: files {:.1} ms, notice + ack {:.1} ms",
+        ms("files_us"),
+        ms("notify_us")
+    )?;
+    let ack = guest.get("ack");
+    for p in ack
+        .and_then(|a| a.get("processes"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        writeln!(
+            out,
+            "  process {} ({}) had {} open",
+            p.get("pid").unwrap_or(&Value::Null),
+            agent_proto::text::shown(p.get("comm").and_then(Value::as_str).unwrap_or("?")),
+            agent_proto::text::shown(p.get("file").and_then(Value::as_str).unwrap_or("?"))
+        )?;
     }
     Ok(())
 }

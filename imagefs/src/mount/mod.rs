@@ -11,7 +11,7 @@ pub mod model;
 
 use std::sync::Arc;
 
-use imagefs_store::instance::Instances;
+use imagefs_store::instance::{Instances, SubstituteOutcome};
 use imagefs_store::Store;
 
 use lifecycle::Lifecycle;
@@ -56,4 +56,11 @@ pub struct Live {
     pub inval: inval::Invalidator,
     /// The daemon's lifecycle (for `umount`).
     pub life: Arc<Lifecycle>,
+    /// Tells the guest of a live VM on a substituted instance what changed.
+    pub tell_guest: TellGuest,
 }
+
+/// Tells the live VM on `outcome`'s instance (if any) what changed, and reports what happened
+/// as JSON. The daemon hands in vm/notify.rs `tell_guest`, so the mount never imports the VMs
+/// (which import the mount).
+pub type TellGuest = fn(&Store, &SubstituteOutcome) -> serde_json::Value;

@@ -131,39 +131,6 @@ pub fn tell_guest(store: &Store, outcome: &SubstituteOutcome) -> Value {
     }
 }
 
-/// The human lines for a `tell_guest` report.
-pub fn describe(guest: &Value, out: &mut dyn std::io::Write) -> std::io::Result<()> {
-    if let Some(w) = guest.get("warning").and_then(Value::as_str) {
-        return writeln!(out, "warning: {w}");
-    }
-    let Some(vm) = guest.get("vm").and_then(Value::as_str) else {
-        return Ok(());
-    };
-    let ms = |k: &str| guest.get(k).and_then(Value::as_u64).unwrap_or(0) as f64 / 1000.0;
-    writeln!(
-        out,
-        "  guest {vm} told: files {:.1} ms, notice + ack {:.1} ms",
-        ms("files_us"),
-        ms("notify_us")
-    )?;
-    let ack = guest.get("ack");
-    for p in ack
-        .and_then(|a| a.get("processes"))
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        writeln!(
-            out,
-            "  process {} ({}) had {} open",
-            p.get("pid").unwrap_or(&Value::Null),
-            agent_proto::text::shown(p.get("comm").and_then(Value::as_str).unwrap_or("?")),
-            agent_proto::text::shown(p.get("file").and_then(Value::as_str).unwrap_or("?"))
-        )?;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
