@@ -642,3 +642,106 @@ fn the_fleet_listener_serves_a_bounded_number_of_connections() {
     );
     h.stop();
 }
+
+/// The JSON lines of `out` (events, then the result).
+fn json_lines(out: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// A rollout across two hosts without a remote (each gets a bundle the driver uploads) whose
+/// driver dies right after wave 1 is recorded, and whose second host's daemon restarts before
+/// the resume: `--resume` picks up where the journal says and finishes on the restarted host.
+#[test]
+fn a_fleet_rollout_resumes_after_its_driver_dies_and_a_host_daemon_restarts() {
+    if !is_root() {
+        skip!("needs root for FUSE mounts");
+    }
+    let op = Operator::new();
+    let mut hosts = Vec::new();
+    for name in ["host-1", "host-2"] {
+        let mut h = Host::new(&["web-1", "web-2"]);
+        // the hosts hold only the version their instances run
+        ok(&h.store, &["rm", "app:v2"]);
+        ok(&h.store, &["gc"]);
+        let tls = op.host_files(name);
+        h.start(&tls);
+        op.add(name, &h.addr());
+        hosts.push((h, tls));
+    }
+    let v1 = hosts[0].0.version("app:v1");
+    // the operator holds both versions (the same bytes as the hosts' images)
+    for (tag, from) in [("app:v1", "app-v1"), ("app:v2", "app-v2")] {
+        let f = hosts[0].0.dir.path().join(from);
+        ok(
+            &op.store,
+            &["import", f.to_str().unwrap(), tag, "--block-size", "4096"],
+        );
+    }
+    let v2 = result(&ok(&op.store, &["--json", "ls"]))["images"][0]["tags"]["v2"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let args = [
+        "--json",
+        "rollout",
+        "app:v2",
+        "--hosts",
+        "host-*",
+        "--instances",
+        "web-*",
+        "--waves",
+        "1,100%",
+        "--by",
+        "host",
+        "--host-timeout",
+        "5s",
+    ];
+    // 1. The driver dies once wave 1 (host-1) is recorded healthy.
+    let died = Command::new(bin("imagefs"))
+        .arg("--store")
+        .arg(&op.store)
+        .args(args)
+        .env("IMAGEFS_FAULT", "rollout.wave_saved")
+        .output()
+        .unwrap();
+    assert!(!died.status.success(), "{died:?}");
+    let ev = json_lines(&died);
+    let id = ev[0]["rollout"].as_str().unwrap().to_string();
+    let st = result(&ok(&op.store, &["--json", "rollout", "status", &id]));
+    assert_eq!(st["state"], "interrupted", "{st}");
+    assert_eq!(
+        st["done"],
+        serde_json::json!(["host-1/web-1", "host-1/web-2"]),
+        "{st}"
+    );
+    let bases = |h: &Host| h.bases().into_iter().map(|(_, b)| b).collect::<Vec<_>>();
+    assert_eq!(bases(&hosts[0].0), [v2.clone(), v2.clone()]);
+    assert_eq!(bases(&hosts[1].0), [v1.clone(), v1.clone()]);
+    // 2. host-2's daemon restarts.
+    let (h2, tls2) = &mut hosts[1];
+    h2.stop();
+    h2.start(tls2);
+    // 3. The resume finishes wave 2 on the restarted host, and redoes nothing on host-1.
+    let out = imagefs(&op.store, &["--json", "rollout", "--resume", &id]);
+    let ev = json_lines(&out);
+    assert_eq!(out.status.code(), Some(0), "{ev:?}");
+    let r = ev.last().unwrap();
+    assert_eq!(r["state"], "completed", "{r}");
+    let subs: Vec<&Value> = ev.iter().filter(|e| e["event"] == "substituted").collect();
+    assert_eq!(subs.len(), 2, "{ev:?}");
+    assert!(subs.iter().all(|e| e["host"] == "host-2"), "{ev:?}");
+    let fetched: Vec<&Value> = ev.iter().filter(|e| e["event"] == "fetched").collect();
+    assert_eq!(fetched.len(), 1, "{ev:?}");
+    assert_eq!(fetched[0]["how"], "bundle", "{ev:?}");
+    for (h, _) in &hosts {
+        assert_eq!(bases(h), [v2.clone(), v2.clone()]);
+        let spool = h.store.join("fleet-uploads");
+        assert_eq!(std::fs::read_dir(&spool).unwrap().count(), 0);
+    }
+    for (h, _) in &mut hosts {
+        h.stop();
+    }
+}

@@ -854,6 +854,36 @@ fn with_remote(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
             h.ns.name
         );
     }
+
+    // A failed health check rolls back across hosts: app:v1 by host with a check that fails
+    // in every guest; wave 1 (h1) fails and h1 goes back to v2; h2 and h3 are never touched.
+    let mut args: Vec<&str> = ROLLOUT.to_vec();
+    args[1] = "app:v1";
+    args.extend(["--health-cmd", "exit 3", "--json"]);
+    let o = output(fleet.op.cmd(&args))?;
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    ensure!(
+        o.status.code() == Some(1),
+        "a failing health check: exit {:?}\n{text}",
+        o.status.code()
+    );
+    let ev3 = json_lines(&text);
+    let r = ev3.last().context("no result")?;
+    ensure!(r["state"] == "failed", "{r}");
+    let back: Vec<&Value> = events(&ev3, "rolled_back").map(|e| &e["pair"]).collect();
+    ensure!(back == [&json!("h1/web-1")], "{text}");
+    ensure!(
+        events(&ev3, "substituted").all(|e| e["host"] == "h1")
+            && events(&ev3, "unreachable").count() == 0,
+        "{text}"
+    );
+    for h in &fleet.hosts {
+        ensure!(
+            h.guest_hash()? == v2h && h.base()? == v2,
+            "{}: not back on v2 after the failed wave",
+            h.ns.name
+        );
+    }
     Ok(())
 }
 
