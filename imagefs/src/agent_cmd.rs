@@ -30,7 +30,7 @@ pub struct Conn {
     pub vm: Option<String>,
     /// Deadline for the whole call: connecting, sending and the reply (e.g. 5s, 500ms; exec
     /// adds the command's own timeout).
-    #[arg(long, default_value = "5s", value_parser = crate::rollout::parse_duration)]
+    #[arg(long, default_value = "5s", value_parser = crate::cli::parse_duration)]
     pub timeout: Duration,
     /// The deadline in milliseconds (overrides --timeout; kept for scripts).
     #[arg(long, hide = true)]

@@ -6,6 +6,7 @@ mod cli;
 mod commands;
 mod daemon;
 mod fleet;
+mod guest_files;
 mod metrics;
 mod mount;
 mod rollout;

@@ -151,6 +151,25 @@ pub struct FsckArgs {
     pub drop_damaged: bool,
 }
 
+/// Parses "30s", "500ms", "2m" or plain seconds.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let t = s.trim();
+    let (num, mult_ms) = if let Some(n) = t.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = t.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (t, 1000)
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult_ms))
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))
+}
+
 /// Parses a size with an optional K/M/G suffix (binary units).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let (num, mult) = match s.trim().to_ascii_uppercase() {

@@ -78,7 +78,12 @@ fn files(
             if va.size() == vb.size() {
                 let list = files.iter().cloned().collect();
                 let (from, to) = (va.id().to_string(), vb.id().to_string());
-                crate::vm::notify::remember_files(&from, &to, ranges, (list, m.metadata_changed()));
+                crate::guest_files::remember_files(
+                    &from,
+                    &to,
+                    ranges,
+                    (list, m.metadata_changed()),
+                );
             }
             let kinds: Vec<String> = m.metadata().iter().map(|k| format!("{k:?}")).collect();
             let mut t = format!("\nfiles ({}):", files.len());

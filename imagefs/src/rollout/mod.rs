@@ -11,7 +11,6 @@ mod drive;
 mod fleet;
 mod link;
 mod plan;
-pub use plan::parse_duration;
 mod state;
 
 use std::collections::BTreeMap;

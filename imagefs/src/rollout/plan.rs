@@ -120,24 +120,8 @@ pub fn split(instances: &[String], sizes: &[usize]) -> Vec<Vec<String>> {
     out
 }
 
-/// Parses "30s", "500ms", "2m" or plain seconds.
-pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    let (num, mult_ms) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        (t, 1000)
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult_ms))
-        .map(std::time::Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))
-}
+// Used by the vm and agent commands too, so it lives with the CLI's other value parsers.
+pub use crate::cli::parse_duration;
 
 #[cfg(test)]
 mod tests {

@@ -63,7 +63,7 @@ pub struct CheckArgs {
     /// Run in the guest under /bin/sh -c; exit 0 in time passes.
     #[arg(long)]
     pub health_cmd: Option<String>,
-    #[arg(long, default_value = "30s", value_parser = crate::rollout::parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = crate::cli::parse_duration)]
     pub health_timeout: Duration,
     /// A guest file and the blake3 it must read as: PATH=BLAKE3 (repeatable).
     #[arg(long = "expect", value_parser = health::parse_expect)]
