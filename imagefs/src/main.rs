@@ -53,7 +53,7 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let json = args.global.json;
-    // A daemon holding the store runs the command itself (mount/daemon/client.rs).
+    // A daemon holding the store runs the command itself (daemon/client.rs).
     if let Some(code) =
         daemon::client::forward_if_running(&dir, <Args as clap::CommandFactory>::command())
     {
