@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use clap::{ArgMatches, Command};
 
 use super::control;
+use crate::cli;
 
 /// If a daemon serves the store in `dir`, runs this process's command line there and returns
 /// its exit code; `None` when no daemon answers (run the command here).
@@ -116,6 +117,49 @@ fn fix(cmd: &Command, m: &ArgMatches, argv: &mut [String], base: usize) {
             fix(sc, sub, argv, at);
         }
     }
+}
+
+/// `imagefs` with the store's commands only: what `run_on_store` runs in this process. Parsed
+/// here, not with the whole command set, so the daemon needs no import of it.
+#[derive(Debug, clap::Parser)]
+#[command(name = "imagefs")]
+struct StoreArgs {
+    #[command(flatten)]
+    global: cli::Global,
+    #[command(subcommand)]
+    command: cli::StoreCommand,
+}
+
+/// Runs a store command (`args` without the program name) on the store in `dir` as the CLI
+/// would: through the daemon that serves it, else in this process. For a rollout's own
+/// operator-side steps (resolving, diffing, building bundles). Returns (exit, stdout, stderr).
+/// Only the store's commands parse here (the daemon, if any, parses the whole command set).
+pub fn run_on_store(dir: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    use std::io::Write as _;
+    let mut argv = vec!["imagefs".to_string()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let code = match control::connect(dir) {
+        Some(stream) => control::forward(stream, argv, &mut out, &mut err).unwrap_or_else(|e| {
+            let _ = writeln!(err, "imagefs: error: {e}");
+            1
+        }),
+        None => match <StoreArgs as clap::Parser>::try_parse_from(&argv) {
+            Err(e) => {
+                let _ = write!(err, "{e}");
+                2
+            }
+            Ok(a) => match cli::run_dir(dir, &a.command, a.global.json, &mut out) {
+                Ok(()) => 0,
+                Err(e) => cli::report(&e, a.global.json, &mut out, &mut err),
+            },
+        },
+    };
+    (
+        code,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
 }
 
 #[cfg(test)]

@@ -441,7 +441,7 @@ fn build_bundles(
             let _ = std::fs::remove_file(&tmp);
             let (tmp_s, target) = (tmp.display().to_string(), super::target_spec(dir, plan));
             let (code, _, err) =
-                crate::commands::run_on_store(dir, &["bundle", base, &target, &tmp_s]);
+                crate::daemon::client::run_on_store(dir, &["bundle", base, &target, &tmp_s]);
             if code != 0 {
                 return Err(Fail::new(
                     code,

@@ -34,7 +34,7 @@ pub fn tag_id(ls: &Value, name: &str, tag: &str) -> Option<String> {
 
 /// Runs a store command in the operator's store; its answer.
 fn local(dir: &Path, args: &[&str]) -> Answer {
-    let (code, out, err) = crate::commands::run_on_store(dir, args);
+    let (code, out, err) = crate::daemon::client::run_on_store(dir, args);
     Answer { code, out, err }
 }
 

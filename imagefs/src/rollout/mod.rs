@@ -178,7 +178,7 @@ impl Answer {
 /// The target as a version of the operator's store names it for `bundle`: NAME:TAG while the
 /// tag still names the planned version (the hosts then get the tag too), else the id.
 pub fn target_spec(dir: &Path, plan: &state::Plan) -> String {
-    let (code, out, _) = crate::commands::run_on_store(dir, &["ls", "--json"]);
+    let (code, out, _) = crate::daemon::client::run_on_store(dir, &["ls", "--json"]);
     let a = Answer {
         code,
         out,
