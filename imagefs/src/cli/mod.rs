@@ -151,23 +151,10 @@ pub struct FsckArgs {
     pub drop_damaged: bool,
 }
 
-/// Parses "30s", "500ms", "2m" or plain seconds.
+/// Parses "30s", "500ms", "2m" or plain seconds; 0 is refused (a deadline of 0 allows nothing).
+/// One parser for every duration flag: the remote crate's, which `remote add --timeout` uses.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let t = s.trim();
-    let (num, mult_ms) = if let Some(n) = t.strip_suffix("ms") {
-        (n, 1)
-    } else if let Some(n) = t.strip_suffix('s') {
-        (n, 1000)
-    } else if let Some(n) = t.strip_suffix('m') {
-        (n, 60_000)
-    } else {
-        (t, 1000)
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult_ms))
-        .map(std::time::Duration::from_millis)
-        .ok_or_else(|| format!("{s:?} is not a duration (e.g. 30s, 500ms, 2m)"))
+    imagefs_remote::parse_duration(s)
 }
 
 /// Parses a size with an optional K/M/G suffix (binary units).

@@ -64,27 +64,7 @@ pub enum CaCommand {
     Init,
 }
 
-/// Parses `500ms`, `10s`, `2m` or a number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 500ms, 10s, 2m)"))?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        _ => return Err(format!("{s:?} is not a duration (e.g. 500ms, 10s, 2m)")),
-    };
-    if d.is_zero() {
-        return Err(format!("{s:?}: a deadline of 0 answers nothing"));
-    }
-    Ok(d)
-}
+pub use crate::cli::parse_duration;
 
 /// Runs `cmd` on the operator's store in `dir`; returns the exit code.
 pub fn run(dir: &Path, cmd: &FleetCommand, json: bool) -> i32 {

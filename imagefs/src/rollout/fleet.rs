@@ -11,7 +11,7 @@ use serde_json::Value;
 
 use super::link::{Link, Unreached};
 use super::state::{self, Plan};
-use super::{drive, plan, Answer, Fail, RolloutArgs, WaveUnit};
+use super::{plan, Answer, Fail, RolloutArgs, WaveUnit};
 use crate::fleet::client::Operator;
 use crate::fleet::inventory::{self, Host};
 
@@ -200,47 +200,19 @@ pub fn plan(
         }
     }
     // Changed files and their target hashes, from each base the operator holds.
-    let mut bases: Vec<&String> = from.values().filter(|b| held.contains(*b)).collect();
-    bases.sort();
-    bases.dedup();
-    let (mut d, mut expected) = (Value::Null, BTreeMap::new());
-    for base in bases {
-        let diff = local(dir, &["diff", base, &target_id, "--files", "--json"]);
-        if diff.code != 0 {
-            return Err(Fail::new(diff.code, diff.err.trim().to_string()));
-        }
-        let r = diff.result().unwrap_or(Value::Null);
-        expected.extend(drive::expected_hashes(&r, &drive::data_files(&r)));
-        if d.is_null() || r["changed_blocks"].as_u64() > d["changed_blocks"].as_u64() {
-            d = r;
-        }
-    }
-    let policy = match (a.force, a.keep_local) {
-        (true, _) => Some("force".to_string()),
-        (_, true) => Some("keep-local".to_string()),
-        _ => None,
-    };
+    let bases: Vec<&String> = from.values().filter(|b| held.contains(*b)).collect();
+    let (d, expected, _) = super::changed_files(&bases, &target_id, |args| Ok(local(dir, args)))?;
+    let hosts = fleet
+        .iter()
+        .filter(|(n, _)| pairs_of.contains_key(*n))
+        .map(|(n, (h, _))| (n.clone(), h.address.clone()))
+        .collect();
     let plan = Plan {
-        id: state::new_id(),
-        target: target.to_string(),
-        target_id,
-        from,
-        waves,
-        health_cmd: a.health_cmd.clone(),
-        health_timeout_ms: u64::try_from(a.health_timeout.as_millis()).unwrap_or(u64::MAX),
-        on_failure: a.on_failure,
-        policy,
-        expected,
-        created_at: super::now_secs(),
-        hosts: fleet
-            .iter()
-            .filter(|(n, _)| pairs_of.contains_key(*n))
-            .map(|(n, (h, _))| (n.clone(), h.address.clone()))
-            .collect(),
+        hosts,
         bundle_hosts,
         by_host,
         max_unavailable: a.max_unavailable,
-        host_timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+        ..super::new_plan(a, target, target_id, from, waves, expected)
     };
     Ok((plan, d))
 }

@@ -300,12 +300,29 @@ fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, F
     let sizes = plan::wave_sizes(a.waves.as_deref(), chosen.len()).map_err(|e| Fail::new(2, e))?;
     let waves = plan::split(&chosen, &sizes);
     // The target version, and the files it changes from every base the chosen instances run.
-    let mut distinct: Vec<&String> = chosen.iter().filter_map(|c| bases.get(c)).collect();
+    let distinct: Vec<&String> = chosen.iter().filter_map(|c| bases.get(c)).collect();
+    let (d, expected, target_id) = changed_files(&distinct, target, |args| daemon(dir, args))?;
+    let from: BTreeMap<String, String> = chosen
+        .iter()
+        .filter_map(|c| bases.get(c).map(|b| (c.clone(), b.clone())))
+        .collect();
+    let plan = new_plan(a, target, target_id, from, waves, expected);
+    run_plan(dir, plan, &d, a.dry_run, json)
+}
+
+/// The changed guest files and their target hashes over every base in `bases`, the widest
+/// diff (for the dry run), and the target's id: `diff BASE TARGET --files --json` through `run`.
+fn changed_files(
+    bases: &[&String],
+    target: &str,
+    run: impl Fn(&[&str]) -> Result<Answer, Fail>,
+) -> Result<(Value, BTreeMap<String, String>, String), Fail> {
+    let mut distinct = bases.to_vec();
     distinct.sort();
     distinct.dedup();
     let (mut d, mut expected, mut target_id) = (Value::Null, BTreeMap::new(), String::new());
     for base in distinct {
-        let diff = daemon(dir, &["diff", base, target, "--files", "--json"])?;
+        let diff = run(&["diff", base, target, "--files", "--json"])?;
         if diff.code != 0 {
             return Err(Fail::new(diff.code, diff.err.trim().to_string()));
         }
@@ -316,16 +333,25 @@ fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, F
             d = r;
         }
     }
-    let from: BTreeMap<String, String> = chosen
-        .iter()
-        .filter_map(|c| bases.get(c).map(|b| (c.clone(), b.clone())))
-        .collect();
+    Ok((d, expected, target_id))
+}
+
+/// A plan of what every rollout takes from its arguments, for this store's daemon; a fleet
+/// rollout adds its hosts.
+fn new_plan(
+    a: &RolloutArgs,
+    target: &str,
+    target_id: String,
+    from: BTreeMap<String, String>,
+    waves: Vec<Vec<String>>,
+    expected: BTreeMap<String, String>,
+) -> Plan {
     let policy = match (a.force, a.keep_local) {
         (true, _) => Some("force".to_string()),
         (_, true) => Some("keep-local".to_string()),
         _ => None,
     };
-    let plan = Plan {
+    Plan {
         id: state::new_id(),
         target: target.to_string(),
         target_id,
@@ -342,8 +368,7 @@ fn start(dir: &Path, a: &RolloutArgs, target: &str, json: bool) -> Result<i32, F
         by_host: false,
         max_unavailable: 0,
         host_timeout_ms: u64::try_from(a.host_timeout.as_millis()).unwrap_or(u64::MAX),
-    };
-    run_plan(dir, plan, &d, a.dry_run, json)
+    }
 }
 
 fn now_secs() -> u64 {
