@@ -20,10 +20,12 @@ pub fn run(env: &Env, rep: &mut Report) {
     }
 }
 
-/// Every number on lines starting with `BENCH <key> ` (one sample per line).
+/// The number after each `BENCH <key> ` (one sample per line). Anywhere in the line: with
+/// --nocapture the test harness's `test NAME ... ` can stand before the first one.
 fn samples(out: &str, key: &str) -> Vec<f64> {
+    let tag = format!("BENCH {key} ");
     out.lines()
-        .filter_map(|l| l.strip_prefix(&format!("BENCH {key} ")))
+        .filter_map(|l| l.find(&tag).map(|i| &l[i + tag.len()..]))
         .filter_map(|v| v.split_whitespace().next()?.parse().ok())
         .collect()
 }
@@ -44,7 +46,7 @@ fn metrics(out: &str) -> Result<Vec<Metric>, String> {
         TIME,
         "s",
         Better::Lower,
-        "rclone copyto of the full new image (32 MiB ext4) from the same Garage to each of \
+        "rclone copyto of the full new image (512 MiB ext4) from the same Garage to each of \
          the 3 hosts, then a QEMU guest booted on each copy until its agent hashes the new file \
          (hosts side by side; stopping the old guest not counted); ours: `imagefs rollout NEW \
          --hosts 'h*' --by host --waves 1,100% --health-cmd` from the operator's namespace to \
@@ -72,7 +74,8 @@ mod tests {
 
     #[test]
     fn parses_the_fleet_tests_lines() {
-        let out = "BENCH fleet-rollout seconds 2.5\nBENCH fleet-rollout host-bytes 4096 h1\n\
+        let out = "test fleet_rollout::bench ... BENCH fleet-rollout seconds 2.5\n\
+            BENCH fleet-rollout host-bytes 4096 h1\n\
             BENCH fleet-rollout host-bytes 4096 h2\nBENCH fleet-copy seconds 12.0\n\
             BENCH fleet-copy host-bytes 33554432 h1\nBENCH fleet-rollout seconds 2.7\n";
         let m = metrics(out).unwrap();

@@ -113,11 +113,11 @@ struct Images {
 }
 
 impl Images {
-    fn build(dir: &Path, kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<Images> {
+    fn build(dir: &Path, mib: u64, kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<Images> {
         let (v1_bytes, v2_bytes): (&'static [u8], &'static [u8]) = (b"app 1.0\n", b"app 2.0\n");
         let v1 = build_rootfs(
             dir,
-            32,
+            mib,
             &[
                 ("/opt/app/version", v1_bytes),
                 ("/opt/app/bin/check", CHECK),
@@ -443,6 +443,8 @@ struct Setup {
     remote: bool,
     /// The operator's store holds app:v1 (the hosts' base) besides app:v2.
     operator_has_v1: bool,
+    /// The images' size (the ext4 file system's).
+    image_mib: u64,
 }
 
 impl Fleet {
@@ -454,7 +456,7 @@ impl Fleet {
             dir.path(),
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )?;
-        let img = Images::build(dir.path(), kernel, initrd)?;
+        let img = Images::build(dir.path(), s.image_mib, kernel, initrd)?;
         let mut net = Net::create();
         let op_ns = net.host("op");
         let garage = if s.remote {
@@ -676,6 +678,7 @@ fn with_remote(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
         Setup {
             remote: true,
             operator_has_v1: true,
+            image_mib: 32,
         },
     )?;
     let (v1h, v2h) = (fleet.v1_hash(), fleet.v2_hash());
@@ -908,6 +911,7 @@ fn by_bundles(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
         Setup {
             remote: false,
             operator_has_v1: false,
+            image_mib: 32,
         },
     )?;
     let (v1h, v2h) = (fleet.v1_hash(), fleet.v2_hash());
@@ -1105,7 +1109,7 @@ fn netns_hosts_talk_over_the_bridge_and_a_cut_link_stops_them() {
 /// `make bench` (group fleet): one patch rolled out across the 3 hosts (one live guest each,
 /// Garage as their remote) against copying the full patched image from the same Garage to each
 /// host with rclone and booting a guest on each copy, both side by side over the hosts, in the
-/// same run. Prints `BENCH fleet-rollout|fleet-copy seconds S` and `... host-bytes B HOST`
+/// same run, on a 512 MiB image. Prints `BENCH fleet-rollout|fleet-copy seconds S` and `... host-bytes B HOST`
 /// lines (bench/src/fleet.rs reads them). Run N rolls out app:rN, the previous version with
 /// /opt/app/version's one block rewritten, so each run's hosts fetch one new block.
 #[test]
@@ -1170,6 +1174,8 @@ fn bench(kernel: PathBuf, initrd: PathBuf) -> anyhow::Result<()> {
         Setup {
             remote: true,
             operator_has_v1: true,
+            // the peer copies the whole image: a size closer to a real root disk
+            image_mib: 512,
         },
     )?;
     let g = fleet.garage.as_ref().context("no garage")?;
