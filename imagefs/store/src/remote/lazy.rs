@@ -1046,26 +1046,8 @@ impl Store {
         let (id, map, meta_bytes) = self.fetch_map(remote, image, tag, pinned)?;
         lap("map");
         let bs = map.header.block_size;
-        let mut distinct = HashSet::new();
-        let mut wanted = HashSet::new();
-        for h in map.hashes.iter().flatten() {
-            if distinct.insert(*h) && !self.has_block(h)? {
-                wanted.insert(*h);
-            }
-        }
+        let (mut wanted, mut report) = self.pull_start(id, image, &map, meta_bytes)?;
         lap("plan");
-        let mut report = PullReport {
-            id,
-            image: image.clone(),
-            size: map.header.size,
-            blocks: distinct.len() as u64,
-            blocks_fetched: 0,
-            bytes_fetched: 0,
-            meta_bytes,
-            requests: 0,
-            already_local: self.version(&id).is_ok() && !self.is_lazy(&id)?,
-            times_ms: Vec::new(),
-        };
         if !report.already_local {
             if let Some(c) = &opts.cache {
                 let _ = std::fs::create_dir_all(c);
@@ -1121,7 +1103,7 @@ impl Store {
             let lv = LazyVersion {
                 id,
                 remote: remote_name.to_string(),
-                blocks: distinct.len() as u64,
+                blocks: report.blocks,
                 packs: packs.clone(),
                 block_size: bs,
                 absent,

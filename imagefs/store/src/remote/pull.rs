@@ -219,6 +219,38 @@ impl Store {
 
     /// Pulls `image:tag` from `remote` (or, with `pinned`, that version id, tagged `image:tag`
     /// here) and tags it locally. Fetches only blocks this store lacks.
+    /// What a pull of version `id` (its verified `map`) starts from: the distinct blocks this
+    /// store lacks, and the report with nothing fetched yet. Shared by the full and lazy pulls.
+    pub(crate) fn pull_start(
+        &self,
+        id: VersionId,
+        image: &ImageName,
+        map: &super::RemoteMap,
+        meta_bytes: u64,
+    ) -> Result<(HashSet<BlockHash>, PullReport), SyncError> {
+        let mut distinct = HashSet::new();
+        let mut wanted = HashSet::new();
+        for h in map.hashes.iter().flatten() {
+            if distinct.insert(*h) && !self.has_block(h)? {
+                wanted.insert(*h);
+            }
+        }
+        let report = PullReport {
+            id,
+            image: image.clone(),
+            size: map.header.size,
+            blocks: distinct.len() as u64,
+            blocks_fetched: 0,
+            bytes_fetched: 0,
+            meta_bytes,
+            requests: 0,
+            // a lazy version is not local until its blocks are
+            already_local: self.version(&id).is_ok() && !self.is_lazy(&id)?,
+            times_ms: Vec::new(),
+        };
+        Ok((wanted, report))
+    }
+
     pub fn pull(
         &self,
         remote: &dyn Remote,
@@ -234,34 +266,15 @@ impl Store {
         let _pulling = one.lock().unwrap_or_else(|p| p.into_inner());
         let key = map_key(&id);
         let bs = map.header.block_size;
-        let mut distinct = HashSet::new();
-        let mut wanted = HashSet::new();
-        for h in map.hashes.iter().flatten() {
-            if distinct.insert(*h) && !self.has_block(h)? {
-                wanted.insert(*h);
-            }
-        }
-        // a lazy version is not local until its blocks are
-        let already_local = self.version(&id).is_ok() && !self.is_lazy(&id)?;
-        let mut report = PullReport {
-            id,
-            image: image.clone(),
-            size: map.header.size,
-            blocks: distinct.len() as u64,
-            blocks_fetched: 0,
-            bytes_fetched: 0,
-            meta_bytes,
-            requests: 0,
-            already_local,
-            times_ms: Vec::new(),
-        };
+        let (wanted, mut report) = self.pull_start(id, image, &map, meta_bytes)?;
+        let already_local = report.already_local;
         if !already_local {
             let fetches = self.plan_fetches(remote, opts, &map.header.packs, &wanted, bs)?;
             report.meta_bytes += fetches.1;
             let fetches = fetches.0;
             on_event(&PullEvent::Planned {
                 id,
-                blocks: distinct.len() as u64,
+                blocks: report.blocks,
                 wanted_blocks: wanted.len() as u64,
                 wanted_bytes: wanted.len() as u64 * u64::from(bs),
                 requests: fetches.len() as u64,
